@@ -1,0 +1,78 @@
+"""mp_logbridge: Mixpanel analytics from Python logging and function calls.
+
+Front doors — :class:`Tracker` (the Mixpanel Ruby SDK's vocabulary), :class:`MixpanelHandler`
+(tagged log records), :class:`MixpanelProcessor` (structlog) and :func:`instrument` (function
+calls) — build Mixpanel records; consumers deliver them: :class:`AsyncConsumer` in the
+background (the default), :class:`Consumer` and :class:`BufferedConsumer` synchronously.
+"""
+
+from __future__ import annotations
+
+from ._async import AsyncConsumer, MessagesDropped
+from ._consumers import BufferedConsumer, CallableSink, Consumer, ConsumerProtocol
+from ._context import BoundContext, bind, bound, current_context, unbind
+from ._delivery import RetryPolicy
+from ._diagnostics import DROP_REASONS
+from ._errors import (
+    ConfigurationError,
+    DeliveryError,
+    InvalidMessageError,
+    MessageTooLargeError,
+    MixpanelConnectionError,
+    MixpanelError,
+    MixpanelServerError,
+    PartialImportError,
+    PayloadTooLargeError,
+    RateLimitedError,
+    RejectedError,
+)
+from ._handler import DEFAULT_RECORD_PROPERTIES, RESERVED_RECORD_ATTRIBUTES, MixpanelHandler
+from ._messages import MessageSource
+from ._tags import Tag, Tags, tag
+from ._tracker import ErrorHandler, Groups, People, Tracker
+from ._transport import REGIONS, Endpoints, ProjectSecret, ServiceAccount, resolve_endpoints
+from ._version import __version__
+
+__all__ = [
+    "DEFAULT_RECORD_PROPERTIES",
+    "DROP_REASONS",
+    "REGIONS",
+    "RESERVED_RECORD_ATTRIBUTES",
+    "AsyncConsumer",
+    "BoundContext",
+    "BufferedConsumer",
+    "CallableSink",
+    "ConfigurationError",
+    "Consumer",
+    "ConsumerProtocol",
+    "DeliveryError",
+    "Endpoints",
+    "ErrorHandler",
+    "Groups",
+    "InvalidMessageError",
+    "MessageSource",
+    "MessageTooLargeError",
+    "MessagesDropped",
+    "MixpanelConnectionError",
+    "MixpanelError",
+    "MixpanelHandler",
+    "MixpanelServerError",
+    "PartialImportError",
+    "PayloadTooLargeError",
+    "People",
+    "ProjectSecret",
+    "RateLimitedError",
+    "RejectedError",
+    "RetryPolicy",
+    "ServiceAccount",
+    "Tag",
+    "Tags",
+    "Tracker",
+    "__version__",
+    "bind",
+    "bound",
+    "current_context",
+    "resolve_endpoints",
+    "tag",
+    "unbind",
+]

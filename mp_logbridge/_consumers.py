@@ -1,0 +1,455 @@
+"""Consumers: where Mixpanel messages go once a front door has built them.
+
+Every consumer has the same small contract, so every front door works with every consumer:
+
+* ``send(kind, message)`` with ``kind`` one of ``"event"``, ``"profile_update"``,
+  ``"group_update"``, ``"import"`` (the Ruby SDK's message types; the official ``mixpanel``
+  package's ``"events"``/``"people"``/``"groups"``/``"imports"`` and its
+  ``send(endpoint, json_message, api_key=None, api_secret=None)`` form are accepted too);
+* ``flush(timeout=None) -> bool``, ``close(timeout=None)``, ``stats()``, and use as a context
+  manager.
+
+This module holds the synchronous ones — :class:`Consumer` (one request per message, errors
+raised at the call, like the Ruby SDK's ``Consumer#send!``) and :class:`BufferedConsumer`
+(batches per endpoint, sent on the caller's thread) — plus :class:`CallableSink`, which lets any
+``callable(kind, message)`` stand in for a consumer, as a block does in the Ruby SDK. The
+background consumer is :class:`mp_logbridge.AsyncConsumer`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from types import TracebackType
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+from ._delivery import (
+    MAX_BATCH_RECORDS,
+    MAX_REQUEST_BYTES,
+    Pending,
+    RetryPolicy,
+    encode_message,
+    normalize_send_args,
+    post_batch,
+    take_batch,
+)
+from ._diagnostics import DeliveryStats, warn
+from ._errors import ConfigurationError, DeliveryError, InvalidMessageError, MessageTooLargeError
+from ._messages import KINDS, MessageSource
+from ._transport import Credentials, Transport, as_credentials, resolve_endpoints
+from ._values import to_json_value
+
+__all__ = [
+    "BufferedConsumer",
+    "CallableSink",
+    "Consumer",
+    "ConsumerProtocol",
+    "ErrorCallback",
+    "as_consumer",
+]
+
+_KIND_SET = frozenset(KINDS)
+#: ``on_error(exc, messages)``: told about messages that will not be delivered.
+ErrorCallback = Callable[[BaseException, list[Any]], object]
+_C = TypeVar("_C", bound="_ConsumerBase")
+
+
+@runtime_checkable
+class ConsumerProtocol(Protocol):
+    """What front doors need from a consumer."""
+
+    def send(self, kind: str, message: Any) -> Any:
+        """Accept one message of ``kind`` for delivery."""
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Deliver what is pending; ``True`` when all of it was delivered."""
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush and release resources."""
+
+
+def _positive_int(value: Any, name: str, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{name} must be a positive integer, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ConfigurationError(f"{name} must be at most {maximum}, got {value}")
+    return value
+
+
+def _positive_number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigurationError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+class _ConsumerBase:
+    """Endpoint resolution, transport, counters and error reporting shared by all consumers."""
+
+    def __init__(
+        self,
+        events_url: str | None = None,
+        people_url: str | None = None,
+        groups_url: str | None = None,
+        import_url: str | None = None,
+        *,
+        region: str | None = None,
+        api_host: str | None = None,
+        credentials: Credentials | None = None,
+        api_secret: str | None = None,
+        request_timeout: float = 10.0,
+        verify: bool | str = True,
+        retry: RetryPolicy | Mapping[str, Any] | None = None,
+        on_error: ErrorCallback | None = None,
+        report_interval: float = 10.0,
+    ) -> None:
+        self.endpoints = resolve_endpoints(
+            region=region,
+            api_host=api_host,
+            events_url=events_url,
+            people_url=people_url,
+            groups_url=groups_url,
+            import_url=import_url,
+        )
+        self.credentials = as_credentials(credentials, api_secret)
+        self.transport = Transport(
+            self.endpoints, credentials=self.credentials, timeout=request_timeout, verify=verify
+        )
+        self.retry = RetryPolicy.from_options(retry)
+        if on_error is not None and not callable(on_error):
+            raise ConfigurationError("on_error must be callable as on_error(exc, messages)")
+        self.on_error = on_error
+        self._stats = DeliveryStats(report_interval)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(track={self.endpoints.event!r}, credentials={self.credentials!r})"
+
+    def __enter__(self: _C) -> _C:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self, timeout: float | None = None) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    @staticmethod
+    def _message_credentials(api_key: Any, api_secret: Any) -> Credentials | None:
+        """Per-call import credentials of the ``mixpanel`` package's ``send`` (``api_secret``)."""
+        if isinstance(api_key, tuple):
+            api_key, api_secret = (*api_key, None, None)[:2]
+        return as_credentials(None, api_secret) if api_secret else None
+
+    def _drop(
+        self,
+        reason: str,
+        error: BaseException,
+        messages: list[Any] | Callable[[], list[Any]],
+        count: int | None = None,
+    ) -> None:
+        """Count lost messages and tell ``on_error`` (never raises).
+
+        ``messages`` may be a callable producing the list, so that records are only rebuilt for
+        the report when somebody listens.
+        """
+        if count is None:
+            assert isinstance(messages, list)
+            count = len(messages)
+        self._stats.add_dropped(reason, count, f"{type(error).__name__}: {error}")
+        callback = self.on_error
+        if callback is not None:
+            try:
+                callback(error, messages() if callable(messages) else messages)
+            except Exception as exc:  # the application's callback must not break delivery
+                warn("mp_logbridge on_error callback raised %s: %s", type(exc).__name__, exc)
+
+    def _stats_snapshot(self, depth: int = 0, size: int = 0) -> dict[str, Any]:
+        snapshot = self._stats.snapshot()
+        snapshot["queue_depth"] = depth
+        snapshot["queue_bytes"] = size
+        return snapshot
+
+    def _deliver(
+        self, kind: str, batch: list[Pending], credentials: Credentials | None
+    ) -> tuple[list[Pending], DeliveryError | None]:
+        """Send ``batch`` now on this thread, retrying as the policy says.
+
+        Records refused for good are counted (and reported to ``on_error``) here.
+
+        Returns:
+            the records still undelivered when retries ran out (the caller keeps or drops them),
+            and the first error met (``None`` when everything was delivered).
+        """
+        work: deque[list[Pending]] = deque([batch])
+        left: list[Pending] = []
+        first_error: DeliveryError | None = None
+        while work:
+            current = work.popleft()
+            attempts = 0
+            started = time.monotonic()
+            while current:
+                outcome = post_batch(self.transport, kind, current, credentials)
+                attempts += 1
+                if outcome.delivered:
+                    self._stats.add_sent(len(outcome.delivered))
+                for reason, items, error in outcome.dropped:
+                    self._drop(reason, error, _records_of(items), len(items))
+                first_error = first_error or outcome.error
+                if outcome.split:
+                    work.extendleft(reversed(outcome.split))
+                    break
+                if not outcome.retry:
+                    break
+                assert outcome.error is not None
+                delay = self.retry.delay(attempts, outcome.error.retry_after)
+                if self.retry.gives_up(attempts, time.monotonic() - started, delay):
+                    left.extend(outcome.retry)
+                    for rest in work:
+                        left.extend(rest)
+                    work.clear()
+                    break
+                self._stats.add_retry()
+                time.sleep(delay)
+                current = outcome.retry
+        self._stats.report()
+        return left, first_error
+
+
+def _records_of(items: list[Pending]) -> Callable[[], list[Any]]:
+    """Lazily decode pending records for an ``on_error`` report."""
+    return lambda: [item.record() for item in items]
+
+
+class Consumer(_ConsumerBase):
+    """Sends every message at once, on the caller's thread (the Ruby SDK's ``Consumer``).
+
+    Positional arguments are the events, people, groups and import URLs, in the Ruby SDK's order,
+    so its EU example works as written::
+
+        eu = Consumer(
+            "https://api-eu.mixpanel.com/track",
+            "https://api-eu.mixpanel.com/engage",
+            "https://api-eu.mixpanel.com/groups",
+        )
+
+    More often you give ``region="eu"`` (or ``"in"``) or ``api_host=``. ``send`` raises a
+    :class:`~mp_logbridge.DeliveryError` when a message cannot be delivered (a
+    :class:`~mp_logbridge.Tracker` catches it, passes it to its ``error_handler`` and returns
+    ``False``), and :class:`~mp_logbridge.InvalidMessageError` for a message that cannot be sent.
+    By default there is no retry (``retry={"max_attempts": 3}`` adds some, sleeping on the caller's
+    thread); use :class:`~mp_logbridge.AsyncConsumer` to keep the network off the caller's thread.
+    """
+
+    def __init__(
+        self,
+        events_url: str | None = None,
+        people_url: str | None = None,
+        groups_url: str | None = None,
+        import_url: str | None = None,
+        **options: Any,
+    ) -> None:
+        options.setdefault("retry", {"max_attempts": 1})
+        super().__init__(events_url, people_url, groups_url, import_url, **options)
+
+    def send(self, kind: str, message: Any, api_key: Any = None, api_secret: Any = None) -> bool:
+        """Deliver one message now.
+
+        Returns:
+            ``True`` once the server accepted it.
+
+        Raises:
+            InvalidMessageError: the message cannot be sent as given.
+            DeliveryError: the server refused it or could not be reached.
+        """
+        kind, message = normalize_send_args(kind, message)
+        credentials = self._message_credentials(api_key, api_secret)
+        try:
+            payload = encode_message(message)
+        except InvalidMessageError as exc:
+            reason = "too_large" if isinstance(exc, MessageTooLargeError) else "invalid"
+            self._stats.add_dropped(reason, 1, str(exc))
+            raise
+        left, error = self._deliver(kind, [Pending(payload)], credentials)
+        if left:
+            self._drop(
+                "retries_exhausted",
+                error or DeliveryError("not delivered"),
+                _records_of(left),
+                len(left),
+            )
+        if error is not None:
+            raise error
+        return True
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Nothing is ever pending in this consumer: returns ``True``."""
+        return True
+
+    def close(self, timeout: float | None = None) -> None:
+        """Release pooled connections."""
+        self.transport.close()
+
+    def stats(self) -> dict[str, Any]:
+        """Delivery counters: ``sent``, ``batches``, ``retries``, ``dropped`` by reason."""
+        return self._stats_snapshot()
+
+
+class BufferedConsumer(_ConsumerBase):
+    """Batches messages per endpoint and sends a batch, on the caller's thread, when it is full.
+
+    All four endpoints are buffered (imports and group updates too), by count (``max_size``,
+    default 50, at most 2000) and by bytes (``max_batch_bytes``). Thread-safe. ``flush()`` sends
+    everything buffered and raises the first :class:`~mp_logbridge.DeliveryError` met; a batch
+    that was delivered is never sent again, and records that could not be delivered (network
+    errors, 5xx, 429) stay buffered for the next flush. Records the server refused for good are
+    dropped and counted. At most ``max_buffer`` records are kept; beyond that the oldest are
+    dropped (counted as ``queue_full``).
+    """
+
+    def __init__(
+        self,
+        events_url: str | None = None,
+        people_url: str | None = None,
+        groups_url: str | None = None,
+        import_url: str | None = None,
+        *,
+        max_size: int = 50,
+        max_batch_bytes: int = MAX_REQUEST_BYTES,
+        max_buffer: int = 10_000,
+        **options: Any,
+    ) -> None:
+        options.setdefault("retry", {"max_attempts": 1})
+        super().__init__(events_url, people_url, groups_url, import_url, **options)
+        self.max_size = _positive_int(max_size, "max_size", MAX_BATCH_RECORDS)
+        self.max_batch_bytes = _positive_int(max_batch_bytes, "max_batch_bytes")
+        self.max_buffer = _positive_int(max_buffer, "max_buffer")
+        self._lock = threading.RLock()
+        self._buffers: dict[tuple[str, Credentials | None], deque[Pending]] = {}
+
+    def send(self, kind: str, message: Any, api_key: Any = None, api_secret: Any = None) -> bool:
+        """Buffer one message; sends its endpoint's batch when ``max_size`` is reached.
+
+        Raises:
+            InvalidMessageError: the message cannot be sent as given (it is not buffered).
+            DeliveryError: a batch sent because the buffer was full could not be delivered.
+        """
+        kind, message = normalize_send_args(kind, message)
+        credentials = self._message_credentials(api_key, api_secret)
+        try:
+            payload = encode_message(message)
+        except InvalidMessageError as exc:
+            reason = "too_large" if isinstance(exc, MessageTooLargeError) else "invalid"
+            self._stats.add_dropped(reason, 1, str(exc))
+            raise
+        with self._lock:
+            buffer = self._buffers.setdefault((kind, credentials), deque())
+            buffer.append(Pending(payload))
+            overflow = sum(len(b) for b in self._buffers.values()) - self.max_buffer
+            if overflow > 0:
+                evicted = [buffer.popleft().record() for _ in range(min(overflow, len(buffer)))]
+                self._drop(
+                    "queue_full", DeliveryError("buffer full; oldest messages dropped"), evicted
+                )
+            if len(buffer) >= self.max_size:
+                self._flush_buffer(kind, credentials)
+        return True
+
+    def _flush_buffer(self, kind: str, credentials: Credentials | None) -> None:
+        """Send one endpoint's buffer; stop at the first batch that could not be delivered."""
+        buffer = self._buffers.get((kind, credentials))
+        first: DeliveryError | None = None
+        while buffer:
+            batch = take_batch(buffer, self.max_size, self.max_batch_bytes)
+            left, error = self._deliver(kind, batch, credentials)
+            first = first or error
+            if left:
+                buffer.extendleft(reversed(left))
+                break
+        if first is not None:
+            raise first
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Send everything buffered, endpoint by endpoint.
+
+        Returns:
+            ``True`` when everything was delivered.
+
+        Raises:
+            DeliveryError: the first error met (undelivered records stay buffered).
+        """
+        first: DeliveryError | None = None
+        with self._lock:
+            for kind, credentials in list(self._buffers):
+                try:
+                    self._flush_buffer(kind, credentials)
+                except DeliveryError as exc:
+                    first = first or exc
+        if first is not None:
+            raise first
+        return True
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush, then release pooled connections (raises like :meth:`flush`)."""
+        try:
+            self.flush(timeout)
+        finally:
+            self.transport.close()
+
+    def stats(self) -> dict[str, Any]:
+        """Delivery counters plus what is buffered (``queue_depth``, ``queue_bytes``)."""
+        with self._lock:
+            depth = sum(len(b) for b in self._buffers.values())
+            size = sum(len(p.payload) for b in self._buffers.values() for p in b)
+        return self._stats_snapshot(depth, size)
+
+
+class CallableSink:
+    """Lets ``callable(kind, message)`` stand in for a consumer (the Ruby SDK's block form).
+
+    The callable receives each message as a finished, JSON-ready record dict; what it does with
+    it is up to it (forward it to another consumer, put it on a queue, write it to a file).
+    Exceptions it raises propagate to the caller of ``send`` (a Tracker turns a
+    :class:`~mp_logbridge.DeliveryError` into ``False`` plus an ``error_handler`` call).
+    """
+
+    __slots__ = ("sink",)
+
+    def __init__(self, sink: Callable[[str, dict[str, Any]], object]) -> None:
+        if not callable(sink):
+            raise ConfigurationError("a sink must be callable as sink(kind, message)")
+        self.sink = sink
+
+    def send(self, kind: str, message: dict[str, Any] | MessageSource | str) -> bool:
+        """Build the record and hand it to the callable."""
+        kind, source = normalize_send_args(kind, message)
+        record = source if isinstance(source, dict) else source.build()
+        self.sink(kind, to_json_value(record, "message"))
+        return True
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Nothing is pending here; flushes the wrapped object when it can flush."""
+        flush = getattr(self.sink, "flush", None)
+        return bool(flush(timeout)) if callable(flush) else True
+
+    def close(self, timeout: float | None = None) -> None:
+        """Nothing to release (the callable's owner closes it)."""
+
+    def __repr__(self) -> str:
+        return f"CallableSink({self.sink!r})"
+
+
+def as_consumer(consumer: Any) -> Any:
+    """Return ``consumer`` if it has a ``send`` method, else wrap a callable in :class:`CallableSink`."""
+    if callable(getattr(consumer, "send", None)):
+        return consumer
+    if callable(consumer):
+        return CallableSink(consumer)
+    raise ConfigurationError(
+        f"consumer must have a send(kind, message) method or be a callable, got {type(consumer).__name__}"
+    )

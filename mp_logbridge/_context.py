@@ -1,0 +1,128 @@
+"""Who the current work is for: a user and super-properties bound per request, task or thread.
+
+Bound with :func:`bound` (a context manager) or :func:`bind`/:func:`unbind`, kept in a
+``contextvars.ContextVar``, so each thread and each asyncio task sees its own binding and a
+binding made in a request handler applies to every tagged log record and instrumented call made
+while it runs::
+
+    with mp_logbridge.bound(distinct_id=user.id, plan=user.plan):
+        log.info("exported report", extra=tag.track("Report Exported"))
+
+Also here: reading the OpenTelemetry baggage entry ``enduser.id`` and the current trace and span
+ids. Context does not cross threads, so all of it is read on the caller's thread, when the log
+record or call happens, never on the sender thread.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from types import MappingProxyType
+from typing import Any
+
+from opentelemetry import baggage as _baggage
+from opentelemetry import trace as _trace
+
+__all__ = [
+    "BoundContext",
+    "baggage_distinct_id",
+    "bind",
+    "bound",
+    "current_context",
+    "span_ids",
+    "unbind",
+]
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+class BoundContext:
+    """An immutable snapshot of what is bound: ``distinct_id`` and super-``properties``."""
+
+    __slots__ = ("distinct_id", "properties")
+
+    def __init__(
+        self, distinct_id: str | int | None = None, properties: Mapping[str, Any] = _EMPTY
+    ) -> None:
+        self.distinct_id = distinct_id
+        self.properties = properties
+
+    def __repr__(self) -> str:
+        return (
+            f"BoundContext(distinct_id={self.distinct_id!r}, properties={dict(self.properties)!r})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, BoundContext)
+            and self.distinct_id == other.distinct_id
+            and dict(self.properties) == dict(other.properties)
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+_NOTHING = BoundContext()
+_bound: contextvars.ContextVar[BoundContext] = contextvars.ContextVar(
+    "mp_logbridge_bound", default=_NOTHING
+)
+
+
+def current_context() -> BoundContext:
+    """What is bound in the current context (an empty :class:`BoundContext` when nothing is)."""
+    return _bound.get()
+
+
+def bind(
+    distinct_id: str | int | None = None, **properties: Any
+) -> contextvars.Token[BoundContext]:
+    """Bind a user and/or super-properties on top of what is already bound.
+
+    ``distinct_id=None`` keeps the outer binding's user; properties are merged over the outer
+    ones. Returns a token for :func:`unbind`.
+    """
+    outer = _bound.get()
+    if distinct_id is not None and (
+        isinstance(distinct_id, bool) or not isinstance(distinct_id, (str, int))
+    ):
+        raise TypeError(f"distinct_id must be a string or an integer, got {distinct_id!r}")
+    merged = (
+        MappingProxyType({**outer.properties, **properties}) if properties else outer.properties
+    )
+    user = outer.distinct_id if distinct_id is None else distinct_id
+    return _bound.set(BoundContext(user, merged))
+
+
+def unbind(token: contextvars.Token[BoundContext]) -> None:
+    """Restore what was bound before the :func:`bind` call that returned ``token``."""
+    _bound.reset(token)
+
+
+@contextmanager
+def bound(distinct_id: str | int | None = None, **properties: Any) -> Iterator[BoundContext]:
+    """Bind a user and/or super-properties for the duration of a ``with`` block."""
+    token = bind(distinct_id, **properties)
+    try:
+        yield _bound.get()
+    finally:
+        _bound.reset(token)
+
+
+def baggage_distinct_id() -> str | None:
+    """The OpenTelemetry baggage entry ``enduser.id`` of the current context, if any."""
+    value = _baggage.get_baggage("enduser.id")
+    return value if isinstance(value, str) and value else None
+
+
+def span_ids() -> tuple[int, int] | None:
+    """The current span's ``(trace_id, span_id)`` as integers, when a valid span is active."""
+    context = _trace.get_current_span().get_span_context()
+    if context.is_valid:
+        return context.trace_id, context.span_id
+    return None
+
+
+def format_span_ids(ids: tuple[int, int]) -> dict[str, str]:
+    """Trace and span ids as Mixpanel properties (32 and 16 lowercase hex digits)."""
+    return {"trace_id": format(ids[0], "032x"), "span_id": format(ids[1], "016x")}

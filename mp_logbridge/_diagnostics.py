@@ -1,0 +1,134 @@
+"""The library's own voice: delivery counters, drop reasons and the internal logger.
+
+Nothing is lost silently: every message is delivered or counted under a named drop reason, and
+losses are reported as one aggregated, rate-limited warning on the ``mp_logbridge`` logger.
+
+That logger does not propagate (so its records never reach application handlers, the
+Mixpanel handler included) and has no handler of its own, so by default Python's "last resort"
+handler prints its warnings to stderr. Route it like any logger (``handlers``, ``propagate``,
+``level``) to send them elsewhere. Its warnings are emitted even if ``dictConfig`` marked the
+logger disabled (its default ``disable_existing_loggers=True`` would otherwise silence loss
+reports); set its level above WARNING to silence them on purpose.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["DROP_REASONS", "DeliveryStats", "logger", "warn"]
+
+#: The named reasons a message can be dropped for.
+DROP_REASONS = (
+    "queue_full",
+    "invalid",
+    "too_large",
+    "rejected_by_server",
+    "retries_exhausted",
+    "shutdown_timeout",
+    "closed",
+)
+
+logger = logging.getLogger("mp_logbridge")
+logger.propagate = False
+
+
+def warn(message: str, *args: Any) -> None:
+    """Log a warning on the library logger, whatever ``dictConfig`` did to its ``disabled`` flag."""
+    try:
+        if logger.getEffectiveLevel() > logging.WARNING:
+            return
+        record = logger.makeRecord(
+            logger.name, logging.WARNING, "(mp_logbridge)", 0, message, args, None
+        )
+        logger.callHandlers(record)
+    except Exception:  # pragma: no cover - reporting must never raise into the caller
+        pass
+
+
+class DeliveryStats:
+    """Thread-safe delivery counters plus the aggregated loss report.
+
+    ``report_interval`` bounds how often a loss warning is logged; drops in between are summed
+    into the next one.
+    """
+
+    __slots__ = (
+        "_clock",
+        "_details",
+        "_last_report",
+        "_lock",
+        "_unreported",
+        "batches",
+        "dropped",
+        "report_interval",
+        "retries",
+        "sent",
+    )
+
+    def __init__(
+        self, report_interval: float = 10.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._lock = threading.Lock()
+        self._clock = clock
+        self.report_interval = report_interval
+        self.sent = 0
+        self.batches = 0
+        self.retries = 0
+        self.dropped: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
+        self._unreported: dict[str, int] = {}
+        self._details: dict[str, str] = {}
+        self._last_report = float("-inf")
+
+    def add_sent(self, count: int) -> None:
+        """Count records the server accepted, in one request."""
+        with self._lock:
+            self.sent += count
+            self.batches += 1
+
+    def add_retry(self) -> None:
+        """Count one retried request."""
+        with self._lock:
+            self.retries += 1
+
+    def add_dropped(self, reason: str, count: int = 1, detail: str | None = None) -> None:
+        """Count ``count`` lost messages under ``reason`` (one of :data:`DROP_REASONS`)."""
+        if count <= 0:
+            return
+        with self._lock:
+            self.dropped[reason] += count
+            self._unreported[reason] = self._unreported.get(reason, 0) + count
+            if detail:
+                self._details[reason] = detail
+
+    def report(self, force: bool = False) -> None:
+        """Log one warning summarising drops since the last one, at most once per interval."""
+        with self._lock:
+            if not self._unreported:
+                return
+            now = self._clock()
+            if not force and now - self._last_report < self.report_interval:
+                return
+            self._last_report = now
+            unreported, self._unreported = self._unreported, {}
+            details, self._details = self._details, {}
+        parts = []
+        for reason, count in unreported.items():
+            detail = details.get(reason)
+            parts.append(f"{reason}: {count}" + (f" (last: {detail})" if detail else ""))
+        total = sum(unreported.values())
+        warn("mp_logbridge dropped %d message(s): %s", total, "; ".join(parts))
+
+    def snapshot(self) -> dict[str, Any]:
+        """A copy of the counters."""
+        with self._lock:
+            return {
+                "sent": self.sent,
+                "batches": self.batches,
+                "retries": self.retries,
+                "dropped": dict(self.dropped),
+                "dropped_total": sum(self.dropped.values()),
+            }

@@ -1,0 +1,362 @@
+"""Mixpanel records: the one module that knows their exact shapes.
+
+Every front door (Tracker, log handler, structlog processor, decorator, importer) builds its
+records with these functions, so an event looks the same whichever way it was produced:
+
+* event: ``{"event": name, "properties": {"token", "distinct_id", "time", "$insert_id",
+  "mp_lib", "$lib_version", ...}}`` with ``time`` in integer milliseconds;
+* profile update: ``{"$token", "$time", "$distinct_id", "<op>": value, ...optional, "$ip"}``;
+* group update: ``{"$token", "$time", "$group_key", "$group_id", "<op>": value, ...}``.
+
+Building is pure apart from the clock and the ``$insert_id`` generator, does no I/O, and does
+only cheap structural checks; values are converted and fully checked when the record is encoded
+(:mod:`mp_logbridge._values`), on the sender thread.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import itertools
+import math
+import os
+import re
+import time as _time
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
+from typing import Any, Protocol
+
+from ._errors import InvalidMessageError
+from ._values import check_shallow
+from ._version import __version__
+
+__all__ = [
+    "GROUP_OPS",
+    "KINDS",
+    "LIB_NAME",
+    "MAX_PROPERTIES",
+    "MAX_RECORD_BYTES",
+    "PROFILE_OPS",
+    "MessageSource",
+    "alias_event",
+    "charge_transaction",
+    "event",
+    "event_time_ms",
+    "group_update",
+    "infer_kind",
+    "merge_event",
+    "new_insert_id",
+    "now_ms",
+    "profile_update",
+]
+
+#: Value of the ``mp_lib`` event property.
+LIB_NAME = "mp_logbridge"
+#: Mixpanel keeps fewer than this many properties per event.
+MAX_PROPERTIES = 255
+#: An encoded record must stay under this size (Mixpanel: "under 1 MB").
+MAX_RECORD_BYTES = 1_000_000
+#: The kinds of message a consumer accepts (the Ruby SDK's message types).
+KINDS = ("event", "profile_update", "group_update", "import")
+#: Profile update operations, in the order Mixpanel documents them.
+PROFILE_OPS = ("$set", "$set_once", "$add", "$append", "$union", "$remove", "$unset", "$delete")
+#: Group update operations (groups have no ``$add``/``$append``).
+GROUP_OPS = ("$set", "$set_once", "$union", "$remove", "$unset", "$delete")
+
+_PROFILE_OP_SET = frozenset(PROFILE_OPS)
+_INSERT_ID = re.compile(r"[A-Za-z0-9-]{1,36}")
+_SECONDS_LIMIT = 100_000_000_000  # below this a timestamp is in seconds (year 5138)
+
+
+class MessageSource(Protocol):
+    """Something a consumer can turn into a Mixpanel record on its sender thread.
+
+    Front doors that want the caller's thread to pay only for capture hand consumers an object
+    with a ``build()`` method instead of a finished record; the consumer calls it where the
+    encoding happens. ``build`` raises :class:`~mp_logbridge.InvalidMessageError` when the
+    captured input cannot become a record.
+    """
+
+    def build(self) -> dict[str, Any]: ...
+
+
+# --------------------------------------------------------------------------- clock and ids
+
+
+def now_ms() -> int:
+    """The current time in integer milliseconds since the epoch."""
+    return _time.time_ns() // 1_000_000
+
+
+class _InsertIds:
+    """Cheap unique ``$insert_id`` values: a random per-process prefix plus a counter.
+
+    The prefix is replaced in a forked child (checked by PID, so it also holds under servers
+    that fork without running Python's fork hooks), so parent and child never share ids.
+    """
+
+    __slots__ = ("_counter", "_pid", "_prefix")
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._prefix = os.urandom(8).hex()
+        self._counter = itertools.count(1)
+
+    def __call__(self) -> str:
+        if os.getpid() != self._pid:
+            self._reset()
+        return f"{self._prefix}{next(self._counter):x}"
+
+
+#: Return a new ``$insert_id`` (at most 36 characters, hex digits only).
+new_insert_id = _InsertIds()
+
+
+def event_time_ms(value: Any, field: str = "properties.time") -> int:
+    """Normalise an event time given by a caller.
+
+    ``datetime`` → milliseconds (naive values are local time, as ``datetime.timestamp`` reads
+    them); ``int`` → taken as given (Mixpanel accepts seconds or milliseconds); ``float`` seconds
+    → integer milliseconds.
+    """
+    if isinstance(value, _dt.datetime):
+        return int(value.timestamp() * 1000)
+    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
+        raise InvalidMessageError(
+            field, f"must be a datetime or a number of seconds or milliseconds, got {value!r}"
+        )
+    if isinstance(value, int):
+        return value
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise InvalidMessageError(field, f"{value!r} is not a valid time")
+    return int(number * 1000) if number < _SECONDS_LIMIT else int(number)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_token(token: Any) -> str:
+    if not isinstance(token, str) or not token.strip():
+        raise InvalidMessageError(
+            "token", "a Mixpanel project token (non-empty string) is required"
+        )
+    return token
+
+
+def _check_distinct_id(value: Any, field: str) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise InvalidMessageError(field, f"must be a string or an integer, got {value!r}")
+    if isinstance(value, str) and not value:
+        raise InvalidMessageError(field, "must not be empty")
+    return value
+
+
+def _check_name(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidMessageError(field, f"must be a non-empty string, got {value!r}")
+    return value
+
+
+def _check_insert_id(value: Any, field: str = "properties.$insert_id") -> None:
+    if not isinstance(value, str) or _INSERT_ID.fullmatch(value) is None:
+        raise InvalidMessageError(
+            field, f"must be 1-36 characters of letters, digits or '-', got {value!r}"
+        )
+
+
+def _check_mapping(value: Any, field: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise InvalidMessageError(field, f"must be a mapping, got {type(value).__name__}")
+    check_shallow(value, field)
+    return value
+
+
+def _check_ip(value: Any, field: str) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise InvalidMessageError(field, f"must be an IP address string or 0, got {value!r}")
+    return value
+
+
+def _check_count(record_properties: Mapping[str, Any], field: str) -> None:
+    if len(record_properties) >= MAX_PROPERTIES:
+        raise InvalidMessageError(
+            field,
+            f"has {len(record_properties)} properties; Mixpanel keeps fewer than {MAX_PROPERTIES}",
+        )
+
+
+def _op_value(op: str, value: Any, allowed: Sequence[str] | frozenset[str]) -> Any:
+    """Check the value of one profile/group operation and return a private copy of it."""
+    if op not in allowed:
+        raise InvalidMessageError(op, f"unknown operation; expected one of {', '.join(allowed)}")
+    if op == "$delete":
+        return ""
+    if op == "$unset":
+        names = [value] if isinstance(value, str) else value
+        if not isinstance(names, (list, tuple, set, frozenset)) or not names:
+            raise InvalidMessageError(op, "must be a property name or a non-empty list of them")
+        for name in names:
+            if not isinstance(name, str):
+                raise InvalidMessageError(op, f"property names must be strings, got {name!r}")
+        return list(names)
+    mapping = _check_mapping(value, op)
+    if op == "$add":
+        for key, number in mapping.items():
+            if isinstance(number, bool) or not isinstance(number, (int, float, Decimal)):
+                raise InvalidMessageError(f"{op}.{key}", f"must be a number, got {number!r}")
+    elif op == "$union":
+        for key, items in mapping.items():
+            if not isinstance(items, (list, tuple, set, frozenset)):
+                raise InvalidMessageError(f"{op}.{key}", f"must be a list, got {items!r}")
+    return dict(mapping)
+
+
+def _apply_params(
+    record: dict[str, Any], ip: Any, optional_params: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    if optional_params:
+        record.update(_check_mapping(optional_params, "optional_params"))
+        if "$time" in optional_params:
+            record["$time"] = event_time_ms(optional_params["$time"], "optional_params.$time")
+    if ip is not None:
+        record["$ip"] = _check_ip(ip, "ip")
+    return record
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def event(
+    token: str,
+    distinct_id: str | int,
+    name: str,
+    properties: Mapping[str, Any] | None = None,
+    *,
+    ip: str | int | None = None,
+    time_ms: int | None = None,
+    insert_id: str | None = None,
+) -> dict[str, Any]:
+    """Build an event record (for ``/track``, or ``/import`` with a historical ``time``).
+
+    ``properties`` may override every default, ``time`` (a datetime or seconds/milliseconds)
+    and ``$insert_id`` included. ``ip`` becomes the ``ip`` property (``0`` means "do not
+    geolocate" and is kept).
+    """
+    props: dict[str, Any] = {
+        "token": _check_token(token),
+        "distinct_id": distinct_id,
+        "time": now_ms() if time_ms is None else time_ms,
+        "$insert_id": "",
+        "mp_lib": LIB_NAME,
+        "$lib_version": __version__,
+    }
+    _check_name(name, "event")
+    if properties:
+        _check_mapping(properties, "properties")
+        props.update(properties)
+        if "time" in properties:
+            props["time"] = event_time_ms(properties["time"])
+        if "$insert_id" in properties:
+            _check_insert_id(properties["$insert_id"])
+    if not props["$insert_id"]:
+        if insert_id is None:
+            props["$insert_id"] = new_insert_id()
+        else:
+            _check_insert_id(insert_id, "$insert_id")
+            props["$insert_id"] = insert_id
+    _check_distinct_id(props["distinct_id"], "distinct_id")
+    if ip is not None:
+        props["ip"] = _check_ip(ip, "ip")
+    _check_count(props, "properties")
+    return {"event": name, "properties": props}
+
+
+def profile_update(
+    token: str,
+    distinct_id: str | int,
+    op: str,
+    value: Any,
+    *,
+    ip: str | int | None = None,
+    optional_params: Mapping[str, Any] | None = None,
+    time_ms: int | None = None,
+) -> dict[str, Any]:
+    """Build a user-profile update record (for ``/engage``)."""
+    record: dict[str, Any] = {
+        "$token": _check_token(token),
+        "$time": now_ms() if time_ms is None else time_ms,
+        "$distinct_id": _check_distinct_id(distinct_id, "distinct_id"),
+        op: _op_value(op, value, _PROFILE_OP_SET),
+    }
+    return _apply_params(record, ip, optional_params)
+
+
+def group_update(
+    token: str,
+    group_key: str,
+    group_id: str | int,
+    op: str,
+    value: Any,
+    *,
+    ip: str | int | None = None,
+    optional_params: Mapping[str, Any] | None = None,
+    time_ms: int | None = None,
+) -> dict[str, Any]:
+    """Build a group-profile update record (for ``/groups``)."""
+    record: dict[str, Any] = {
+        "$token": _check_token(token),
+        "$time": now_ms() if time_ms is None else time_ms,
+        "$group_key": _check_name(group_key, "group_key"),
+        "$group_id": _check_distinct_id(group_id, "group_id"),
+        op: _op_value(op, value, GROUP_OPS),
+    }
+    return _apply_params(record, ip, optional_params)
+
+
+def charge_transaction(amount: Any, properties: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``$transactions`` entry of a revenue charge; never mutates ``properties``."""
+    if isinstance(amount, bool) or not isinstance(amount, (int, float, Decimal)):
+        raise InvalidMessageError("amount", f"must be a number, got {amount!r}")
+    if not math.isfinite(float(amount)):
+        raise InvalidMessageError("amount", f"{amount!r} is not a valid amount")
+    transaction = dict(_check_mapping(properties, "properties")) if properties else {}
+    transaction["$amount"] = amount
+    return transaction
+
+
+def alias_event(token: str, alias_id: str | int, real_id: str | int) -> dict[str, Any]:
+    """The ``$create_alias`` event, shaped as both official SDKs send it."""
+    return {
+        "event": "$create_alias",
+        "properties": {
+            "distinct_id": _check_distinct_id(real_id, "real_id"),
+            "alias": _check_distinct_id(alias_id, "alias_id"),
+            "token": _check_token(token),
+        },
+    }
+
+
+def merge_event(token: str, distinct_id1: str | int, distinct_id2: str | int) -> dict[str, Any]:
+    """The ``$merge`` event (sent to ``/import``), shaped as the official Python SDK sends it."""
+    return {
+        "event": "$merge",
+        "properties": {
+            "$distinct_ids": [
+                _check_distinct_id(distinct_id1, "distinct_id1"),
+                _check_distinct_id(distinct_id2, "distinct_id2"),
+            ],
+            "token": _check_token(token),
+        },
+    }
+
+
+def infer_kind(record: Mapping[str, Any]) -> str:
+    """Which kind of message a record is, from its keys (``"event"`` when unsure)."""
+    if "$group_key" in record or "$group_id" in record:
+        return "group_update"
+    if "$distinct_id" in record or not _PROFILE_OP_SET.isdisjoint(record):
+        return "profile_update"
+    return "event"

@@ -1,0 +1,587 @@
+"""The tag: how a log record (or structlog event) says "this is also a Mixpanel message".
+
+A tag is plain JSON-compatible data under one attribute (``extra={"mixpanel": ...}`` by
+default), so it survives ``QueueHandler``, pickling and JSON log files. Its value is one message
+or a list of them, each written in Mixpanel's own record shape minus what the library fills in
+(token, time, ``$insert_id``, library properties):
+
+* event: ``{"event": "Signed Up", "properties": {"distinct_id": "u1", "plan": "pro"}}`` — any
+  other top-level key is an event property too, ``"event"`` defaults to the log message, and
+  ``True`` alone (or a string, the event name) is an event for the bound user;
+* profile update: ``{"$distinct_id": "u1", "$set": {...}}`` with any of ``$set``,
+  ``$set_once``, ``$add``, ``$append``, ``$union``, ``$remove``, ``$unset``, ``$delete`` plus
+  optional ``$ip``, ``$ignore_time``, ... (several operations become several updates);
+* group update: ``{"$group_key": "Company", "$group_id": "Acme", "$set": {...}}``;
+* charge: ``{"$distinct_id": "u1", "$append": {"$transactions": {"$amount": 9.99}}}``.
+
+:data:`tag` builds these in the Tracker's vocabulary (``tag.track``, ``tag.people.set``,
+``tag.charge``, ``tag.groups.set``, ...); ``+`` puts several messages on one record.
+
+This module also turns a tag into records: the caller's thread splits it by kind and captures
+the context (:class:`Capture`), and each :class:`TagMessage` is built into a record on the
+sender thread, where invalid input is counted and reported instead of raised.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from . import _messages as msg
+from ._context import BoundContext, format_span_ids
+from ._errors import InvalidMessageError
+from ._values import format_datetime
+
+__all__ = [
+    "DEFAULT_TAG",
+    "BridgeSpec",
+    "Capture",
+    "Tag",
+    "TagMessage",
+    "Tags",
+    "exception_properties",
+    "split_tag",
+    "tag",
+]
+
+#: The default name of the tag attribute (``extra={"mixpanel": ...}``).
+DEFAULT_TAG = "mixpanel"
+
+_PROFILE_OPS = frozenset(msg.PROFILE_OPS)
+_GROUP_OPS = frozenset(msg.GROUP_OPS)
+_EVENT_KEYS = frozenset({"event", "properties"})
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class Tag(dict[str, Any]):
+    """The ``extra=`` mapping carrying Mixpanel messages; ``a + b`` carries both."""
+
+    def __add__(self, other: Mapping[str, Any]) -> Tag:
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        combined = Tag(self)
+        for key, value in other.items():
+            if key in combined:
+                combined[key] = _as_list(combined[key]) + _as_list(value)
+            else:
+                combined[key] = value
+        return combined
+
+    __radd__ = __add__
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _with_params(
+    record: dict[str, Any], ip: Any, optional_params: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    if optional_params:
+        record.update(optional_params)
+    if ip is not None:
+        record["$ip"] = ip
+    return record
+
+
+class _PeopleTags:
+    """Profile-update tags (``tag.people.set(...)``), the Tracker's ``people`` vocabulary with an
+    optional keyword ``distinct_id`` (the bound user when omitted)."""
+
+    def __init__(self, tags: Tags) -> None:
+        self._tags = tags
+
+    def _op(
+        self,
+        op: str,
+        value: Any,
+        distinct_id: str | int | None,
+        ip: Any = None,
+        optional_params: Mapping[str, Any] | None = None,
+    ) -> Tag:
+        record: dict[str, Any] = {} if distinct_id is None else {"$distinct_id": distinct_id}
+        record[op] = value
+        return self._tags.message(_with_params(record, ip, optional_params))
+
+    def set(
+        self,
+        properties: Mapping[str, Any],
+        *,
+        distinct_id: str | int | None = None,
+        ip: Any = None,
+        optional_params: Mapping[str, Any] | None = None,
+    ) -> Tag:
+        """``$set`` profile properties."""
+        return self._op("$set", dict(properties), distinct_id, ip, optional_params)
+
+    def set_once(
+        self,
+        properties: Mapping[str, Any],
+        *,
+        distinct_id: str | int | None = None,
+        ip: Any = None,
+        optional_params: Mapping[str, Any] | None = None,
+    ) -> Tag:
+        """``$set_once`` profile properties."""
+        return self._op("$set_once", dict(properties), distinct_id, ip, optional_params)
+
+    def increment(
+        self,
+        properties: Mapping[str, float],
+        *,
+        distinct_id: str | int | None = None,
+        ip: Any = None,
+        optional_params: Mapping[str, Any] | None = None,
+    ) -> Tag:
+        """``$add`` to numeric profile properties."""
+        return self._op("$add", dict(properties), distinct_id, ip, optional_params)
+
+    def append(
+        self,
+        properties: Mapping[str, Any],
+        *,
+        distinct_id: str | int | None = None,
+        ip: Any = None,
+        optional_params: Mapping[str, Any] | None = None,
+    ) -> Tag:
+        """``$append`` to list properties."""
+        return self._op("$append", dict(properties), distinct_id, ip, optional_params)
+
+    def union(
+        self,
+        properties: Mapping[str, Sequence[Any]],
+        *,
+        distinct_id: str | int | None = None,
+        ip: Any = None,
+        optional_params: Mapping[str, Any] | None = None,
+    ) -> Tag:
+        """``$union`` into list properties."""
+        return self._op(
+            "$union", {k: list(v) for k, v in properties.items()}, distinct_id, ip, optional_params
+        )
+
+    def remove(
+        self,
+        properties: Mapping[str, Any],
+        *,
+        distinct_id: str | int | None = None,
+        ip: Any = None,
+        optional_params: Mapping[str, Any] | None = None,
+    ) -> Tag:
+        """``$remove`` from list properties."""
+        return self._op("$remove", dict(properties), distinct_id, ip, optional_params)
+
+    def unset(
+        self,
+        properties: str | Sequence[str],
+        *,
+        distinct_id: str | int | None = None,
+        ip: Any = None,
+        optional_params: Mapping[str, Any] | None = None,
+    ) -> Tag:
+        """``$unset`` profile properties (one name or a list)."""
+        names = [properties] if isinstance(properties, str) else list(properties)
+        return self._op("$unset", names, distinct_id, ip, optional_params)
+
+    def track_charge(
+        self,
+        amount: float,
+        properties: Mapping[str, Any] | None = None,
+        *,
+        distinct_id: str | int | None = None,
+        ip: Any = None,
+        optional_params: Mapping[str, Any] | None = None,
+    ) -> Tag:
+        """A revenue charge (``$append`` to ``$transactions``); its ``$time`` defaults to the
+        time of the log record."""
+        transaction = {**(properties or {}), "$amount": amount}
+        return self._op("$append", {"$transactions": transaction}, distinct_id, ip, optional_params)
+
+    def clear_charges(
+        self,
+        *,
+        distinct_id: str | int | None = None,
+        ip: Any = None,
+        optional_params: Mapping[str, Any] | None = None,
+    ) -> Tag:
+        """Remove all charges of the user."""
+        return self._op("$unset", ["$transactions"], distinct_id, ip, optional_params)
+
+    def delete_user(
+        self,
+        *,
+        distinct_id: str | int | None = None,
+        optional_params: Mapping[str, Any] | None = None,
+    ) -> Tag:
+        """Delete the user's profile."""
+        return self._op("$delete", "", distinct_id, None, optional_params)
+
+
+class _GroupTags:
+    """Group-update tags (``tag.groups.set("Company", "Acme", {...})``)."""
+
+    def __init__(self, tags: Tags) -> None:
+        self._tags = tags
+
+    def _op(
+        self,
+        group_key: str,
+        group_id: str | int,
+        op: str,
+        value: Any,
+        optional_params: Mapping[str, Any] | None = None,
+    ) -> Tag:
+        record = {"$group_key": group_key, "$group_id": group_id, op: value}
+        return self._tags.message(_with_params(record, None, optional_params))
+
+    def set(
+        self,
+        group_key: str,
+        group_id: str | int,
+        properties: Mapping[str, Any],
+        optional_params: Mapping[str, Any] | None = None,
+    ) -> Tag:
+        """``$set`` group properties."""
+        return self._op(group_key, group_id, "$set", dict(properties), optional_params)
+
+    def set_once(
+        self,
+        group_key: str,
+        group_id: str | int,
+        properties: Mapping[str, Any],
+        optional_params: Mapping[str, Any] | None = None,
+    ) -> Tag:
+        """``$set_once`` group properties."""
+        return self._op(group_key, group_id, "$set_once", dict(properties), optional_params)
+
+    def union(
+        self,
+        group_key: str,
+        group_id: str | int,
+        properties: Mapping[str, Sequence[Any]],
+        optional_params: Mapping[str, Any] | None = None,
+    ) -> Tag:
+        """``$union`` into group list properties."""
+        return self._op(
+            group_key,
+            group_id,
+            "$union",
+            {k: list(v) for k, v in properties.items()},
+            optional_params,
+        )
+
+    def remove(
+        self,
+        group_key: str,
+        group_id: str | int,
+        properties: Mapping[str, Any],
+        optional_params: Mapping[str, Any] | None = None,
+    ) -> Tag:
+        """``$remove`` from group list properties."""
+        return self._op(group_key, group_id, "$remove", dict(properties), optional_params)
+
+    def unset(
+        self,
+        group_key: str,
+        group_id: str | int,
+        properties: str | Sequence[str],
+        optional_params: Mapping[str, Any] | None = None,
+    ) -> Tag:
+        """``$unset`` group properties."""
+        names = [properties] if isinstance(properties, str) else list(properties)
+        return self._op(group_key, group_id, "$unset", names, optional_params)
+
+    def delete_group(
+        self, group_key: str, group_id: str | int, optional_params: Mapping[str, Any] | None = None
+    ) -> Tag:
+        """Delete the group profile."""
+        return self._op(group_key, group_id, "$delete", "", optional_params)
+
+
+class Tags:
+    """Builds tags for ``extra=`` (or structlog keyword arguments) under one attribute name.
+
+    ``tag = Tags()`` uses the default name ``"mixpanel"``; make a ``Tags("other")`` when the
+    handler is configured with another ``tag=``. Helpers never raise on values: the handler
+    checks them and counts what it cannot send.
+    """
+
+    def __init__(self, key: str = DEFAULT_TAG) -> None:
+        self.key = key
+        self.people = _PeopleTags(self)
+        self.groups = _GroupTags(self)
+
+    def message(self, *messages: Any) -> Tag:
+        """A tag carrying messages written in Mixpanel's record shape."""
+        if len(messages) == 1:
+            return Tag({self.key: messages[0]})
+        return Tag({self.key: list(messages)})
+
+    def track(
+        self,
+        event: str | None = None,
+        properties: Mapping[str, Any] | None = None,
+        *,
+        distinct_id: str | int | None = None,
+        **more: Any,
+    ) -> Tag:
+        """An event; the name defaults to the log message, the user to the bound one.
+
+        ``tag.track("Signed Up", distinct_id=uid, plan="pro")`` gives
+        ``{"mixpanel": {"event": "Signed Up", "properties": {"distinct_id": uid, "plan": "pro"}}}``.
+        """
+        props: dict[str, Any] = {} if distinct_id is None else {"distinct_id": distinct_id}
+        props.update(properties or {})
+        props.update(more)
+        record: dict[str, Any] = {} if event is None else {"event": event}
+        if props:
+            record["properties"] = props
+        return self.message(record)
+
+    def charge(
+        self,
+        amount: float,
+        properties: Mapping[str, Any] | None = None,
+        *,
+        distinct_id: str | int | None = None,
+    ) -> Tag:
+        """A revenue charge (same as ``tag.people.track_charge``)."""
+        return self.people.track_charge(amount, properties, distinct_id=distinct_id)
+
+
+#: Tag builder for the default attribute name ``"mixpanel"``.
+tag = Tags()
+
+
+# --------------------------------------------------------------------------- from tag to records
+
+
+def _split_item(item: Any) -> list[tuple[str, Any, str | None]]:
+    if not isinstance(item, Mapping):
+        if item is True:
+            return [("event", {}, None)]
+        if isinstance(item, str):
+            return [("event", {"event": item}, None)]
+        return [("event", item, None)]
+    if "$group_key" in item or "$group_id" in item:
+        kind, allowed = "group_update", _PROFILE_OPS
+    elif "$distinct_id" in item or not _PROFILE_OPS.isdisjoint(item):
+        kind, allowed = "profile_update", _PROFILE_OPS
+    else:
+        return [("event", item, None)]
+    ops = [key for key in item if key in allowed]
+    if not ops:
+        return [(kind, item, None)]
+    return [(kind, item, op) for op in ops]
+
+
+def split_tag(value: Any) -> list[tuple[str, Any, str | None]]:
+    """Split a tag into ``(kind, item, operation)`` triples (cheap; on the caller's thread)."""
+    if isinstance(value, (list, tuple)):
+        out: list[tuple[str, Any, str | None]] = []
+        for item in value:
+            out.extend(_split_item(item))
+        return out
+    return _split_item(value)
+
+
+def exception_properties(exc: BaseException) -> dict[str, str]:
+    """``exception_type`` (qualified unless built in) and ``exception_message`` properties."""
+    cls = type(exc)
+    module = cls.__module__
+    name = (
+        cls.__qualname__ if module in ("builtins", "__main__") else f"{module}.{cls.__qualname__}"
+    )
+    return {"exception_type": name, "exception_message": str(exc)}
+
+
+class BridgeSpec:
+    """What turns captured tags into records for one project (shared by handler and processor)."""
+
+    __slots__ = (
+        "default_distinct_id",
+        "include_exception",
+        "include_trace",
+        "super_properties",
+        "token",
+    )
+
+    def __init__(
+        self,
+        token: str,
+        *,
+        super_properties: Mapping[str, Any] | None = None,
+        default_distinct_id: str | int | None = None,
+        include_trace: bool = True,
+        include_exception: bool = True,
+    ) -> None:
+        self.token = token
+        self.super_properties = dict(super_properties or {})
+        self.default_distinct_id = default_distinct_id
+        self.include_trace = include_trace
+        self.include_exception = include_exception
+
+
+class Capture:
+    """What the caller's thread saw when the record happened (read once, shared by its messages).
+
+    ``facts`` identify the occurrence (time, process, thread, logger, line): ``$insert_id``
+    values derive from them, so one record reaching two handlers yields the same ids.
+    """
+
+    __slots__ = ("baggage_id", "context", "created", "extra", "facts", "message", "span", "spec")
+
+    def __init__(
+        self,
+        spec: BridgeSpec,
+        created: float,
+        message: str | None,
+        context: BoundContext,
+        *,
+        baggage_id: str | None = None,
+        span: tuple[int, int] | None = None,
+        extra: Mapping[str, Any] | None = None,
+        facts: tuple[Any, ...] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.created = created
+        self.message = message
+        self.context = context
+        self.baggage_id = baggage_id
+        self.span = span
+        self.extra = extra
+        self.facts = facts
+
+    def insert_id(self, index: int) -> str:
+        """A ``$insert_id`` for message ``index`` of this capture."""
+        if self.facts is None:
+            return msg.new_insert_id()
+        key = repr((*self.facts, index)).encode()
+        return hashlib.blake2b(key, digest_size=16).hexdigest()
+
+    def distinct_id(self, given: Any, field: str) -> Any:
+        """Resolve the user: the tag, the bound context, baggage ``enduser.id``, the default."""
+        for candidate in (
+            given,
+            self.context.distinct_id,
+            self.baggage_id,
+            self.spec.default_distinct_id,
+        ):
+            if candidate is not None and candidate != "":
+                return candidate
+        raise InvalidMessageError(
+            field,
+            "no distinct_id: not in the tag, none bound with mp_logbridge.bound(), no "
+            "OpenTelemetry baggage 'enduser.id', and no default_distinct_id",
+        )
+
+
+def needs_user_lookup(kind: str, item: Any) -> bool:
+    """Whether a tag item names no user itself (so baggage must be read on the caller)."""
+    if not isinstance(item, Mapping):
+        return True
+    if kind == "event":
+        props = item.get("properties")
+        return item.get("distinct_id") is None and not (
+            isinstance(props, Mapping) and props.get("distinct_id") is not None
+        )
+    if kind == "profile_update":
+        return item.get("$distinct_id") is None
+    return False
+
+
+class TagMessage:
+    """One message of a tag, built into a Mixpanel record on the sender thread."""
+
+    __slots__ = ("capture", "index", "item", "kind", "op")
+
+    def __init__(self, capture: Capture, kind: str, item: Any, op: str | None, index: int) -> None:
+        self.capture = capture
+        self.kind = kind
+        self.item = item
+        self.op = op
+        self.index = index
+
+    def __repr__(self) -> str:
+        return f"TagMessage({self.kind}, {self.item!r})"
+
+    def build(self) -> dict[str, Any]:
+        """The Mixpanel record (raises :class:`~mp_logbridge.InvalidMessageError` if impossible)."""
+        item = self.item
+        if not isinstance(item, Mapping):
+            raise InvalidMessageError(
+                "tag", f"must be a mapping, a list of mappings, a string or True, got {item!r}"
+            )
+        if self.kind == "event":
+            return self._event(item)
+        return self._update(item)
+
+    def _event(self, item: Mapping[str, Any]) -> dict[str, Any]:
+        capture, spec = self.capture, self.capture.spec
+        props: dict[str, Any] = dict(spec.super_properties)
+        props.update(capture.context.properties)
+        if capture.extra:
+            props.update(capture.extra)
+        if capture.span is not None:
+            props.update(format_span_ids(capture.span))
+        own = item.get("properties")
+        if own is not None:
+            if not isinstance(own, Mapping):
+                raise InvalidMessageError(
+                    "tag.properties", f"must be a mapping, got {type(own).__name__}"
+                )
+            props.update(own)
+        for key, value in item.items():
+            if key not in _EVENT_KEYS:
+                props[key] = value
+        name = item.get("event") or capture.message
+        if not name:
+            raise InvalidMessageError(
+                "tag.event", "no event name in the tag and the log message is empty"
+            )
+        distinct_id = capture.distinct_id(props.pop("distinct_id", None), "tag.distinct_id")
+        return msg.event(
+            spec.token,
+            distinct_id,
+            name,
+            props,
+            time_ms=int(capture.created * 1000),
+            insert_id=capture.insert_id(self.index),
+        )
+
+    def _update(self, item: Mapping[str, Any]) -> dict[str, Any]:
+        capture, spec, op = self.capture, self.capture.spec, self.op
+        if op is None:
+            ops = ", ".join(msg.GROUP_OPS if self.kind == "group_update" else msg.PROFILE_OPS)
+            raise InvalidMessageError("tag", f"a {self.kind.replace('_', ' ')} needs one of {ops}")
+        value = item[op]
+        if (
+            op == "$append"
+            and isinstance(value, Mapping)
+            and isinstance(value.get("$transactions"), Mapping)
+        ):
+            transaction = value["$transactions"]
+            if "$time" not in transaction:
+                when = _dt.datetime.fromtimestamp(capture.created, _dt.timezone.utc)
+                value = {**value, "$transactions": {**transaction, "$time": format_datetime(when)}}
+        params = {
+            key: val
+            for key, val in item.items()
+            if key not in _PROFILE_OPS
+            and key not in ("$distinct_id", "$group_key", "$group_id", "$token")
+        }
+        time_ms = int(capture.created * 1000)
+        if self.kind == "group_update":
+            group_key: Any = item.get("$group_key")
+            group_id: Any = item.get("$group_id")
+            return msg.group_update(
+                spec.token, group_key, group_id, op, value, optional_params=params, time_ms=time_ms
+            )
+        distinct_id = capture.distinct_id(item.get("$distinct_id"), "tag.$distinct_id")
+        return msg.profile_update(
+            spec.token, distinct_id, op, value, optional_params=params, time_ms=time_ms
+        )

@@ -1,0 +1,501 @@
+"""HTTP transport to Mixpanel's ingestion API: the only module that knows about HTTP.
+
+Endpoints per region, request encoding (JSON array bodies, gzip where the API allows it, query
+parameters per endpoint), authentication for ``/import``, response parsing and error
+classification (retryable or not). Everything above this module deals in records and outcomes.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import gzip
+import hmac
+import json
+import os
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+
+from ._errors import (
+    ConfigurationError,
+    MixpanelConnectionError,
+    MixpanelServerError,
+    PartialImportError,
+    PayloadTooLargeError,
+    RateLimitedError,
+    RejectedError,
+)
+from ._version import __version__
+
+try:  # the OpenTelemetry API's flag that tells instrumentations to stay quiet
+    from opentelemetry import context as _otel_context
+    from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
+except ImportError:  # pragma: no cover - opentelemetry-api is a dependency
+    _otel_context = None  # type: ignore[assignment]
+    _SUPPRESS_INSTRUMENTATION_KEY = None  # type: ignore[assignment]
+
+__all__ = [
+    "REGIONS",
+    "Credentials",
+    "Endpoints",
+    "ProjectSecret",
+    "ServiceAccount",
+    "Transport",
+    "as_credentials",
+    "parse_retry_after",
+    "resolve_endpoints",
+]
+
+#: Ingestion hosts per data-residency region.
+REGIONS: Mapping[str, str] = {
+    "us": "api.mixpanel.com",
+    "eu": "api-eu.mixpanel.com",
+    "in": "api-in.mixpanel.com",
+}
+_PATHS = {
+    "event": "/track",
+    "profile_update": "/engage",
+    "group_update": "/groups",
+    "import": "/import",
+}
+_GZIP_KINDS = frozenset({"event", "import"})  # the API documents no gzip for /engage, /groups
+_VERBOSE_PARAMS = {"verbose": "1", "ip": "0"}
+_RETRYABLE_STATUS = frozenset({408, 429}) | (frozenset(range(500, 600)) - {501, 505})
+
+
+# --------------------------------------------------------------------------- endpoints
+
+
+def _base_url(host: str, what: str) -> str:
+    text = host.strip().rstrip("/")
+    if "://" not in text:
+        text = f"https://{text}"
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigurationError(f"{what} {host!r} is not a host name or an http(s) URL")
+    return text
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """The four ingestion URLs a consumer posts to."""
+
+    event: str
+    profile_update: str
+    group_update: str
+    import_: str
+
+    def url(self, kind: str) -> str:
+        """The URL for a kind of message (``"event"``, ``"profile_update"``, ...)."""
+        return self.import_ if kind == "import" else str(getattr(self, kind))
+
+    @classmethod
+    def for_host(cls, host: str) -> Endpoints:
+        """All four endpoints under one host or base URL."""
+        base = _base_url(host, "api_host")
+        return cls(
+            *(
+                f"{base}{_PATHS[kind]}"
+                for kind in ("event", "profile_update", "group_update", "import")
+            )
+        )
+
+
+def resolve_endpoints(
+    *,
+    region: str | None = None,
+    api_host: str | None = None,
+    events_url: str | None = None,
+    people_url: str | None = None,
+    groups_url: str | None = None,
+    import_url: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Endpoints:
+    """Work out the ingestion URLs.
+
+    Precedence: a per-endpoint URL, then ``api_host``, then ``region``, then the environment
+    (``MIXPANEL_API_HOST``, then ``MIXPANEL_REGION``), then the US region.
+
+    Raises:
+        ConfigurationError: for an unknown region or a malformed host/URL.
+    """
+    env = os.environ if environ is None else environ
+    if api_host is None and region is None:
+        api_host = env.get("MIXPANEL_API_HOST") or None
+        region = env.get("MIXPANEL_REGION") or None
+    if api_host is not None:
+        base = Endpoints.for_host(api_host)
+    else:
+        base = Endpoints.for_host(REGIONS[normalize_region(region or "us")])
+    overrides = {
+        "event": events_url,
+        "profile_update": people_url,
+        "group_update": groups_url,
+        "import_": import_url,
+    }
+    for name, url in overrides.items():
+        if url is not None:
+            _base_url(url, f"{name.rstrip('_')} URL")
+    return Endpoints(
+        event=events_url or base.event,
+        profile_update=people_url or base.profile_update,
+        group_update=groups_url or base.group_update,
+        import_=import_url or base.import_,
+    )
+
+
+def normalize_region(region: str) -> str:
+    """Return the canonical region name, or raise naming the valid ones."""
+    key = str(region).strip().lower()
+    if key not in REGIONS:
+        valid = ", ".join(f"{name!r} ({host})" for name, host in REGIONS.items())
+        raise ConfigurationError(f"unknown Mixpanel region {region!r}; valid regions are {valid}")
+    return key
+
+
+# --------------------------------------------------------------------------- credentials
+
+
+def _required_text(value: Any, what: str) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigurationError(f"service account {what} must be a non-empty string")
+    return value.strip()
+
+
+class ServiceAccount:
+    """Service-account credentials for ``/import`` (Basic auth plus ``project_id``).
+
+    The secret never appears in ``repr``, logs or exception messages.
+    """
+
+    __slots__ = ("_secret", "project_id", "username")
+
+    def __init__(self, username: str, secret: str, project_id: str | int) -> None:
+        self.username = _required_text(username, "username")
+        self._secret = _required_text(secret, "secret")
+        self.project_id = _required_text(project_id, "project_id")
+
+    @property
+    def secret(self) -> str:
+        """The service account's secret."""
+        return self._secret
+
+    def authorization(self) -> str:
+        """The ``Authorization`` header value."""
+        raw = f"{self.username}:{self._secret}".encode()
+        return "Basic " + base64.b64encode(raw).decode("ascii")
+
+    def query(self) -> dict[str, str]:
+        """Query parameters that go with these credentials."""
+        return {"project_id": self.project_id}
+
+    def __repr__(self) -> str:
+        return f"ServiceAccount(username={self.username!r}, secret='***', project_id={self.project_id!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, ServiceAccount)
+            and (self.username, self.project_id) == (other.username, other.project_id)
+            and hmac.compare_digest(self._secret, other._secret)
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.username, self.project_id, self._secret))
+
+
+class ProjectSecret:
+    """A project's API secret, the older way to authenticate ``/import`` (Basic ``secret:``)."""
+
+    __slots__ = ("_secret",)
+
+    def __init__(self, secret: str) -> None:
+        if not isinstance(secret, str) or not secret.strip():
+            raise ConfigurationError("api_secret must be a non-empty string")
+        self._secret = secret.strip()
+
+    def authorization(self) -> str:
+        """The ``Authorization`` header value."""
+        return "Basic " + base64.b64encode(f"{self._secret}:".encode()).decode("ascii")
+
+    def query(self) -> dict[str, str]:
+        """Query parameters that go with these credentials (none)."""
+        return {}
+
+    def __repr__(self) -> str:
+        return "ProjectSecret('***')"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ProjectSecret) and hmac.compare_digest(self._secret, other._secret)
+
+    def __hash__(self) -> int:
+        return hash(("secret", self._secret))
+
+
+Credentials = ServiceAccount | ProjectSecret
+
+
+def as_credentials(
+    credentials: Credentials | None = None, api_secret: str | None = None
+) -> Credentials | None:
+    """Combine the two ways of giving ``/import`` credentials (a service account wins)."""
+    if credentials is not None:
+        if not isinstance(credentials, (ServiceAccount, ProjectSecret)):
+            raise ConfigurationError(
+                "credentials must be a ServiceAccount(username, secret, project_id) "
+                f"or a ProjectSecret, got {type(credentials).__name__}"
+            )
+        return credentials
+    if api_secret is not None:
+        return ProjectSecret(api_secret)
+    return None
+
+
+# --------------------------------------------------------------------------- responses
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None:
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if seconds != seconds:  # NaN
+        return None
+    return max(0.0, seconds)
+
+
+def _server_words(parsed: Any, text: str) -> str:
+    if isinstance(parsed, dict) and parsed.get("error"):
+        return str(parsed["error"])[:300]
+    return text.strip()[:300] or "(empty body)"
+
+
+def _interpret(kind: str, status: int, headers: Mapping[str, str], body: bytes) -> int | None:
+    """Turn a response into a number of imported records (``None`` when not reported) or raise."""
+    text = body.decode("utf-8", "replace")
+    try:
+        parsed: Any = json.loads(text) if text.strip() else None
+    except ValueError:
+        parsed = None
+    if 200 <= status < 300:
+        if isinstance(parsed, dict):
+            if parsed.get("status") in (1, "1", "OK") or parsed.get("code") == 200:
+                imported = parsed.get("num_records_imported")
+                return imported if isinstance(imported, int) else None
+            if parsed.get("status") in (0, "0"):
+                raise RejectedError(
+                    f"Mixpanel refused the {kind} batch: {_server_words(parsed, text)}",
+                    status_code=status,
+                    endpoint=kind,
+                )
+        elif parsed == 1:
+            return None
+        elif parsed == 0:
+            raise RejectedError(
+                f"Mixpanel refused the {kind} batch (no valid records)",
+                status_code=status,
+                endpoint=kind,
+            )
+        raise MixpanelServerError(
+            f"cannot interpret Mixpanel's response to a {kind} batch: HTTP {status} {text[:200]!r}",
+            status_code=status,
+            endpoint=kind,
+        )
+    words = _server_words(parsed, text)
+    message = f"Mixpanel answered HTTP {status} to a {kind} batch: {words}"
+    retry_after = parse_retry_after(headers.get("Retry-After"))
+    if (
+        status == 400
+        and isinstance(parsed, dict)
+        and isinstance(parsed.get("failed_records"), list)
+    ):
+        imported = parsed.get("num_records_imported")
+        raise PartialImportError(
+            message,
+            failed_records=parsed["failed_records"],
+            num_records_imported=imported if isinstance(imported, int) else 0,
+            status_code=status,
+            endpoint=kind,
+        )
+    if status == 413:
+        raise PayloadTooLargeError(message, status_code=status, endpoint=kind)
+    if status == 429:
+        raise RateLimitedError(message, status_code=status, retry_after=retry_after, endpoint=kind)
+    if status in _RETRYABLE_STATUS:
+        raise MixpanelServerError(
+            message, status_code=status, retryable=True, retry_after=retry_after, endpoint=kind
+        )
+    if 400 <= status < 500:
+        raise RejectedError(message, status_code=status, retry_after=retry_after, endpoint=kind)
+    raise MixpanelServerError(message, status_code=status, endpoint=kind)
+
+
+# --------------------------------------------------------------------------- transport
+
+
+def _safe_url(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+class Transport:
+    """Posts encoded batches to Mixpanel and classifies the answer.
+
+    One ``requests.Session`` per process (a forked child makes its own), explicit connect and
+    read timeouts, TLS verification on by default, no automatic retries (the consumers decide).
+    """
+
+    def __init__(
+        self,
+        endpoints: Endpoints,
+        *,
+        credentials: Credentials | None = None,
+        timeout: float = 10.0,
+        verify: bool | str = True,
+        gzip_level: int = 6,
+        gzip_min_bytes: int = 1024,
+    ) -> None:
+        if not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ConfigurationError(f"request_timeout must be a positive number, got {timeout!r}")
+        self.endpoints = endpoints
+        self.credentials = credentials
+        self.timeout = float(timeout)
+        self.verify = verify
+        self.gzip_level = gzip_level
+        self.gzip_min_bytes = gzip_min_bytes
+        self._session: requests.Session | None = None
+        self._session_pid = 0
+        self._session_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Transport(track={_safe_url(self.endpoints.event)!r}, credentials={self.credentials!r})"
+
+    def session(self) -> requests.Session:
+        """This process's session (created on first use, again after a fork)."""
+        pid = os.getpid()
+        session = self._session
+        if session is None or self._session_pid != pid:
+            with self._session_lock:
+                if self._session is None or self._session_pid != pid:
+                    session = requests.Session()
+                    adapter = requests.adapters.HTTPAdapter(
+                        pool_connections=4, pool_maxsize=16, max_retries=0
+                    )
+                    session.mount("http://", adapter)
+                    session.mount("https://", adapter)
+                    default_agent = str(session.headers.get("User-Agent", "python-requests"))
+                    session.headers["User-Agent"] = f"mp_logbridge/{__version__} {default_agent}"
+                    # A session inherited from the parent shares its sockets; drop it unclosed.
+                    self._session, self._session_pid = session, pid
+                session = self._session
+        assert session is not None
+        return session
+
+    def reinit_after_fork(self) -> None:
+        """Forget the parent's session and lock (called in a forked child)."""
+        self._session_lock = threading.Lock()
+        self._session = None
+
+    def close(self) -> None:
+        """Release pooled connections (a new session is made if the transport is used again)."""
+        with self._session_lock:
+            session, self._session = self._session, None
+            if session is not None and self._session_pid == os.getpid():
+                session.close()
+
+    def send(
+        self,
+        kind: str,
+        body: bytes,
+        *,
+        credentials: Credentials | None = None,
+        timeout: float | None = None,
+    ) -> int | None:
+        """POST one JSON-array ``body`` of ``kind`` records.
+
+        ``credentials`` overrides the transport's own for this request (``/import`` only);
+        ``timeout`` lowers the connect/read timeout for this request (used near a deadline).
+
+        Returns:
+            the number of records the server says it imported, when it says (``/import``).
+
+        Raises:
+            DeliveryError: a subclass saying what went wrong and whether to retry.
+        """
+        url = self.endpoints.url(kind)
+        headers = {"Content-Type": "application/json"}
+        if kind == "import":
+            creds = credentials or self.credentials
+            if creds is None:
+                raise RejectedError(
+                    "importing events needs credentials: pass credentials=ServiceAccount(...) or "
+                    "api_secret=... to the consumer",
+                    endpoint=kind,
+                )
+            params: dict[str, str] = {"strict": "1", **creds.query()}
+            headers["Authorization"] = creds.authorization()
+        else:
+            params = _VERBOSE_PARAMS
+        if kind in _GZIP_KINDS and len(body) >= self.gzip_min_bytes:
+            body = gzip.compress(body, compresslevel=self.gzip_level, mtime=0)
+            headers["Content-Encoding"] = "gzip"
+        limit = self.timeout if timeout is None else max(0.05, min(self.timeout, timeout))
+        token = None
+        if _otel_context is not None:
+            token = _otel_context.attach(
+                _otel_context.set_value(_SUPPRESS_INSTRUMENTATION_KEY, True)
+            )
+        try:
+            response = self.session().post(
+                url,
+                params=params,
+                data=body,
+                headers=headers,
+                timeout=(limit, limit),
+                verify=self.verify,
+                allow_redirects=False,
+            )
+            content = response.content
+        except requests.exceptions.SSLError as exc:
+            raise MixpanelConnectionError(
+                f"TLS error talking to {_safe_url(url)}: {type(exc).__name__}",
+                retryable=False,
+                endpoint=kind,
+            ) from None
+        except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema) as exc:
+            raise MixpanelConnectionError(
+                f"invalid URL {_safe_url(url)}: {exc}", retryable=False, endpoint=kind
+            ) from None
+        except requests.exceptions.RequestException as exc:
+            raise MixpanelConnectionError(
+                f"could not deliver to {_safe_url(url)}: {type(exc).__name__}: {_short(exc)}",
+                endpoint=kind,
+            ) from None
+        finally:
+            if token is not None:
+                _otel_context.detach(token)
+        return _interpret(kind, response.status_code, response.headers, content)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc)
+    return text if len(text) <= 240 else text[:237] + "..."

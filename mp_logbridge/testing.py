@@ -1,0 +1,717 @@
+"""A Mixpanel ingestion API on loopback, for tests, demos and local development.
+
+:class:`MixpanelServer` is a real HTTP server that accepts what Mixpanel's ``/track``,
+``/engage``, ``/groups`` and ``/import`` accept — JSON array bodies (gzip where allowed), NDJSON
+on ``/import``, and the legacy form body ``data=`` holding plain or base64 JSON — checks each
+record against the ingestion API's rules, answers the way the API documents (``verbose``
+answers, strict ``/import`` with ``failed_records``, 401, 413, 429, ...), and keeps what it
+accepted::
+
+    from mp_logbridge import Tracker, Consumer
+    from mp_logbridge.testing import MixpanelServer
+
+    with MixpanelServer() as server:
+        tracker = Tracker("TOKEN", Consumer(api_host=server.url))
+        tracker.track("user-1", "Signed Up", {"plan": "pro"})
+        assert server.events[0]["event"] == "Signed Up"
+
+It can be told to misbehave for the next requests: :meth:`MixpanelServer.fail_next` (a status,
+with or without ``Retry-After``), :meth:`~MixpanelServer.delay_next`,
+:meth:`~MixpanelServer.drop_next` (close the connection without answering), or a constant
+``latency``. With pytest, the ``mixpanel_server`` fixture (installed with this package) gives a
+started server per test.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import gzip
+import hmac
+import json
+import math
+import socket
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+__all__ = ["MixpanelServer", "ReceivedRequest"]
+
+_PROFILE_OPS = ("$set", "$set_once", "$add", "$append", "$union", "$remove", "$unset", "$delete")
+_GROUP_OPS = ("$set", "$set_once", "$union", "$remove", "$unset", "$delete")
+_MAX_RECORDS = 2000
+_MAX_RECORD_BYTES = 1_000_000
+_MAX_PROPERTIES = 255
+_EARLIEST = 31_536_000  # 1971-01-01, in seconds
+_INSERT_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
+_PIXEL = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
+_STORES = {
+    "/track": "events",
+    "/engage": "profile_updates",
+    "/groups": "group_updates",
+    "/import": "imports",
+}
+
+
+@dataclass
+class ReceivedRequest:
+    """One request as the server saw it (body already decompressed)."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: bytes
+    status: int
+    records: list[Any] = field(default_factory=list)
+    gzipped: bool = False
+
+    def header(self, name: str) -> str | None:
+        """A request header, looked up case-insensitively."""
+        wanted = name.lower()
+        for key, value in self.headers.items():
+            if key.lower() == wanted:
+                return value
+        return None
+
+
+@dataclass
+class _Fault:
+    action: str  # "status", "delay", "drop"
+    remaining: int
+    endpoint: str | None
+    status: int = 503
+    retry_after: str | None = None
+    body: bytes | None = None
+    seconds: float = 0.0
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, payload: Mapping[str, Any]) -> None:
+        super().__init__(payload.get("error"))
+        self.status = status
+        self.payload = payload
+
+
+# --------------------------------------------------------------------------- record checks
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(
+        value
+    )
+
+
+def _id_ok(value: Any) -> bool:
+    return (isinstance(value, str) and value != "") or _is_int(value)
+
+
+def _insert_id_problem(value: Any) -> str | None:
+    if not isinstance(value, str) or not 0 < len(value) <= 36 or not set(value) <= _INSERT_ID_CHARS:
+        return "'$insert_id' must be 1-36 characters, letters, digits or '-'"
+    return None
+
+
+def _time_problem(value: Any, now: float) -> str | None:
+    if not _is_number(value):
+        return "must be a number of seconds or milliseconds since epoch"
+    seconds = value / 1000 if value > 100_000_000_000 else value
+    if seconds < _EARLIEST:
+        return "must be after 1971-01-01"
+    if seconds > now + 3600:
+        return "must not be more than 1 hour in the future"
+    return None
+
+
+def _event_problem(record: Any, strict_import: bool, now: float) -> tuple[str, str] | None:
+    """``(field, message)`` for the first problem of an event record, or ``None``."""
+    if not isinstance(record, dict):
+        return ("", "each record must be a JSON object")
+    if set(record) - {"event", "properties"}:
+        return ("", f"unexpected top-level keys {sorted(set(record) - {'event', 'properties'})}")
+    name = record.get("event")
+    if not isinstance(name, str) or not name:
+        return ("event", "'event' must be a non-empty string")
+    props = record.get("properties")
+    if not isinstance(props, dict):
+        return ("properties", "'properties' must be an object")
+    if len(props) >= _MAX_PROPERTIES:
+        return ("properties", f"events must have fewer than {_MAX_PROPERTIES} properties")
+    if len(json.dumps(record).encode()) >= _MAX_RECORD_BYTES:
+        return ("", "event is larger than 1 MB")
+    if "$insert_id" in props:
+        problem = _insert_id_problem(props["$insert_id"])
+        if problem:
+            return ("properties.$insert_id", problem)
+    if name == "$merge":
+        ids = props.get("$distinct_ids")
+        if not (isinstance(ids, list) and len(ids) == 2 and all(_id_ok(i) for i in ids)):
+            return ("properties.$distinct_ids", "'$distinct_ids' must list two distinct ids")
+        return None
+    if name == "$create_alias":
+        if not (_id_ok(props.get("alias")) and _id_ok(props.get("distinct_id"))):
+            return ("properties", "'$create_alias' needs 'alias' and 'distinct_id'")
+        return None
+    if "time" in props:
+        problem = _time_problem(props["time"], now)
+        if problem:
+            return ("properties.time", f"'properties.time' is invalid: {problem}")
+    if "distinct_id" in props and not _id_ok(props["distinct_id"]):
+        return ("properties.distinct_id", "'distinct_id' must be a non-empty string or integer")
+    if strict_import:
+        for key in ("time", "distinct_id", "$insert_id"):
+            if key not in props:
+                return (f"properties.{key}", f"'properties.{key}' is required")
+    elif not isinstance(props.get("token"), str) or not props["token"]:
+        return ("properties.token", "'token' is required")
+    return None
+
+
+def _op_problem(op: str, value: Any) -> str | None:
+    if op == "$delete":
+        return None
+    if op == "$unset":
+        if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+            return "'$unset' must be a non-empty list of property names"
+        return None
+    if not isinstance(value, dict):
+        return f"'{op}' must be an object"
+    if op == "$add" and not all(_is_number(v) for v in value.values()):
+        return "'$add' values must be numbers"
+    if op == "$union" and not all(isinstance(v, list) for v in value.values()):
+        return "'$union' values must be lists"
+    return None
+
+
+def _update_problem(record: Any, group: bool) -> str | None:
+    if not isinstance(record, dict):
+        return "each record must be a JSON object"
+    if not isinstance(record.get("$token"), str) or not record["$token"]:
+        return "'$token' is required"
+    if group:
+        if not isinstance(record.get("$group_key"), str) or not record["$group_key"]:
+            return "'$group_key' must be a non-empty string"
+        if not _id_ok(record.get("$group_id")):
+            return "'$group_id' must be a non-empty string or integer"
+        allowed: tuple[str, ...] = _GROUP_OPS
+    else:
+        if not _id_ok(record.get("$distinct_id")):
+            return "'$distinct_id' must be a non-empty string or integer"
+        allowed = _PROFILE_OPS
+    ops = [key for key in record if key in _PROFILE_OPS]
+    if len(ops) != 1:
+        return f"exactly one operation of {', '.join(allowed)} is required, got {ops or 'none'}"
+    if ops[0] not in allowed:
+        return f"'{ops[0]}' is not a {'group' if group else 'profile'} operation"
+    if "$time" in record and not _is_number(record["$time"]):
+        return "'$time' must be a number"
+    if "$ip" in record and not (isinstance(record["$ip"], str) or _is_int(record["$ip"])):
+        return "'$ip' must be an IP address or 0"
+    if len(json.dumps(record).encode()) >= _MAX_RECORD_BYTES:
+        return "update is larger than 1 MB"
+    return _op_problem(ops[0], record[ops[0]])
+
+
+# --------------------------------------------------------------------------- the server
+
+
+class MixpanelServer:
+    """A loopback HTTP server that behaves like Mixpanel's ingestion API.
+
+    Args:
+        service_account: ``(username, secret, project_id)`` (or an object with those attributes)
+            that ``/import`` requires; by default ``/import`` accepts any Basic credentials.
+        api_secret: a project secret ``/import`` also accepts as Basic ``secret:``.
+        latency: seconds to wait before answering every request.
+        max_request_bytes: uncompressed request size above which the server answers 413.
+        port: the port to listen on (default: a free one).
+
+    Accepted records are kept per kind, in arrival order: :attr:`events` (``/track``),
+    :attr:`profile_updates`, :attr:`group_updates`, :attr:`imports`; records the server refused
+    are in :attr:`invalid` and every request in :attr:`requests`. All are thread-safe snapshots.
+    """
+
+    def __init__(
+        self,
+        *,
+        service_account: Any = None,
+        api_secret: str | None = None,
+        latency: float = 0.0,
+        max_request_bytes: int = 2_097_152,
+        port: int = 0,
+        on_record: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> None:
+        if service_account is not None and not isinstance(service_account, tuple):
+            service_account = (
+                service_account.username,
+                service_account.secret,
+                service_account.project_id,
+            )
+        self.service_account: tuple[str, str, str] | None = (
+            tuple(str(part) for part in service_account) if service_account else None  # type: ignore[assignment]
+        )
+        self.api_secret = api_secret
+        self.latency = latency
+        self.max_request_bytes = max_request_bytes
+        self.on_record = on_record
+        self._port = port
+        self._lock = threading.Condition()
+        self._faults: list[_Fault] = []
+        self._stores: dict[str, list[Any]] = {name: [] for name in _STORES.values()}
+        self._invalid: list[tuple[str, Any, str]] = []
+        self._requests: list[ReceivedRequest] = []
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> MixpanelServer:
+        """Start listening (in a daemon thread). Returns ``self``."""
+        if self._httpd is not None:
+            return self
+        server = self
+
+        class Handler(_RequestHandler):
+            owner = server
+
+        httpd = ThreadingHTTPServer(("127.0.0.1", self._port), Handler)
+        httpd.daemon_threads = True
+        httpd.block_on_close = False
+        self._httpd = httpd
+        self._thread = threading.Thread(
+            target=httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="mixpanel-server",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop listening and close the socket."""
+        httpd, self._httpd = self._httpd, None
+        if httpd is not None:
+            httpd.shutdown()
+            httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
+    def __enter__(self) -> MixpanelServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        """The port the server listens on."""
+        if self._httpd is None:
+            raise RuntimeError("the server is not started")
+        return int(self._httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        """Base URL to use as ``api_host`` (``http://127.0.0.1:<port>``)."""
+        return f"http://127.0.0.1:{self.port}"
+
+    # ------------------------------------------------------------------ what arrived
+
+    def _snapshot(self, name: str) -> list[Any]:
+        with self._lock:
+            return list(self._stores[name])
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """Events accepted on ``/track``."""
+        return self._snapshot("events")
+
+    @property
+    def profile_updates(self) -> list[dict[str, Any]]:
+        """Profile updates accepted on ``/engage``."""
+        return self._snapshot("profile_updates")
+
+    @property
+    def group_updates(self) -> list[dict[str, Any]]:
+        """Group updates accepted on ``/groups``."""
+        return self._snapshot("group_updates")
+
+    @property
+    def imports(self) -> list[dict[str, Any]]:
+        """Events accepted on ``/import``."""
+        return self._snapshot("imports")
+
+    @property
+    def invalid(self) -> list[tuple[str, Any, str]]:
+        """Records the server refused: ``(path, record, reason)``."""
+        with self._lock:
+            return list(self._invalid)
+
+    @property
+    def requests(self) -> list[ReceivedRequest]:
+        """Every request received, faulted ones included."""
+        with self._lock:
+            return list(self._requests)
+
+    def clear(self) -> None:
+        """Forget everything received (faults still scheduled stay)."""
+        with self._lock:
+            for store in self._stores.values():
+                store.clear()
+            self._invalid.clear()
+            self._requests.clear()
+
+    def wait_for(
+        self, count: int, kind: str = "events", timeout: float = 10.0
+    ) -> list[dict[str, Any]]:
+        """Wait until at least ``count`` records of ``kind`` arrived; return them.
+
+        ``kind`` is ``"events"``, ``"profile_updates"``, ``"group_updates"``, ``"imports"`` or
+        ``"all"``. Raises ``TimeoutError`` with what did arrive when the time runs out.
+        """
+        deadline = time.monotonic() + timeout
+
+        def current() -> list[Any]:
+            if kind == "all":
+                return [record for store in self._stores.values() for record in store]
+            return list(self._stores[kind])
+
+        with self._lock:
+            while True:
+                records = current()
+                if len(records) >= count:
+                    return records
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(
+                        f"{len(records)} of {count} {kind} arrived within {timeout} s"
+                    )
+                self._lock.wait(remaining)
+
+    # ------------------------------------------------------------------ faults
+
+    def fail_next(
+        self,
+        count: int = 1,
+        status: int = 503,
+        *,
+        retry_after: float | str | None = None,
+        body: bytes | str | Mapping[str, Any] | None = None,
+        endpoint: str | None = None,
+    ) -> None:
+        """Answer the next ``count`` requests (to ``endpoint``, e.g. ``"/track"``, or any) with
+        ``status``, optionally with a ``Retry-After`` header and a given body."""
+        if isinstance(body, Mapping):
+            body = json.dumps(body)
+        if isinstance(body, str):
+            body = body.encode()
+        header = None if retry_after is None else str(retry_after)
+        self._add_fault(
+            _Fault("status", count, endpoint, status=status, retry_after=header, body=body)
+        )
+
+    def delay_next(self, count: int, seconds: float, *, endpoint: str | None = None) -> None:
+        """Wait ``seconds`` before handling each of the next ``count`` requests."""
+        self._add_fault(_Fault("delay", count, endpoint, seconds=seconds))
+
+    def drop_next(self, count: int = 1, *, endpoint: str | None = None) -> None:
+        """Close the connection of the next ``count`` requests without answering."""
+        self._add_fault(_Fault("drop", count, endpoint))
+
+    def _add_fault(self, fault: _Fault) -> None:
+        with self._lock:
+            self._faults.append(fault)
+
+    def _take_fault(self, path: str) -> _Fault | None:
+        with self._lock:
+            for fault in self._faults:
+                if fault.remaining > 0 and fault.endpoint in (None, path):
+                    fault.remaining -= 1
+                    if fault.remaining == 0:
+                        self._faults.remove(fault)
+                    return fault
+        return None
+
+    # ------------------------------------------------------------------ request handling
+
+    def _record(self, request: ReceivedRequest) -> None:
+        with self._lock:
+            self._requests.append(request)
+
+    def _accept(
+        self, path: str, records: Iterable[Any], invalid: Iterable[tuple[Any, str]]
+    ) -> None:
+        accepted = list(records)
+        with self._lock:
+            self._stores[_STORES[path]].extend(accepted)
+            self._invalid.extend((path, record, reason) for record, reason in invalid)
+            self._lock.notify_all()
+        if self.on_record is not None:
+            for record in accepted:
+                self.on_record(_STORES[path], record)
+
+    def _check_import_auth(self, header: str | None, query: Mapping[str, str]) -> None:
+        unauthorized = _Reject(
+            401, {"code": 401, "error": "Invalid credentials", "status": "Unauthorized"}
+        )
+        if not header or not header.startswith("Basic "):
+            raise unauthorized
+        try:
+            user, _, secret = base64.b64decode(header[6:]).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            raise unauthorized from None
+        if self.service_account is None and self.api_secret is None:
+            return
+        if self.service_account is not None:
+            name, key, project = self.service_account
+            if user == name and hmac.compare_digest(secret, key):
+                if query.get("project_id") != project:
+                    raise _Reject(
+                        400,
+                        {
+                            "code": 400,
+                            "error": "project_id does not match the service account",
+                            "status": "Bad Request",
+                        },
+                    )
+                return
+        if (
+            self.api_secret is not None
+            and secret == ""
+            and hmac.compare_digest(user, self.api_secret)
+        ):
+            return
+        raise unauthorized
+
+    def _handle(
+        self, method: str, path: str, query: dict[str, str], headers: dict[str, str], raw: bytes
+    ) -> tuple[int, dict[str, str], bytes, ReceivedRequest]:
+        """Process one request; returns ``(status, headers, body, record of the request)``."""
+        request = ReceivedRequest(method, path, query, headers, raw, 200)
+        lower = {key.lower(): value for key, value in headers.items()}
+        try:
+            if path not in _STORES:
+                raise _Reject(404, {"error": f"unknown endpoint {path}", "status": 0})
+            body = raw
+            if lower.get("content-encoding", "").lower() == "gzip":
+                if path in ("/engage", "/groups"):
+                    raise _Reject(
+                        400, {"error": f"{path} does not support gzip encoding", "status": 0}
+                    )
+                try:
+                    body = gzip.decompress(raw)
+                except (OSError, EOFError, zlib.error):
+                    raise _Reject(400, {"error": "body is not valid gzip", "status": 0}) from None
+                request.gzipped = True
+            request.body = body
+            if len(body) > self.max_request_bytes:
+                raise _Reject(
+                    413,
+                    {
+                        "code": 413,
+                        "error": f"request exceeds max limit of {self.max_request_bytes} bytes",
+                        "status": "Request Entity Too Large",
+                    },
+                )
+            fields = dict(query)
+            records = self._parse(method, lower.get("content-type", ""), body, fields)
+            request.records = records
+            if len(records) > _MAX_RECORDS:
+                raise _Reject(
+                    400,
+                    {"error": f"a request may carry at most {_MAX_RECORDS} records", "status": 0},
+                )
+            if path == "/import":
+                self._check_import_auth(lower.get("authorization"), fields)
+                status, payload = self._ingest_import(records, fields)
+            else:
+                if lower.get("authorization"):
+                    raise _Reject(
+                        400, {"error": f"credentials must not be sent to {path}", "status": 0}
+                    )
+                status, payload = self._ingest(path, records, fields)
+        except _Reject as reject:
+            status, payload = reject.status, reject.payload
+            if path in _STORES and path != "/import" and "code" not in payload:
+                payload = {"error": payload.get("error"), "status": 0}
+        request.status = status
+        if path == "/track" and _param(query, "img") == "1" and status == 200:
+            return status, {"Content-Type": "image/gif"}, _PIXEL, request
+        if isinstance(payload, (int, str)):
+            return status, {"Content-Type": "text/plain"}, str(payload).encode(), request
+        return status, {"Content-Type": "application/json"}, json.dumps(payload).encode(), request
+
+    @staticmethod
+    def _parse(method: str, content_type: str, body: bytes, fields: dict[str, str]) -> list[Any]:
+        """Records from a JSON/NDJSON body or a ``data=`` form field (plain or base64 JSON)."""
+        text = ""
+        ctype = content_type.split(";")[0].strip().lower()
+        if method == "GET" or ctype == "application/x-www-form-urlencoded":
+            if method == "POST":
+                for key, values in parse_qs(
+                    body.decode("utf-8", "replace"), keep_blank_values=True
+                ).items():
+                    fields[key] = values[-1]
+            data = fields.get("data")
+            if data is None:
+                raise _Reject(400, {"error": "no 'data' field in the request", "status": 0})
+            text = data
+            try:
+                decoded: Any = json.loads(text)
+            except ValueError:
+                try:
+                    padded = text + "=" * (-len(text) % 4)
+                    decoded = json.loads(
+                        base64.b64decode(padded.replace("-", "+").replace("_", "/"))
+                    )
+                except (ValueError, binascii.Error):
+                    raise _Reject(
+                        400, {"error": "'data' is neither JSON nor base64 JSON", "status": 0}
+                    ) from None
+        elif ctype == "application/x-ndjson":
+            try:
+                decoded = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+            except ValueError as exc:
+                raise _Reject(400, {"error": f"invalid NDJSON: {exc}", "status": 0}) from None
+        elif ctype in ("application/json", ""):
+            try:
+                decoded = json.loads(body)
+            except ValueError as exc:
+                raise _Reject(400, {"error": f"invalid JSON: {exc}", "status": 0}) from None
+        else:
+            raise _Reject(415, {"error": f"unsupported content type {content_type!r}", "status": 0})
+        return decoded if isinstance(decoded, list) else [decoded]
+
+    def _ingest(self, path: str, records: list[Any], fields: Mapping[str, str]) -> tuple[int, Any]:
+        now = time.time()
+        good, bad = [], []
+        for record in records:
+            if path == "/track":
+                problem = _event_problem(record, False, now)
+                reason = problem[1] if problem else None
+            else:
+                reason = _update_problem(record, group=path == "/groups")
+            if reason is None:
+                good.append(record)
+            else:
+                bad.append((record, reason))
+        self._accept(path, good, bad)
+        verbose = _param(fields, "verbose") == "1"
+        if not verbose:
+            return 200, 1 if good else 0
+        if good or not records:
+            return 200, {"status": 1, "error": None}
+        return 200, {"status": 0, "error": bad[0][1] if bad else "no records"}
+
+    def _ingest_import(self, records: list[Any], fields: Mapping[str, str]) -> tuple[int, Any]:
+        now = time.time()
+        strict = _param(fields, "strict", "1") == "1"
+        good, bad, failed = [], [], []
+        for index, record in enumerate(records):
+            problem = _event_problem(record, strict, now)
+            if problem is None:
+                good.append(record)
+                continue
+            bad.append((record, problem[1]))
+            props = record.get("properties") if isinstance(record, dict) else None
+            insert_id = props.get("$insert_id") if isinstance(props, dict) else None
+            failed.append(
+                {"index": index, "insert_id": insert_id, "field": problem[0], "message": problem[1]}
+            )
+        self._accept("/import", good, bad)
+        if not strict:
+            return 200, 1 if good else 0
+        if failed:
+            return 400, {
+                "code": 400,
+                "error": "some data points in the request failed validation",
+                "status": "Bad Request",
+                "num_records_imported": len(good),
+                "failed_records": failed,
+            }
+        return 200, {"code": 200, "num_records_imported": len(good), "status": "OK"}
+
+
+def _param(fields: Mapping[str, str], key: str, default: str | None = None) -> str | None:
+    """A request parameter (query string or form field)."""
+    return fields.get(key, default)
+
+
+class _RequestHandler(BaseHTTPRequestHandler):
+    owner: MixpanelServer
+    protocol_version = "HTTP/1.1"
+    server_version = "mp-logbridge-mixpanel-server"
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+    def do_GET(self) -> None:
+        self._serve("GET")
+
+    def do_POST(self) -> None:
+        self._serve("POST")
+
+    def _serve(self, method: str) -> None:
+        owner = self.owner
+        parts = urlsplit(self.path)
+        path = parts.path.rstrip("/") or "/"
+        query = {
+            key: values[-1] for key, values in parse_qs(parts.query, keep_blank_values=True).items()
+        }
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        headers = {key: value for key, value in self.headers.items()}
+        fault = owner._take_fault(path)
+        if owner.latency:
+            time.sleep(owner.latency)
+        if fault is not None and fault.action == "delay":
+            time.sleep(fault.seconds)
+            fault = None
+        if fault is not None and fault.action == "drop":
+            owner._record(ReceivedRequest(method, path, query, headers, raw, 0))
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
+        if fault is not None:
+            body = fault.body
+            if body is None:
+                body = json.dumps(
+                    {"code": fault.status, "error": f"injected failure {fault.status}", "status": 0}
+                ).encode()
+            owner._record(ReceivedRequest(method, path, query, headers, raw, fault.status))
+            extra = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
+            self._respond(fault.status, {"Content-Type": "application/json", **extra}, body)
+            return
+        status, response_headers, body, request = owner._handle(method, path, query, headers, raw)
+        owner._record(request)
+        self._respond(status, response_headers, body)
+
+    def _respond(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
