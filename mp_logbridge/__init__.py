@@ -27,7 +27,15 @@ from ._errors import (
     RejectedError,
 )
 from ._handler import DEFAULT_RECORD_PROPERTIES, RESERVED_RECORD_ATTRIBUTES, MixpanelHandler
+from ._instrument import (
+    instrument,
+    instrument_function,
+    instrument_functions,
+    instrumentation_stats,
+    uninstrument_function,
+)
 from ._messages import MessageSource
+from ._structlog import MixpanelProcessor
 from ._tags import Tag, Tags, tag
 from ._tracker import ErrorHandler, Groups, People, Tracker
 from ._transport import REGIONS, Endpoints, ProjectSecret, ServiceAccount, resolve_endpoints
@@ -56,6 +64,7 @@ __all__ = [
     "MixpanelConnectionError",
     "MixpanelError",
     "MixpanelHandler",
+    "MixpanelProcessor",
     "MixpanelServerError",
     "PartialImportError",
     "PayloadTooLargeError",
@@ -72,7 +81,12 @@ __all__ = [
     "bind",
     "bound",
     "current_context",
+    "instrument",
+    "instrument_function",
+    "instrument_functions",
+    "instrumentation_stats",
     "resolve_endpoints",
     "tag",
     "unbind",
+    "uninstrument_function",
 ]

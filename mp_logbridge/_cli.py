@@ -1,0 +1,351 @@
+"""The ``mp-logbridge`` command (also ``python -m mp_logbridge``).
+
+* ``demo`` — the library end to end against an embedded local receiver; no account needed.
+* ``serve`` — run the local receiver in the foreground, printing what arrives.
+* ``import`` — bulk-import historical events from JSON-lines files into ``/import``.
+
+Errors are one line naming what to fix (exit code 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from ._consumers import Consumer
+from ._delivery import MAX_BATCH_RECORDS, RetryPolicy
+from ._errors import MixpanelError
+from ._transport import REGIONS, Credentials, ServiceAccount, as_credentials
+from ._version import __version__
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class _UsageError(Exception):
+    """A problem with the command line or the environment, reported in one line."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mp-logbridge",
+        description="Mixpanel analytics from Python logging: demo, local receiver, historical import.",
+    )
+    parser.add_argument("--version", action="version", version=f"mp_logbridge {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    commands.add_parser(
+        "demo",
+        help="run a small app that uses every front door against an embedded local receiver",
+        description="Start a local Mixpanel receiver, send events, profile, group and revenue "
+        "updates through logging, decorated functions, structlog and a Tracker, and print what arrived.",
+    )
+
+    serve = commands.add_parser(
+        "serve",
+        help="run a local Mixpanel receiver and print every record it accepts",
+        description="Run a Mixpanel ingestion API on loopback (point applications at it with "
+        "api_host=http://127.0.0.1:PORT or MIXPANEL_API_HOST). Ctrl-C stops it.",
+    )
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=8123,
+        help="port to listen on (default 8123; 0 picks a free one)",
+    )
+    serve.add_argument(
+        "--jsonl", metavar="FILE", help="also append every accepted record to FILE as JSON lines"
+    )
+    serve.add_argument(
+        "--service-account",
+        metavar="USER:SECRET:PROJECT_ID",
+        help="credentials /import requires (default: any Basic credentials)",
+    )
+    serve.add_argument(
+        "--quiet", action="store_true", help="do not print records (only the summary at exit)"
+    )
+
+    imp = commands.add_parser(
+        "import",
+        help="import historical events from JSON-lines files into /import",
+        description="Import events from JSON-lines files (one Mixpanel event, or one JSON log line "
+        "carrying the tag, per line) with service-account credentials. Interrupted runs resume "
+        "where they stopped when started again with the same arguments. Exit codes: 0 all "
+        "imported, 1 some records rejected or not delivered, 2 usage error, 130 interrupted.",
+    )
+    imp.add_argument("files", nargs="+", metavar="FILE", help="JSON-lines files")
+    where = imp.add_mutually_exclusive_group()
+    where.add_argument(
+        "--region",
+        choices=sorted(REGIONS),
+        help="data-residency region (default: MIXPANEL_REGION or us)",
+    )
+    where.add_argument(
+        "--api-host",
+        metavar="URL",
+        help="send to this host or URL instead (default: MIXPANEL_API_HOST)",
+    )
+    imp.add_argument(
+        "--username", help="service-account username (default: MIXPANEL_SERVICE_ACCOUNT_USERNAME)"
+    )
+    imp.add_argument(
+        "--secret", help="service-account secret (default: MIXPANEL_SERVICE_ACCOUNT_SECRET)"
+    )
+    imp.add_argument("--project-id", help="project id (default: MIXPANEL_PROJECT_ID)")
+    imp.add_argument(
+        "--api-secret",
+        help="project API secret instead of a service account (default: MIXPANEL_API_SECRET)",
+    )
+    imp.add_argument(
+        "--token", help="project token, needed for tagged log lines (default: MIXPANEL_TOKEN)"
+    )
+    imp.add_argument(
+        "--tag", default="mixpanel", help="tag attribute of JSON log lines (default: mixpanel)"
+    )
+    imp.add_argument(
+        "--batch-size",
+        type=int,
+        default=MAX_BATCH_RECORDS,
+        help="records per request (at most 2000)",
+    )
+    imp.add_argument("--workers", type=int, default=4, help="parallel requests (1-20, default 4)")
+    imp.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for each response (default 30)"
+    )
+    imp.add_argument(
+        "--state",
+        metavar="FILE",
+        help="progress file used to resume (default: derived from the files)",
+    )
+    imp.add_argument(
+        "--restart", action="store_true", help="ignore saved progress and import everything again"
+    )
+    imp.add_argument(
+        "--rejects",
+        metavar="FILE",
+        help="write every rejected record's file, line and reason to FILE",
+    )
+    imp.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check every record with the server's rules; send nothing",
+    )
+    return parser
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def _serve(args: argparse.Namespace, out: TextIO) -> int:
+    from .testing import MixpanelServer
+
+    account = None
+    if args.service_account:
+        parts = args.service_account.split(":")
+        if len(parts) != 3 or not all(parts):
+            raise _UsageError("--service-account must look like USER:SECRET:PROJECT_ID")
+        account = tuple(parts)
+    sink = open(args.jsonl, "a", encoding="utf-8") if args.jsonl else None  # noqa: SIM115
+    lock = threading.Lock()
+
+    def show(kind: str, record: dict[str, Any]) -> None:
+        line = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+        with lock:
+            if not args.quiet:
+                out.write(f"{kind:<16} {line}\n")
+                out.flush()
+            if sink is not None:
+                sink.write(json.dumps({"kind": kind, "record": record}, ensure_ascii=False) + "\n")
+                sink.flush()
+
+    try:
+        server = MixpanelServer(port=args.port, service_account=account, on_record=show).start()
+    except OSError as exc:
+        raise _UsageError(
+            f"cannot listen on 127.0.0.1:{args.port}: {exc.strerror or exc}"
+        ) from None
+    out.write(f"Mixpanel receiver listening at {server.url} (Ctrl-C to stop)\n")
+    out.write(
+        f"Point an application at it with api_host={server.url!r} or MIXPANEL_API_HOST={server.url}\n"
+    )
+    out.flush()
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        server.stop()
+        if sink is not None:
+            sink.close()
+    counts = {
+        name: len(getattr(server, name))
+        for name in ("events", "profile_updates", "group_updates", "imports")
+    }
+    out.write(
+        "\nstopped; received "
+        + ", ".join(f"{n} {name.replace('_', ' ')}" for name, n in counts.items())
+        + "\n"
+    )
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- import
+
+
+def _env_or(value: str | None, name: str) -> str | None:
+    return value if value is not None else (os.environ.get(name) or None)
+
+
+def _import(args: argparse.Namespace, out: TextIO) -> int:
+    from ._importer import Importer, ImportOptions
+
+    for name in args.files:
+        if not Path(name).is_file():
+            raise _UsageError(f"no such file: {name}")
+    if not 1 <= args.batch_size <= MAX_BATCH_RECORDS:
+        raise _UsageError(f"--batch-size must be between 1 and {MAX_BATCH_RECORDS}")
+    if not 1 <= args.workers <= 20:
+        raise _UsageError(
+            "--workers must be between 1 and 20 (Mixpanel suggests at most 10-20 concurrent clients)"
+        )
+    username = _env_or(args.username, "MIXPANEL_SERVICE_ACCOUNT_USERNAME")
+    secret = _env_or(args.secret, "MIXPANEL_SERVICE_ACCOUNT_SECRET")
+    project = _env_or(args.project_id, "MIXPANEL_PROJECT_ID")
+    api_secret = _env_or(args.api_secret, "MIXPANEL_API_SECRET")
+    credentials: Credentials | None = None
+    if username or secret or project:
+        missing = [
+            flag
+            for flag, value in (
+                ("--username", username),
+                ("--secret", secret),
+                ("--project-id", project),
+            )
+            if not value
+        ]
+        if missing:
+            raise _UsageError(
+                f"a service account needs {', '.join(missing)} too (or the MIXPANEL_* variables)"
+            )
+        credentials = ServiceAccount(username, secret, project)  # type: ignore[arg-type]
+    credentials = as_credentials(credentials, api_secret)
+    if credentials is None and not args.dry_run:
+        raise _UsageError(
+            "importing needs credentials: --username/--secret/--project-id (a service account) or --api-secret"
+        )
+    files = [str(Path(name)) for name in args.files]
+    state = args.state or _default_state(files)
+    if args.restart and Path(state).exists():
+        Path(state).unlink()
+    options = ImportOptions(
+        files=files,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        dry_run=args.dry_run,
+        state_path=state,
+        tag=args.tag,
+        token=_env_or(args.token, "MIXPANEL_TOKEN"),
+    )
+
+    def consumer() -> Consumer:
+        return Consumer(
+            region=args.region,
+            api_host=args.api_host,
+            credentials=credentials,
+            request_timeout=args.timeout,
+            retry=RetryPolicy(max_elapsed=300.0),
+        )
+
+    if not args.dry_run:
+        consumer().close()  # configuration errors surface here, before any work
+    importer = Importer(options, None if args.dry_run else consumer)
+    summary = importer.run()
+    verb = "valid" if args.dry_run else "imported"
+    rate = summary.imported / summary.elapsed if summary.elapsed > 0 else 0.0
+    out.write(f"{verb} {summary.imported:,} record(s) in {summary.elapsed:.1f} s ({rate:,.0f}/s)")
+    if summary.resumed_lines:
+        out.write(f"; skipped {summary.resumed_lines:,} line(s) accepted by an earlier run")
+    out.write("\n")
+    if summary.rejected:
+        out.write(f"rejected {len(summary.rejected):,} record(s):\n")
+        for item in summary.rejected[:20]:
+            out.write(f"  {item}\n")
+        if len(summary.rejected) > 20:
+            hint = (
+                f" (all in {args.rejects})" if args.rejects else " (use --rejects FILE to list all)"
+            )
+            out.write(f"  ... and {len(summary.rejected) - 20:,} more{hint}\n")
+    if args.rejects:
+        with open(args.rejects, "w", encoding="utf-8") as handle:
+            for item in summary.rejected:
+                handle.write(
+                    json.dumps({"file": item.path, "line": item.line, "reason": item.reason}) + "\n"
+                )
+    if summary.undelivered and not summary.fatal:
+        out.write(
+            f"not delivered (server errors, retries exhausted): {summary.undelivered:,}; run again to retry them\n"
+        )
+    if summary.fatal:
+        sys.stderr.write(f"mp-logbridge: error: {summary.fatal}\n")
+        return EXIT_USAGE
+    if summary.interrupted:
+        out.write(
+            f"interrupted; run the same command again to resume (progress saved in {state})\n"
+        )
+        return EXIT_INTERRUPTED
+    return EXIT_OK if summary.ok else EXIT_INCOMPLETE
+
+
+def _default_state(files: Sequence[str]) -> str:
+    key = hashlib.sha256("\0".join(str(Path(f).resolve()) for f in files).encode()).hexdigest()[:12]
+    return f".mp-logbridge-import-{key}.json"
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    stream = out or sys.stdout
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "demo":
+            from ._demo import run_demo
+
+            return run_demo(stream)
+        if args.command == "serve":
+            return _serve(args, stream)
+        return _import(args, stream)
+    except KeyboardInterrupt:
+        sys.stderr.write("mp-logbridge: interrupted\n")
+        return EXIT_INTERRUPTED
+    except (_UsageError, MixpanelError) as exc:
+        sys.stderr.write(f"mp-logbridge: error: {exc}\n")
+        return EXIT_USAGE
+    except OSError as exc:
+        sys.stderr.write(
+            f"mp-logbridge: error: {exc.strerror or exc}: {exc.filename or ''}\n".replace(
+                ": \n", "\n"
+            )
+        )
+        return EXIT_USAGE
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
