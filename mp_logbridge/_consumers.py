@@ -184,7 +184,8 @@ class _ConsumerBase:
 
         Returns:
             the records still undelivered when retries ran out (the caller keeps or drops them),
-            and the first error met (``None`` when everything was delivered).
+            and the first error that cost records (``None`` when everything was delivered, even
+            after a retry or a 413 split).
         """
         work: deque[list[Pending]] = deque([batch])
         left: list[Pending] = []
@@ -200,7 +201,7 @@ class _ConsumerBase:
                     self._stats.add_sent(len(outcome.delivered))
                 for reason, items, error in outcome.dropped:
                     self._drop(reason, error, _records_of(items), len(items))
-                first_error = first_error or outcome.error
+                    first_error = first_error or error
                 if outcome.split:
                     work.extendleft(reversed(outcome.split))
                     break
@@ -209,6 +210,7 @@ class _ConsumerBase:
                 assert outcome.error is not None
                 delay = self.retry.delay(attempts, outcome.error.retry_after)
                 if self.retry.gives_up(attempts, time.monotonic() - started, delay):
+                    first_error = first_error or outcome.error
                     left.extend(outcome.retry)
                     for rest in work:
                         left.extend(rest)

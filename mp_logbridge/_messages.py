@@ -26,7 +26,7 @@ from decimal import Decimal
 from typing import Any, Protocol
 
 from ._errors import InvalidMessageError
-from ._values import check_shallow
+from ._values import check_shallow, describe
 from ._version import __version__
 
 __all__ = [
@@ -122,20 +122,31 @@ def event_time_ms(value: Any, field: str = "properties.time") -> int:
     → integer milliseconds.
     """
     if isinstance(value, _dt.datetime):
-        return int(value.timestamp() * 1000)
+        try:
+            return int(value.timestamp() * 1000)
+        except (OverflowError, ValueError, OSError):  # e.g. datetime.min in local time
+            raise InvalidMessageError(field, f"{describe(value)} is not a valid time") from None
     if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
         raise InvalidMessageError(
-            field, f"must be a datetime or a number of seconds or milliseconds, got {value!r}"
+            field,
+            f"must be a datetime or a number of seconds or milliseconds, got {describe(value)}",
         )
     if isinstance(value, int):
         return value
-    number = float(value)
+    number = float(value) if _is_finite(value) else math.nan
     if not math.isfinite(number) or number < 0:
-        raise InvalidMessageError(field, f"{value!r} is not a valid time")
+        raise InvalidMessageError(field, f"{describe(value)} is not a valid time")
     return int(number * 1000) if number < _SECONDS_LIMIT else int(number)
 
 
 # --------------------------------------------------------------------------- checks
+
+
+def _is_finite(number: int | float | Decimal) -> bool:
+    """Whether a number can be sent (``float()`` of a signalling-NaN ``Decimal`` would raise)."""
+    if isinstance(number, Decimal):
+        return number.is_finite()
+    return isinstance(number, int) or math.isfinite(number)
 
 
 def _check_token(token: Any) -> str:
@@ -148,7 +159,7 @@ def _check_token(token: Any) -> str:
 
 def _check_distinct_id(value: Any, field: str) -> Any:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise InvalidMessageError(field, f"must be a string or an integer, got {value!r}")
+        raise InvalidMessageError(field, f"must be a string or an integer, got {describe(value)}")
     if isinstance(value, str) and not value:
         raise InvalidMessageError(field, "must not be empty")
     return value
@@ -156,14 +167,14 @@ def _check_distinct_id(value: Any, field: str) -> Any:
 
 def _check_name(value: Any, field: str) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise InvalidMessageError(field, f"must be a non-empty string, got {value!r}")
+        raise InvalidMessageError(field, f"must be a non-empty string, got {describe(value)}")
     return value
 
 
 def _check_insert_id(value: Any, field: str = "properties.$insert_id") -> None:
     if not isinstance(value, str) or _INSERT_ID.fullmatch(value) is None:
         raise InvalidMessageError(
-            field, f"must be 1-36 characters of letters, digits or '-', got {value!r}"
+            field, f"must be 1-36 characters of letters, digits or '-', got {describe(value)}"
         )
 
 
@@ -176,7 +187,9 @@ def _check_mapping(value: Any, field: str) -> Mapping[str, Any]:
 
 def _check_ip(value: Any, field: str) -> Any:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise InvalidMessageError(field, f"must be an IP address string or 0, got {value!r}")
+        raise InvalidMessageError(
+            field, f"must be an IP address string or 0, got {describe(value)}"
+        )
     return value
 
 
@@ -200,24 +213,28 @@ def _op_value(op: str, value: Any, allowed: Sequence[str] | frozenset[str]) -> A
             raise InvalidMessageError(op, "must be a property name or a non-empty list of them")
         for name in names:
             if not isinstance(name, str):
-                raise InvalidMessageError(op, f"property names must be strings, got {name!r}")
+                raise InvalidMessageError(
+                    op, f"property names must be strings, got {describe(name)}"
+                )
         return list(names)
     mapping = _check_mapping(value, op)
     if op == "$add":
         for key, number in mapping.items():
             if isinstance(number, bool) or not isinstance(number, (int, float, Decimal)):
-                raise InvalidMessageError(f"{op}.{key}", f"must be a number, got {number!r}")
+                raise InvalidMessageError(
+                    f"{op}.{key}", f"must be a number, got {describe(number)}"
+                )
     elif op == "$union":
         for key, items in mapping.items():
             if not isinstance(items, (list, tuple, set, frozenset)):
-                raise InvalidMessageError(f"{op}.{key}", f"must be a list, got {items!r}")
+                raise InvalidMessageError(f"{op}.{key}", f"must be a list, got {describe(items)}")
     return dict(mapping)
 
 
 def _apply_params(
     record: dict[str, Any], ip: Any, optional_params: Mapping[str, Any] | None
 ) -> dict[str, Any]:
-    if optional_params:
+    if optional_params is not None:
         record.update(_check_mapping(optional_params, "optional_params"))
         if "$time" in optional_params:
             record["$time"] = event_time_ms(optional_params["$time"], "optional_params.$time")
@@ -254,7 +271,7 @@ def event(
         "$lib_version": __version__,
     }
     _check_name(name, "event")
-    if properties:
+    if properties is not None:
         _check_mapping(properties, "properties")
         props.update(properties)
         if "time" in properties:
@@ -319,10 +336,10 @@ def group_update(
 def charge_transaction(amount: Any, properties: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The ``$transactions`` entry of a revenue charge; never mutates ``properties``."""
     if isinstance(amount, bool) or not isinstance(amount, (int, float, Decimal)):
-        raise InvalidMessageError("amount", f"must be a number, got {amount!r}")
-    if not math.isfinite(float(amount)):
-        raise InvalidMessageError("amount", f"{amount!r} is not a valid amount")
-    transaction = dict(_check_mapping(properties, "properties")) if properties else {}
+        raise InvalidMessageError("amount", f"must be a number, got {describe(amount)}")
+    if not _is_finite(amount):
+        raise InvalidMessageError("amount", f"{describe(amount)} is not a valid amount")
+    transaction = {} if properties is None else dict(_check_mapping(properties, "properties"))
     transaction["$amount"] = amount
     return transaction
 

@@ -73,13 +73,20 @@ _RETRYABLE_STATUS = frozenset({408, 429}) | (frozenset(range(500, 600)) - {501, 
 
 
 def _base_url(host: str, what: str) -> str:
-    text = host.strip().rstrip("/")
+    problem = ConfigurationError(f"{what} {host!r} is not a host name or an http(s) URL")
+    if not isinstance(host, str):
+        raise problem
+    text = host.strip()
     if "://" not in text:
         text = f"https://{text}"
     parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigurationError(f"{what} {host!r} is not a host name or an http(s) URL")
-    return text
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise problem from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise problem
+    return text.rstrip("/")
 
 
 @dataclass(frozen=True)
@@ -344,7 +351,7 @@ def _interpret(kind: str, status: int, headers: Mapping[str, str], body: bytes) 
         )
     if 400 <= status < 500:
         raise RejectedError(message, status_code=status, retry_after=retry_after, endpoint=kind)
-    raise MixpanelServerError(message, status_code=status, endpoint=kind)
+    raise MixpanelServerError(message, status_code=status, retry_after=retry_after, endpoint=kind)
 
 
 # --------------------------------------------------------------------------- transport

@@ -29,10 +29,12 @@ from typing import Any
 
 from ._errors import InvalidMessageError
 
-__all__ = ["check_shallow", "encode", "find_invalid", "to_json_value"]
+__all__ = ["check_shallow", "describe", "encode", "find_invalid", "to_json_value"]
 
 _DATETIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
 _MAX_DEPTH = 32
+# Python refuses to write longer integers as text (``sys.get_int_max_str_digits``).
+_MAX_INT_DIGITS = 4300
 
 # Values whose JSON form needs no conversion and no check.
 _PLAIN = frozenset({str, int, bool, type(None)})
@@ -48,6 +50,19 @@ _ACCEPTED = (
     uuid.UUID,
     enum.Enum,
 )
+
+
+def describe(value: Any, limit: int = 80) -> str:
+    """A short ``repr`` of a bad value for an error message.
+
+    Never raises: a value whose ``repr`` fails (a broken ``__repr__``, an integer too long to
+    write as text) is described by its type, and long ones are cut at ``limit`` characters.
+    """
+    try:
+        text = repr(value)
+    except Exception:
+        return f"<{type(value).__name__} object>"
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def format_datetime(value: _dt.datetime) -> str:
@@ -66,9 +81,9 @@ def _convert(value: Any) -> Any:
     if isinstance(value, decimal.Decimal):
         if not value.is_finite():
             raise ValueError("Decimal value is not finite")
-        if value == value.to_integral_value():
+        if value == value.to_integral_value() and value.adjusted() < _MAX_INT_DIGITS:
             return int(value)
-        return float(value)
+        return float(value)  # a huge exponent becomes inf, refused below
     if isinstance(value, uuid.UUID):
         return str(value)
     if isinstance(value, enum.Enum):
@@ -88,7 +103,7 @@ def check_shallow(properties: Mapping[str, Any], field: str) -> None:
     """
     for key, value in properties.items():
         if type(key) is not str:
-            raise InvalidMessageError(field, f"property names must be strings, got {key!r}")
+            raise InvalidMessageError(field, f"property names must be strings, got {describe(key)}")
         kind = type(value)
         if kind in _PLAIN:
             continue
@@ -114,6 +129,10 @@ def find_invalid(value: Any, field: str, depth: int = 0) -> InvalidMessageError 
                 return InvalidMessageError(field, "string contains unpaired surrogates")
         return None
     if isinstance(value, int):
+        try:
+            str(value)
+        except ValueError:
+            return InvalidMessageError(field, "integer has too many digits to send")
         return None
     if isinstance(value, float):
         if math.isfinite(value):
@@ -122,7 +141,9 @@ def find_invalid(value: Any, field: str, depth: int = 0) -> InvalidMessageError 
     if isinstance(value, Mapping):
         for key, item in value.items():
             if not isinstance(key, str):
-                return InvalidMessageError(field, f"property names must be strings, got {key!r}")
+                return InvalidMessageError(
+                    field, f"property names must be strings, got {describe(key)}"
+                )
             problem = find_invalid(item, f"{field}.{key}", depth + 1)
             if problem is not None:
                 return problem
