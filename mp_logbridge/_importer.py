@@ -32,7 +32,7 @@ from ._context import BoundContext
 from ._delivery import MAX_BATCH_RECORDS, MAX_REQUEST_BYTES, Pending, encode_message
 from ._errors import InvalidMessageError, PartialImportError, RejectedError
 from ._tags import DEFAULT_TAG, BridgeSpec, Capture, TagMessage, split_tag
-from .testing import _event_problem as _server_rules
+from .testing import check_record
 
 __all__ = ["ImportOptions", "ImportSummary", "Importer", "Rejected"]
 
@@ -311,7 +311,7 @@ class Importer:
                 self._reject(path, number, reason)
                 records, encoded = [], []
             for record, payload in zip(records, encoded, strict=True):
-                problem = _server_rules(record, True, self.now())
+                problem = check_record("/import", record, now=self.now())
                 if problem is not None:
                     self._reject(path, number, f"{problem[0] or 'record'}: {problem[1]}")
                     continue

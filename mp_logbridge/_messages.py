@@ -179,7 +179,7 @@ def _check_insert_id(value: Any, field: str = "properties.$insert_id") -> None:
 
 
 def _check_mapping(value: Any, field: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
+    if type(value) is not dict and not isinstance(value, Mapping):
         raise InvalidMessageError(field, f"must be a mapping, got {type(value).__name__}")
     check_shallow(value, field)
     return value

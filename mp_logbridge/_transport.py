@@ -308,7 +308,7 @@ def _interpret(kind: str, status: int, headers: Mapping[str, str], body: bytes) 
                 return imported if isinstance(imported, int) else None
             if parsed.get("status") in (0, "0"):
                 raise RejectedError(
-                    f"Mixpanel refused the {kind} batch: {_server_words(parsed, text)}",
+                    f"Mixpanel refused the records sent to {_PATHS[kind]}: {_server_words(parsed, text)}",
                     status_code=status,
                     endpoint=kind,
                 )
@@ -316,17 +316,17 @@ def _interpret(kind: str, status: int, headers: Mapping[str, str], body: bytes) 
             return None
         elif parsed == 0:
             raise RejectedError(
-                f"Mixpanel refused the {kind} batch (no valid records)",
+                f"Mixpanel refused the records sent to {_PATHS[kind]} (no valid records)",
                 status_code=status,
                 endpoint=kind,
             )
         raise MixpanelServerError(
-            f"cannot interpret Mixpanel's response to a {kind} batch: HTTP {status} {text[:200]!r}",
+            f"cannot interpret Mixpanel's answer on {_PATHS[kind]}: HTTP {status} {text[:200]!r}",
             status_code=status,
             endpoint=kind,
         )
     words = _server_words(parsed, text)
-    message = f"Mixpanel answered HTTP {status} to a {kind} batch: {words}"
+    message = f"Mixpanel answered HTTP {status} on {_PATHS[kind]}: {words}"
     retry_after = parse_retry_after(headers.get("Retry-After"))
     if (
         status == 400

@@ -95,6 +95,10 @@ def _convert(value: Any) -> Any:
     raise TypeError(f"values of type {type(value).__name__} cannot be sent")
 
 
+_CONTAINERS = frozenset({dict, list, tuple})
+_ACCEPTED_ANY = (*_ACCEPTED, int, float, str)
+
+
 def check_shallow(properties: Mapping[str, Any], field: str) -> None:
     """Cheap caller-thread check of a property mapping: string keys, known top-level value types.
 
@@ -111,7 +115,7 @@ def check_shallow(properties: Mapping[str, Any], field: str) -> None:
             if value != value or value in (math.inf, -math.inf):
                 raise InvalidMessageError(f"{field}.{key}", f"{value!r} is not a valid JSON number")
             continue
-        if not isinstance(value, (*_ACCEPTED, int, float, str)):
+        if kind not in _CONTAINERS and not isinstance(value, _ACCEPTED_ANY):
             raise InvalidMessageError(
                 f"{field}.{key}", f"values of type {kind.__name__} cannot be sent"
             )

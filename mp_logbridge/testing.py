@@ -41,7 +41,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-__all__ = ["MixpanelServer", "ReceivedRequest"]
+__all__ = ["MixpanelServer", "ReceivedRequest", "check_record"]
 
 _PROFILE_OPS = ("$set", "$set_once", "$add", "$append", "$union", "$remove", "$unset", "$delete")
 _GROUP_OPS = ("$set", "$set_once", "$union", "$remove", "$unset", "$delete")
@@ -220,6 +220,18 @@ def _update_problem(record: Any, group: bool) -> str | None:
     if len(json.dumps(record).encode()) >= _MAX_RECORD_BYTES:
         return "update is larger than 1 MB"
     return _op_problem(ops[0], record[ops[0]])
+
+
+def check_record(endpoint: str, record: Any, *, now: float | None = None) -> tuple[str, str] | None:
+    """Check one record as the receiver does for ``endpoint`` (``"/track"``, ``"/engage"``,
+    ``"/groups"`` or ``"/import"``, strict); returns ``(field, problem)`` or ``None`` if valid."""
+    when = time.time() if now is None else now
+    if endpoint in ("/track", "/import"):
+        return _event_problem(record, endpoint == "/import", when)
+    if endpoint in ("/engage", "/groups"):
+        problem = _update_problem(record, group=endpoint == "/groups")
+        return None if problem is None else ("", problem)
+    raise ValueError(f"unknown endpoint {endpoint!r}")
 
 
 # --------------------------------------------------------------------------- the server
