@@ -376,6 +376,9 @@ class Importer:
                 batch = work.get()
                 if batch is None:
                     return
+                if self.summary.fatal:  # credentials were refused: do not send more batches
+                    results.put((batch, 0, len(batch.items)))
+                    continue
                 try:
                     imported, undelivered = self._send(consumer, failures, batch)
                 except (
