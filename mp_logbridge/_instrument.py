@@ -26,6 +26,7 @@ import importlib
 import inspect
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -41,6 +42,7 @@ from ._context import baggage_distinct_id, current_context, format_span_ids, spa
 from ._diagnostics import DeliveryStats
 from ._errors import ConfigurationError
 from ._tags import DEFAULT_TAG, exception_properties
+from ._version import __version__
 
 __all__ = [
     "instrument",
@@ -54,7 +56,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 _PLAIN = (str, int, float, bool, type(None), _dt.date, decimal.Decimal, uuid.UUID, enum.Enum)
 _stats = DeliveryStats()
-_tracer = _trace.get_tracer("mp_logbridge")
+_tracer = _trace.get_tracer("mp_logbridge", __version__)
 
 
 def instrumentation_stats() -> dict[str, Any]:
@@ -63,33 +65,99 @@ def instrumentation_stats() -> dict[str, Any]:
 
 
 def _qualified_name(func: Any) -> str:
-    return f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', getattr(func, '__name__', '?'))}"
+    name = getattr(func, "__qualname__", getattr(func, "__name__", "?"))
+    return f"{getattr(func, '__module__', '?')}.{name}"
 
 
 def _plain(value: Any) -> Any:
-    """A captured argument or result as a property value: plain values as they are, else repr."""
+    """A captured argument or result as a property value: plain values as they are, else repr.
+
+    NaN and infinities are not JSON: they are recorded as their repr too, so one odd argument
+    does not make the whole event unsendable.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
     if isinstance(value, _PLAIN):
         return value
     if (
         isinstance(value, (list, tuple, set, frozenset))
         and len(value) <= 255
-        and all(isinstance(v, _PLAIN) for v in value)
+        and all(isinstance(v, _PLAIN) and _finite(v) for v in value)
     ):
         return list(value)
     if (
         isinstance(value, Mapping)
         and len(value) <= 255
-        and all(isinstance(k, str) and isinstance(v, _PLAIN) for k, v in value.items())
+        and all(
+            isinstance(k, str) and isinstance(v, _PLAIN) and _finite(v) for k, v in value.items()
+        )
     ):
         return dict(value)
     text = repr(value)
     return text if len(text) <= 255 else text[:252] + "..."
 
 
+def _finite(value: Any) -> bool:
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def _code_location(raw: Any) -> tuple[str, int, str]:
+    """File, first line and name of the function's own code (under any ``functools.wraps``),
+    used as the log record's ``pathname``/``lineno``/``funcName``."""
+    try:
+        inner = inspect.unwrap(raw)
+    except ValueError:  # a __wrapped__ cycle
+        inner = raw
+    code = getattr(inner, "__code__", None)
+    if code is None:
+        return ("?", 0, getattr(raw, "__name__", "?"))
+    return (code.co_filename, code.co_firstlineno, getattr(raw, "__name__", code.co_name))
+
+
+class _Binder:
+    """A call's arguments by parameter name, defaults applied (``Signature.bind`` semantics).
+
+    Signatures whose parameters are all "positional or keyword" or keyword-only are matched by
+    zipping names with values, several times faster than ``Signature.bind``; other signatures,
+    and calls that do not fit (so their errors read as Python's own), use ``Signature.bind``.
+    """
+
+    __slots__ = ("count", "defaults", "names", "positional", "signature", "simple")
+
+    def __init__(self, signature: inspect.Signature) -> None:
+        parameters = list(signature.parameters.values())
+        self.signature = signature
+        self.simple = all(p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in parameters)
+        self.positional = tuple(p.name for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD)
+        self.names = frozenset(p.name for p in parameters)
+        self.count = len(parameters)
+        self.defaults = tuple((p.name, p.default) for p in parameters if p.default is not p.empty)
+
+    def __call__(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        if self.simple and len(args) <= len(self.positional):
+            arguments = dict(zip(self.positional, args, strict=False))
+            names = self.names
+            for name, value in kwargs.items():
+                if name in arguments or name not in names:
+                    break
+                arguments[name] = value
+            else:
+                if len(arguments) < self.count:
+                    for name, default in self.defaults:
+                        if name not in arguments:
+                            arguments[name] = default
+                if len(arguments) == self.count:
+                    return arguments
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return dict(bound.arguments)
+
+
 class _Plan:
     """Everything decided at decoration time, so a call only executes the plan."""
 
     __slots__ = (
+        "bind",
         "capture",
         "capture_result",
         "code",
@@ -100,9 +168,11 @@ class _Plan:
         "logger",
         "needs_binding",
         "properties",
+        "raw",
         "signature",
         "span",
         "tag",
+        "tracer",
         "tracker",
     )
 
@@ -119,9 +189,14 @@ class _Plan:
         level: int | str,
         tracker: Any,
         span: bool,
+        tracer_provider: Any,
         tag: str,
     ) -> None:
-        raw = getattr(func, "__func__", func)  # classmethod/staticmethod objects
+        # The function the signature describes: a classmethod's or staticmethod's own function.
+        raw = func.__func__ if isinstance(func, (classmethod, staticmethod)) else func
+        if not callable(raw):
+            raise ConfigurationError(f"cannot instrument {raw!r}: it is not callable")
+        self.raw = raw
         self.function_name = _qualified_name(raw)
         self.event = event or getattr(raw, "__qualname__", None) or self.function_name
         try:
@@ -129,14 +204,14 @@ class _Plan:
         except (TypeError, ValueError):
             self.signature = None
         names = set(self.signature.parameters) if self.signature is not None else set()
-        if isinstance(capture_args, str):
+        if isinstance(capture_args, (str, bytes)) or not isinstance(capture_args, Iterable):
             raise ConfigurationError(
                 "capture_args must be a list of parameter names (or a mapping to property names)"
             )
         pairs = (
-            list(capture_args.items())
+            [(str(n), str(p)) for n, p in capture_args.items()]
             if isinstance(capture_args, Mapping)
-            else [(n, n) for n in capture_args]
+            else [(str(n), str(n)) for n in capture_args]
         )
         for name, _prop in pairs:
             if name not in names:
@@ -179,43 +254,53 @@ class _Plan:
             raise ConfigurationError(
                 f"cannot read the signature of {self.function_name} to bind arguments"
             )
+        self.bind = _Binder(self.signature) if self.signature is not None else None
         self.level = _level(level)
         if isinstance(logger, logging.Logger):
             self.logger = logger
         else:
             self.logger = logging.getLogger(logger or getattr(raw, "__module__", None) or __name__)
         self.tracker = tracker
+        if tracker is not None and not callable(getattr(tracker, "track", None)):
+            raise ConfigurationError(f"tracker must have a track() method, got {tracker!r}")
         self.span = bool(span)
+        if tracer_provider is None:
+            self.tracer: Any = _tracer
+        elif callable(getattr(tracer_provider, "get_tracer", None)):
+            self.tracer = tracer_provider.get_tracer("mp_logbridge", __version__)
+        else:
+            raise ConfigurationError(
+                f"tracer_provider must be an OpenTelemetry TracerProvider, got {tracer_provider!r}"
+            )
         self.tag = tag
-        code = getattr(raw, "__code__", None)
-        self.code = (
-            (code.co_filename, code.co_firstlineno, raw.__name__)
-            if code is not None
-            else ("?", 0, "?")
-        )
-
-    def enabled(self) -> bool:
-        return self.tracker is not None or self.logger.isEnabledFor(self.level)
+        self.code = _code_location(raw)
 
     def arguments(
-        self, wrapped: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self, wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Mapping[str, Any]:
-        assert self.signature is not None
-        owner = getattr(wrapped, "__self__", None)
-        if owner is not None and inspect.ismethod(wrapped):
-            args = (owner, *args)
-        bound = self.signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        return bound.arguments
+        """The call's arguments by parameter name, defaults applied.
+
+        wrapt hands a method its ``self``/``cls`` apart from ``args``: inside a bound method
+        (``obj.method(...)``, a classmethod), or as ``instance`` beside a partial when a method is
+        called through its class (``Class.method(obj, ...)``). Functions, staticmethods and
+        functions called with ``cls`` already in ``args`` (a wrapper inside ``@classmethod`` on
+        Python 3.13) get ``wrapped`` itself.
+        """
+        assert self.bind is not None
+        if inspect.ismethod(wrapped):
+            args = (wrapped.__self__, *args)
+        elif instance is not None and wrapped is not self.raw:
+            args = (instance, *args)
+        return self.bind(args, kwargs)
 
     def start(
-        self, wrapped: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self, wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[dict[str, Any], Any]:
         """Properties known before the call, and the user (``None``: resolve from context)."""
         props: dict[str, Any] = {}
         user = None
         if self.needs_binding:
-            arguments = self.arguments(wrapped, args, kwargs)
+            arguments = self.arguments(wrapped, instance, args, kwargs)
             for name, prop in self.capture:
                 props[prop] = _plain(arguments.get(name))
             if isinstance(self.distinct_id, str):
@@ -294,7 +379,9 @@ def _level(level: int | str) -> int:
         if not isinstance(number, int):
             raise ConfigurationError(f"unknown logging level {level!r}")
         return number
-    return int(level)
+    if isinstance(level, bool) or not isinstance(level, int):
+        raise ConfigurationError(f"level must be a logging level name or number, got {level!r}")
+    return level
 
 
 def _report_failure(plan: _Plan, exc: BaseException) -> None:
@@ -318,6 +405,7 @@ class _Call:
         self,
         plan: _Plan,
         wrapped: Any,
+        instance: Any,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         current: bool = True,
@@ -329,11 +417,13 @@ class _Call:
         self.scope: Any = None
         try:
             if plan.span:
-                self.span = _tracer.start_span(plan.event)
+                self.span = plan.tracer.start_span(
+                    plan.event, attributes={"code.function.name": plan.function_name}
+                )
                 if current:
                     self.scope = _trace.use_span(self.span, end_on_exit=False)
                     self.scope.__enter__()
-            self.props, self.user = plan.start(wrapped, args, kwargs)
+            self.props, self.user = plan.start(wrapped, instance, args, kwargs)
         except Exception as exc:
             _report_failure(plan, exc)
         self.started = time.time()
@@ -366,71 +456,102 @@ class _Call:
         span.end()
 
 
-def _make_wrapper(plan: _Plan, func: Any) -> Any:
-    raw = getattr(func, "__func__", func)
+class _InstrumentedFunction(wrapt.FunctionWrapper):  # type: ignore[type-arg]
+    """The wrapt proxy ``@instrument`` returns; its type marks a function as instrumented."""
+
+
+def _always(level: int) -> bool:
+    return True
+
+
+def _make_wrapper(plan: _Plan) -> Callable[..., Any]:
+    """The wrapt wrapper for the plan's kind of function.
+
+    Generators, coroutines and async generators are created by calling the function at once, as
+    an undecorated call would (so a wrong argument raises at the call), and the call is then
+    measured while they run: the event is sent when they finish.
+    """
+    raw = plan.raw
     if inspect.isasyncgenfunction(raw):
-
-        def wrapper(
-            wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-        ) -> Any:
-            if not plan.enabled():
-                return wrapped(*args, **kwargs)
-            return _async_generator(plan, wrapped, args, kwargs)
-
+        wrap_result: Callable[..., Any] | None = _async_generator
     elif inspect.iscoroutinefunction(raw):
-
-        def wrapper(
-            wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-        ) -> Any:
-            if not plan.enabled():
-                return wrapped(*args, **kwargs)
-            return _coroutine(plan, wrapped, args, kwargs)
-
+        wrap_result = _coroutine
     elif inspect.isgeneratorfunction(raw):
-
-        def wrapper(
-            wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-        ) -> Any:
-            if not plan.enabled():
-                return wrapped(*args, **kwargs)
-            return _generator(plan, wrapped, args, kwargs)
-
+        wrap_result = _generator
     else:
+        wrap_result = None
 
-        def wrapper(
+    # The disabled path is a single call: the logger's own (cached) level check.
+    is_enabled: Callable[[int], bool] = (
+        plan.logger.isEnabledFor if plan.tracker is None else _always
+    )
+    level = plan.level
+
+    if wrap_result is not None:
+        wrap = wrap_result
+
+        def deferred(
             wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
         ) -> Any:
-            if not plan.enabled():
+            if not is_enabled(level):
                 return wrapped(*args, **kwargs)
-            call = _Call(plan, wrapped, args, kwargs)
+            inner = wrapped(*args, **kwargs)
+            outer = wrap(plan, inner, wrapped, instance, args, kwargs)
+            # Task reprs and "never awaited" warnings name the function, not this module.
             try:
-                result = wrapped(*args, **kwargs)
-            except BaseException as error:
-                call.end(error=error)
-                raise
-            call.end(result)
-            return result
+                outer.__name__, outer.__qualname__ = inner.__name__, inner.__qualname__
+            except (AttributeError, TypeError):  # an awaitable that is not a coroutine
+                pass
+            return outer
 
-    return wrapper
+        return deferred
+
+    def immediate(
+        wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        if not is_enabled(level):
+            return wrapped(*args, **kwargs)
+        call = _Call(plan, wrapped, instance, args, kwargs)
+        try:
+            result = wrapped(*args, **kwargs)
+        except BaseException as error:
+            call.end(error=error)
+            raise
+        call.end(result)
+        return result
+
+    return immediate
 
 
 async def _coroutine(
-    plan: _Plan, wrapped: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    plan: _Plan,
+    coroutine: Any,
+    wrapped: Any,
+    instance: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
 ) -> Any:
-    call = _Call(plan, wrapped, args, kwargs)
+    call = _Call(plan, wrapped, instance, args, kwargs)
     try:
-        result = await wrapped(*args, **kwargs)
-    except BaseException as error:
+        result = await coroutine
+    except BaseException as error:  # asyncio.CancelledError included: a cancelled call failed
         call.end(error=error)
         raise
     call.end(result)
     return result
 
 
-def _generator(plan: _Plan, wrapped: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    call = _Call(plan, wrapped, args, kwargs, current=False)
+def _generator(
+    plan: _Plan,
+    generator: Any,
+    wrapped: Any,
+    instance: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    call = _Call(plan, wrapped, instance, args, kwargs, current=False)
     try:
-        result = yield from wrapped(*args, **kwargs)
+        result = yield from generator
     except GeneratorExit:
         call.end()  # closed early by its consumer: not a failure
         raise
@@ -442,31 +563,33 @@ def _generator(plan: _Plan, wrapped: Any, args: tuple[Any, ...], kwargs: dict[st
 
 
 async def _async_generator(
-    plan: _Plan, wrapped: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    plan: _Plan,
+    agen: Any,
+    wrapped: Any,
+    instance: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
 ) -> Any:
-    call = _Call(plan, wrapped, args, kwargs, current=False)
-    agen = wrapped(*args, **kwargs)
+    """``yield from`` for an async generator: items, ``asend``, ``athrow`` and ``aclose`` are
+    passed through to the wrapped generator."""
+    call = _Call(plan, wrapped, instance, args, kwargs, current=False)
     try:
-        to_send: Any = None
-        while True:
-            try:
-                item = await agen.asend(to_send)
-            except StopAsyncIteration:
-                break
-            try:
-                to_send = yield item
-            except GeneratorExit:
-                await agen.aclose()
-                raise
-            except BaseException as thrown:
-                # Pass a thrown exception into the wrapped generator, as ``yield from`` would.
+        try:
+            item = await agen.__anext__()
+            while True:
                 try:
+                    sent = yield item
+                except GeneratorExit:
+                    await agen.aclose()
+                    raise
+                except BaseException as thrown:
                     item = await agen.athrow(thrown)
-                except StopAsyncIteration:
-                    break
-                to_send = yield item
+                else:
+                    item = await agen.asend(sent)
+        except StopAsyncIteration:
+            pass
     except GeneratorExit:
-        call.end()
+        call.end()  # closed early by its consumer: not a failure
         raise
     except BaseException as error:
         call.end(error=error)
@@ -491,6 +614,7 @@ def instrument(
     level: int | str = logging.INFO,
     tracker: Any = None,
     span: bool = False,
+    tracer_provider: Any = None,
     tag: str = DEFAULT_TAG,
 ) -> Callable[[F], F]: ...
 
@@ -507,6 +631,7 @@ def instrument(
     level: int | str = logging.INFO,
     tracker: Any = None,
     span: bool = False,
+    tracer_provider: Any = None,
     tag: str = DEFAULT_TAG,
 ) -> Any:
     """Turn each call of the decorated function into a Mixpanel event.
@@ -528,11 +653,15 @@ def instrument(
         tracker: send through this :class:`Tracker` instead of logging.
         span: also open an OpenTelemetry span around the call (a no-op unless an SDK is
             installed); the event then carries that span's ids.
+        tracer_provider: the OpenTelemetry ``TracerProvider`` for ``span=True`` (default: the
+            global one).
         tag: the tag attribute name the handler is configured with.
 
-    The event's properties: ``duration_ms``, ``success``, ``function``, ``exception_type`` and
-    ``exception_message`` on failure, captured arguments and results, and ``trace_id``/``span_id``
-    when a span is active. The function's behaviour never changes: a failure of the
+    The event's properties: ``duration_ms``, ``success``, ``function``, ``time`` (when the call
+    started), ``exception_type`` and ``exception_message`` on failure, captured arguments and
+    results, and ``trace_id``/``span_id`` when a span is active. Coroutines, generators and async
+    generators send their event when they finish (an early ``close()`` is not a failure; a
+    cancelled coroutine is). The function's behaviour never changes: a failure of the
     instrumentation is counted (:func:`instrumentation_stats`) and reported, the call's result or
     exception is untouched.
     """
@@ -545,6 +674,7 @@ def instrument(
         "level": level,
         "tracker": tracker,
         "span": span,
+        "tracer_provider": tracer_provider,
         "tag": tag,
     }
     if callable(event) and not isinstance(event, str):
@@ -556,21 +686,50 @@ def instrument(
 
 def _decorate(func: Any, event: str | None, options: Mapping[str, Any]) -> Any:
     plan = _Plan(func, event, **options)
-    return wrapt.decorator(_make_wrapper(plan, func))(func)
+    return _InstrumentedFunction(func, _make_wrapper(plan))
+
+
+def _is_instrumented(value: Any) -> bool:
+    if isinstance(value, (classmethod, staticmethod)):
+        value = value.__func__
+    return isinstance(value, _InstrumentedFunction)
 
 
 # --------------------------------------------------------------------------- patching by path
 
-_patched: dict[str, tuple[Any, str, Any]] = {}
+#: target → (owner, attribute, original value, whether the owner held it itself, patched value)
+_patched: dict[str, tuple[Any, str, Any, bool, Any]] = {}
 _patch_lock = threading.Lock()
 
+#: What an entry of :func:`instrument_functions` may hold besides ``target``.
+_ENTRY_KEYS = frozenset(
+    {
+        "event",
+        "distinct_id",
+        "properties",
+        "capture_args",
+        "capture_result",
+        "logger",
+        "level",
+        "tracker",
+        "span",
+        "tracer_provider",
+        "tag",
+    }
+)
 
-def _resolve(target: str) -> tuple[Any, str, Any]:
-    """``"pkg.mod:Class.method"`` → ``(owner, attribute name, current attribute value)``."""
+
+def _resolve(target: str) -> tuple[Any, str, Any, bool]:
+    """``"pkg.mod:Class.method"`` → ``(owner, attribute, current value, owner holds it)``.
+
+    On a class the value is read from the class dictionaries (so a classmethod or staticmethod
+    is seen as such); one found on a base class is patched on the named class only.
+    """
     module_name, sep, path = target.partition(":")
     if not sep or not module_name or not path:
         raise ConfigurationError(
-            f"target must look like 'package.module:function' or 'package.module:Class.method', got {target!r}"
+            "target must look like 'package.module:function' or "
+            f"'package.module:Class.method', got {target!r}"
         )
     try:
         owner: Any = importlib.import_module(module_name)
@@ -585,11 +744,22 @@ def _resolve(target: str) -> tuple[Any, str, Any]:
     if isinstance(owner, type):
         for klass in owner.__mro__:
             if attribute in vars(klass):
-                return owner, attribute, vars(klass)[attribute]
-        raise ConfigurationError(f"{target!r}: {attribute!r} not found")
-    if not hasattr(owner, attribute):
-        raise ConfigurationError(f"{target!r}: {attribute!r} not found")
-    return owner, attribute, getattr(owner, attribute)
+                value = vars(klass)[attribute]
+                break
+        else:
+            raise ConfigurationError(f"{target!r}: {attribute!r} not found")
+        own = attribute in vars(owner)
+    else:
+        if not hasattr(owner, attribute):
+            raise ConfigurationError(f"{target!r}: {attribute!r} not found")
+        value = getattr(owner, attribute)
+        own = True
+    function = value.__func__ if isinstance(value, (classmethod, staticmethod)) else value
+    if not callable(function) or isinstance(function, type):
+        raise ConfigurationError(
+            f"{target!r} is a {type(value).__name__}, not a function or method"
+        )
+    return owner, attribute, value, own
 
 
 def instrument_function(target: str, event: str | None = None, **options: Any) -> None:
@@ -597,30 +767,75 @@ def instrument_function(target: str, event: str | None = None, **options: Any) -
 
     ``target`` is ``"package.module:function"`` or ``"package.module:Class.method"`` (methods,
     classmethods and staticmethods alike); ``event`` and ``options`` are :func:`instrument`'s.
-    Idempotent: instrumenting a target again does nothing. Undo with
-    :func:`uninstrument_function`.
+    Idempotent: instrumenting a target again, or one already decorated with :func:`instrument`,
+    does nothing. Undo with :func:`uninstrument_function`.
     """
+    if not isinstance(target, str):
+        raise ConfigurationError(f"target must be a string, got {target!r}")
     with _patch_lock:
         if target in _patched:
             return
-        owner, attribute, original = _resolve(target)
+        owner, attribute, original, own = _resolve(target)
+        if _is_instrumented(original):
+            return
         if isinstance(original, (classmethod, staticmethod)):
             decorated: Any = type(original)(instrument(event, **options)(original.__func__))
         else:
             decorated = instrument(event, **options)(original)
         setattr(owner, attribute, decorated)
-        _patched[target] = (owner, attribute, original)
+        _patched[target] = (owner, attribute, original, own, decorated)
 
 
 def uninstrument_function(target: str) -> bool:
-    """Undo :func:`instrument_function`; returns whether the target was instrumented."""
+    """Undo :func:`instrument_function`: put the original object back.
+
+    Returns whether the target was instrumented. When something else replaced the attribute
+    since, that replacement is left in place (and ``False`` returned).
+    """
     with _patch_lock:
         entry = _patched.pop(target, None)
         if entry is None:
             return False
-        owner, attribute, original = entry
-        setattr(owner, attribute, original)
+        owner, attribute, original, own, decorated = entry
+        current = (
+            vars(owner).get(attribute)
+            if isinstance(owner, type)
+            else getattr(owner, attribute, None)
+        )
+        if current is not decorated:
+            return False
+        if own:
+            setattr(owner, attribute, original)
+        else:
+            delattr(owner, attribute)  # it came from a base class: uncover it again
         return True
+
+
+def _load_entries(source: str | os.PathLike[str]) -> Any:
+    path = Path(source)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read instrumentation file {str(path)!r}: {exc}") from None
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigurationError(
+                f"reading {str(path)!r} needs PyYAML (pip install 'mp_logbridge[yaml]')"
+            ) from None
+        try:
+            loaded: Any = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigurationError(f"{str(path)!r} is not valid YAML: {exc}") from None
+    else:
+        try:
+            loaded = json.loads(text)
+        except ValueError as exc:
+            raise ConfigurationError(f"{str(path)!r} is not valid JSON: {exc}") from None
+    if isinstance(loaded, Mapping):
+        loaded = loaded.get("instrument", [])
+    return loaded
 
 
 def instrument_functions(
@@ -631,25 +846,40 @@ def instrument_functions(
     ``entries`` is a list of mappings ``{"target": "pkg.mod:Class.method", "event": "...",
     ...options}`` or the path of a JSON (``.json``) or YAML (``.yaml``/``.yml``, needs PyYAML)
     file holding such a list (or a mapping with an ``"instrument"`` key holding it). Returns the
-    targets instrumented.
+    targets. All or nothing: when an entry is wrong, the ones before it are undone and a
+    :class:`~mp_logbridge.ConfigurationError` names the problem.
     """
     if isinstance(entries, (str, os.PathLike)):
-        path = Path(entries)
-        text = path.read_text(encoding="utf-8")
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            loaded: Any = yaml.safe_load(text)
-        else:
-            loaded = json.loads(text)
-        if isinstance(loaded, Mapping):
-            loaded = loaded.get("instrument", [])
-        entries = loaded
-    targets = []
-    for entry in entries:  # type: ignore[union-attr]
-        if not isinstance(entry, Mapping) or "target" not in entry:
-            raise ConfigurationError(f"each instrumentation entry needs a 'target', got {entry!r}")
-        options = {key: entry[key] for key in entry if key not in ("target", "event")}
-        instrument_function(str(entry["target"]), entry.get("event"), **options)
-        targets.append(str(entry["target"]))
+        entries = _load_entries(entries)
+    if isinstance(entries, (str, bytes, Mapping)) or not isinstance(entries, Iterable):
+        raise ConfigurationError(
+            f"instrumentation entries must be a list of mappings, got {type(entries).__name__}"
+        )
+    done: list[str] = []
+    targets: list[str] = []
+    try:
+        for entry in entries:
+            if not isinstance(entry, Mapping) or "target" not in entry:
+                raise ConfigurationError(
+                    f"each instrumentation entry needs a 'target', got {entry!r}"
+                )
+            unknown = sorted(
+                str(key) for key in entry if key != "target" and key not in _ENTRY_KEYS
+            )
+            if unknown:
+                raise ConfigurationError(
+                    f"instrumentation entry for {entry['target']!r}: unknown option(s) "
+                    f"{', '.join(unknown)} (known: {', '.join(sorted(_ENTRY_KEYS))})"
+                )
+            target = entry["target"]
+            options = {key: entry[key] for key in entry if key not in ("target", "event")}
+            newly = target not in _patched
+            instrument_function(target, entry.get("event"), **options)
+            if newly and target in _patched:
+                done.append(target)
+            targets.append(target)
+    except BaseException:
+        for target in reversed(done):
+            uninstrument_function(target)
+        raise
     return targets
