@@ -27,14 +27,9 @@ from ._errors import (
     RejectedError,
 )
 from ._handler import DEFAULT_RECORD_PROPERTIES, RESERVED_RECORD_ATTRIBUTES, MixpanelHandler
-from ._instrument import (
-    instrument,
-    instrument_function,
-    instrument_functions,
-    instrumentation_stats,
-    uninstrument_function,
-)
+from ._instrument import instrument, instrumentation_stats
 from ._messages import MessageSource
+from ._patching import instrument_function, instrument_functions, uninstrument_function
 from ._structlog import MixpanelProcessor
 from ._tags import Tag, Tags, tag
 from ._tracker import ErrorHandler, Groups, People, Tracker

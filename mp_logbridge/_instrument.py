@@ -1,4 +1,4 @@
-"""Function calls as Mixpanel events: the ``@instrument`` decorator and dotted-path patching.
+"""Function calls as Mixpanel events: the ``@instrument`` decorator.
 
 Each call of an instrumented function becomes an event with its duration, whether it
 succeeded, the exception type and message when it did not (the exception itself propagates
@@ -13,7 +13,8 @@ that and calls the function. Alternatively ``tracker=`` sends straight through a
 
 Built on ``wrapt``: names, docstrings, ``inspect.signature`` and ``iscoroutinefunction`` are
 preserved, and it works on functions, methods, classmethods, staticmethods, async functions,
-generators and async generators, stacked with other decorators.
+generators and async generators, stacked with other decorators. Code you do not own is
+instrumented by dotted path with :mod:`mp_logbridge._patching`.
 """
 
 from __future__ import annotations
@@ -22,17 +23,12 @@ import datetime as _dt
 import decimal
 import enum
 import functools
-import importlib
 import inspect
-import json
 import logging
 import math
-import os
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, TypeVar, overload
 
 import wrapt
@@ -44,13 +40,7 @@ from ._errors import ConfigurationError
 from ._tags import DEFAULT_TAG, exception_properties
 from ._version import __version__
 
-__all__ = [
-    "instrument",
-    "instrument_function",
-    "instrument_functions",
-    "instrumentation_stats",
-    "uninstrument_function",
-]
+__all__ = ["instrument", "instrumentation_stats", "is_instrumented"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -689,197 +679,8 @@ def _decorate(func: Any, event: str | None, options: Mapping[str, Any]) -> Any:
     return _InstrumentedFunction(func, _make_wrapper(plan))
 
 
-def _is_instrumented(value: Any) -> bool:
+def is_instrumented(value: Any) -> bool:
+    """Whether ``value`` (a function, classmethod or staticmethod) is already instrumented."""
     if isinstance(value, (classmethod, staticmethod)):
         value = value.__func__
     return isinstance(value, _InstrumentedFunction)
-
-
-# --------------------------------------------------------------------------- patching by path
-
-#: target → (owner, attribute, original value, whether the owner held it itself, patched value)
-_patched: dict[str, tuple[Any, str, Any, bool, Any]] = {}
-_patch_lock = threading.Lock()
-
-#: What an entry of :func:`instrument_functions` may hold besides ``target``.
-_ENTRY_KEYS = frozenset(
-    {
-        "event",
-        "distinct_id",
-        "properties",
-        "capture_args",
-        "capture_result",
-        "logger",
-        "level",
-        "tracker",
-        "span",
-        "tracer_provider",
-        "tag",
-    }
-)
-
-
-def _resolve(target: str) -> tuple[Any, str, Any, bool]:
-    """``"pkg.mod:Class.method"`` → ``(owner, attribute, current value, owner holds it)``.
-
-    On a class the value is read from the class dictionaries (so a classmethod or staticmethod
-    is seen as such); one found on a base class is patched on the named class only.
-    """
-    module_name, sep, path = target.partition(":")
-    if not sep or not module_name or not path:
-        raise ConfigurationError(
-            "target must look like 'package.module:function' or "
-            f"'package.module:Class.method', got {target!r}"
-        )
-    try:
-        owner: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigurationError(f"cannot import {module_name!r} for {target!r}: {exc}") from None
-    *parents, attribute = path.split(".")
-    for name in parents:
-        try:
-            owner = getattr(owner, name)
-        except AttributeError:
-            raise ConfigurationError(f"{target!r}: {name!r} not found") from None
-    if isinstance(owner, type):
-        for klass in owner.__mro__:
-            if attribute in vars(klass):
-                value = vars(klass)[attribute]
-                break
-        else:
-            raise ConfigurationError(f"{target!r}: {attribute!r} not found")
-        own = attribute in vars(owner)
-    else:
-        if not hasattr(owner, attribute):
-            raise ConfigurationError(f"{target!r}: {attribute!r} not found")
-        value = getattr(owner, attribute)
-        own = True
-    function = value.__func__ if isinstance(value, (classmethod, staticmethod)) else value
-    if not callable(function) or isinstance(function, type):
-        raise ConfigurationError(
-            f"{target!r} is a {type(value).__name__}, not a function or method"
-        )
-    return owner, attribute, value, own
-
-
-def instrument_function(target: str, event: str | None = None, **options: Any) -> None:
-    """Instrument a function or method you do not own, in place, by dotted path.
-
-    ``target`` is ``"package.module:function"`` or ``"package.module:Class.method"`` (methods,
-    classmethods and staticmethods alike); ``event`` and ``options`` are :func:`instrument`'s.
-    Idempotent: instrumenting a target again, or one already decorated with :func:`instrument`,
-    does nothing. Undo with :func:`uninstrument_function`.
-    """
-    if not isinstance(target, str):
-        raise ConfigurationError(f"target must be a string, got {target!r}")
-    with _patch_lock:
-        if target in _patched:
-            return
-        owner, attribute, original, own = _resolve(target)
-        if _is_instrumented(original):
-            return
-        if isinstance(original, (classmethod, staticmethod)):
-            decorated: Any = type(original)(instrument(event, **options)(original.__func__))
-        else:
-            decorated = instrument(event, **options)(original)
-        setattr(owner, attribute, decorated)
-        _patched[target] = (owner, attribute, original, own, decorated)
-
-
-def uninstrument_function(target: str) -> bool:
-    """Undo :func:`instrument_function`: put the original object back.
-
-    Returns whether the target was instrumented. When something else replaced the attribute
-    since, that replacement is left in place (and ``False`` returned).
-    """
-    with _patch_lock:
-        entry = _patched.pop(target, None)
-        if entry is None:
-            return False
-        owner, attribute, original, own, decorated = entry
-        current = (
-            vars(owner).get(attribute)
-            if isinstance(owner, type)
-            else getattr(owner, attribute, None)
-        )
-        if current is not decorated:
-            return False
-        if own:
-            setattr(owner, attribute, original)
-        else:
-            delattr(owner, attribute)  # it came from a base class: uncover it again
-        return True
-
-
-def _load_entries(source: str | os.PathLike[str]) -> Any:
-    path = Path(source)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigurationError(f"cannot read instrumentation file {str(path)!r}: {exc}") from None
-    if path.suffix.lower() in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise ConfigurationError(
-                f"reading {str(path)!r} needs PyYAML (pip install 'mp_logbridge[yaml]')"
-            ) from None
-        try:
-            loaded: Any = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigurationError(f"{str(path)!r} is not valid YAML: {exc}") from None
-    else:
-        try:
-            loaded = json.loads(text)
-        except ValueError as exc:
-            raise ConfigurationError(f"{str(path)!r} is not valid JSON: {exc}") from None
-    if isinstance(loaded, Mapping):
-        loaded = loaded.get("instrument", [])
-    return loaded
-
-
-def instrument_functions(
-    entries: Iterable[Mapping[str, Any]] | str | os.PathLike[str],
-) -> list[str]:
-    """Instrument several targets declared as data, e.g. next to the logging configuration.
-
-    ``entries`` is a list of mappings ``{"target": "pkg.mod:Class.method", "event": "...",
-    ...options}`` or the path of a JSON (``.json``) or YAML (``.yaml``/``.yml``, needs PyYAML)
-    file holding such a list (or a mapping with an ``"instrument"`` key holding it). Returns the
-    targets. All or nothing: when an entry is wrong, the ones before it are undone and a
-    :class:`~mp_logbridge.ConfigurationError` names the problem.
-    """
-    if isinstance(entries, (str, os.PathLike)):
-        entries = _load_entries(entries)
-    if isinstance(entries, (str, bytes, Mapping)) or not isinstance(entries, Iterable):
-        raise ConfigurationError(
-            f"instrumentation entries must be a list of mappings, got {type(entries).__name__}"
-        )
-    done: list[str] = []
-    targets: list[str] = []
-    try:
-        for entry in entries:
-            if not isinstance(entry, Mapping) or "target" not in entry:
-                raise ConfigurationError(
-                    f"each instrumentation entry needs a 'target', got {entry!r}"
-                )
-            unknown = sorted(
-                str(key) for key in entry if key != "target" and key not in _ENTRY_KEYS
-            )
-            if unknown:
-                raise ConfigurationError(
-                    f"instrumentation entry for {entry['target']!r}: unknown option(s) "
-                    f"{', '.join(unknown)} (known: {', '.join(sorted(_ENTRY_KEYS))})"
-                )
-            target = entry["target"]
-            options = {key: entry[key] for key in entry if key not in ("target", "event")}
-            newly = target not in _patched
-            instrument_function(target, entry.get("event"), **options)
-            if newly and target in _patched:
-                done.append(target)
-            targets.append(target)
-    except BaseException:
-        for target in reversed(done):
-            uninstrument_function(target)
-        raise
-    return targets
