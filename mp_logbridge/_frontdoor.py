@@ -20,7 +20,7 @@ from ._consumers import as_consumer
 from ._context import BoundContext, baggage_distinct_id, span_ids
 from ._errors import ConfigurationError
 from ._tags import BridgeSpec, Capture, TagMessage, needs_user_lookup, split_tag
-from ._transport import Credentials, as_credentials, resolve_endpoints
+from ._transport import Credentials, as_credentials, normalize_region, resolve_endpoints
 
 __all__ = ["DELIVERY_OPTIONS", "Delivery", "submit"]
 
@@ -111,26 +111,30 @@ class Delivery:
         if consumer is not None:
             self.consumer: Any = as_consumer(consumer)
             return
+        if region is not None:
+            normalize_region(region)  # checked even when api_host overrides it
         endpoints = resolve_endpoints(region=region, api_host=api_host)
         creds = as_credentials(credentials, api_secret)
         settings = {name: options[name] for name in options}
         if retry is not None:
             settings["retry"] = {key: retry[key] for key in retry}
-        if not enabled:
-            self.consumer = None
-            return
-        self._key = (endpoints, creds, _freeze(settings))
-        self.consumer = _shared.acquire(
-            self._key,
-            lambda: AsyncConsumer(
+
+        def make() -> AsyncConsumer:
+            return AsyncConsumer(
                 endpoints.event,
                 endpoints.profile_update,
                 endpoints.group_update,
                 endpoints.import_,
                 credentials=creds,
                 **settings,
-            ),
-        )
+            )
+
+        if not enabled:
+            make().close()  # options are checked even when there is no token to send with
+            self.consumer = None
+            return
+        self._key = (endpoints, creds, _freeze(settings))
+        self.consumer = _shared.acquire(self._key, make)
 
     @property
     def shared(self) -> bool:
@@ -184,7 +188,6 @@ def submit(
     baggage_id = None
     if (
         context.distinct_id is None
-        and spec.default_distinct_id is None
         and any(needs_user_lookup(kind, item) for kind, item, _op in parts)
     ):
         baggage_id = baggage_distinct_id()

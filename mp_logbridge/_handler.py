@@ -21,8 +21,8 @@ from typing import Any
 from ._async import AsyncConsumer, is_sender_thread
 from ._consumers import as_consumer
 from ._context import baggage_distinct_id, current_context, span_ids
-from ._diagnostics import warn
-from ._errors import ConfigurationError
+from ._diagnostics import DeliveryStats, warn
+from ._errors import ConfigurationError, InvalidMessageError
 from ._tags import (
     DEFAULT_TAG,
     BridgeSpec,
@@ -32,7 +32,7 @@ from ._tags import (
     needs_user_lookup,
     split_tag,
 )
-from ._transport import Credentials, as_credentials, resolve_endpoints
+from ._transport import Credentials, as_credentials, normalize_region, resolve_endpoints
 
 __all__ = ["DEFAULT_RECORD_PROPERTIES", "RESERVED_RECORD_ATTRIBUTES", "MixpanelHandler"]
 
@@ -53,6 +53,7 @@ RESERVED_RECORD_ATTRIBUTES = frozenset(logging.LogRecord("", 0, "", 0, "", (), N
 
 _SENT_MARK = "_mp_logbridge_sent"
 _OWN_LOGGER = "mp_logbridge"
+_OWN_PREFIX_LEN = len(_OWN_LOGGER)
 
 # Delivery options a handler passes to the consumer it makes (and that decide sharing).
 _DELIVERY_OPTIONS = (
@@ -208,6 +209,7 @@ class MixpanelHandler(logging.Handler):
         self._include_exception = bool(include_exception)
         self._include_trace = bool(include_trace)
         self._skipped = 0
+        self._invalid = DeliveryStats()
         self._closed_handler = False
         self._share_key: Any = None
         self._owns_consumer = False
@@ -223,6 +225,8 @@ class MixpanelHandler(logging.Handler):
             include_trace=self._include_trace,
             include_exception=self._include_exception,
         )
+        if region is not None:  # checked even when api_host (or consumer=) makes it moot
+            normalize_region(region)
         if consumer is not None:
             self.consumer: Any = as_consumer(consumer)
         else:
@@ -232,20 +236,24 @@ class MixpanelHandler(logging.Handler):
             if retry is not None:
                 options["retry"] = {key: retry[key] for key in retry}
             self._share_key = (endpoints, creds, _freeze(options))
-            if self.enabled:
-                self.consumer = _shared.acquire(
-                    self._share_key,
-                    lambda: AsyncConsumer(
-                        endpoints.event,
-                        endpoints.profile_update,
-                        endpoints.group_update,
-                        endpoints.import_,
-                        credentials=creds,
-                        **options,
-                    ),
+
+            def make_consumer() -> AsyncConsumer:
+                return AsyncConsumer(
+                    endpoints.event,
+                    endpoints.profile_update,
+                    endpoints.group_update,
+                    endpoints.import_,
+                    credentials=creds,
+                    **options,
                 )
+
+            if self.enabled:
+                self.consumer = _shared.acquire(self._share_key, make_consumer)
                 self._owns_consumer = True
             else:
+                # Disabled, but the options are checked all the same (no thread, no I/O), so a
+                # configuration that fails in production fails on a machine without a token too.
+                make_consumer().close()
                 self.consumer = None
         if not self.enabled:
             warn(
@@ -270,7 +278,10 @@ class MixpanelHandler(logging.Handler):
         value = record.__dict__.get(self.tag)
         if value is None or value is False:
             return False
-        if is_sender_thread() or record.name.startswith(_OWN_LOGGER):
+        name = record.name
+        if is_sender_thread() or (
+            name.startswith(_OWN_LOGGER) and (name == _OWN_LOGGER or name[_OWN_PREFIX_LEN] == ".")
+        ):
             return False
         if self.filters:
             result = self.filter(record)
@@ -288,10 +299,13 @@ class MixpanelHandler(logging.Handler):
                 self._skipped += 1
                 return
             spec = self._spec
+            # Another handler of this project that reads the same tag has it already; one that
+            # reads another tag has other messages to send.
+            seen = (spec.token, self.tag)
             sent = record.__dict__.get(_SENT_MARK)
-            if sent is not None and spec.token in sent:
-                return  # another handler of this project has it already
-            record.__dict__[_SENT_MARK] = (*sent, spec.token) if sent else (spec.token,)
+            if sent is not None and seen in sent:
+                return
+            record.__dict__[_SENT_MARK] = (*sent, seen) if sent else (seen,)
             parts = split_tag(record.__dict__[self.tag])
             message = None
             for kind, item, _op in parts:
@@ -300,10 +314,10 @@ class MixpanelHandler(logging.Handler):
                     break
             context = current_context()
             baggage_id = None
-            if (
-                context.distinct_id is None
-                and spec.default_distinct_id is None
-                and any(needs_user_lookup(kind, item) for kind, item, _op in parts)
+            # Baggage comes before the configured default, so it is read whenever no user is
+            # bound and some message names none itself.
+            if context.distinct_id is None and any(
+                needs_user_lookup(kind, item) for kind, item, _op in parts
             ):
                 baggage_id = baggage_distinct_id()
             capture = Capture(
@@ -320,11 +334,25 @@ class MixpanelHandler(logging.Handler):
             )
             send = self.consumer.send
             for index, (kind, item, op) in enumerate(parts):
-                send(kind, TagMessage(capture, kind, item, op, index))
+                # A consumer that builds on this thread (``consumer=`` a callable or a
+                # synchronous consumer) raises for a bad message: count it, send the others.
+                try:
+                    send(kind, TagMessage(capture, kind, item, op, index))
+                except InvalidMessageError as error:
+                    self._count_invalid(error)
+                except RecursionError:  # pragma: no cover - as the stdlib handlers do
+                    raise
+                except Exception:
+                    self.handleError(record)
         except RecursionError:  # pragma: no cover - as the stdlib handlers do
             raise
         except Exception:
             self.handleError(record)
+
+    def _count_invalid(self, error: InvalidMessageError) -> None:
+        """Count and report a message a synchronous consumer refused as invalid."""
+        self._invalid.add_dropped("invalid", 1, f"{type(error).__name__}: {error}")
+        self._invalid.report()
 
     def _extra(self, record: logging.LogRecord) -> dict[str, Any] | None:
         props: dict[str, Any] = {}
@@ -369,9 +397,17 @@ class MixpanelHandler(logging.Handler):
             super().close()
 
     def stats(self) -> dict[str, Any]:
-        """The consumer's delivery counters, plus ``skipped`` (records a disabled handler skipped)."""
+        """The consumer's delivery counters, plus ``skipped`` (records a disabled handler skipped).
+
+        With a consumer that keeps no counters (``consumer=`` a callable), ``dropped`` counts the
+        messages it refused as invalid.
+        """
         stats = getattr(self.consumer, "stats", None)
         result = dict(stats()) if callable(stats) else {}
+        if not callable(stats):  # consumers with counters have counted their invalid messages
+            local = self._invalid.snapshot()
+            result["dropped"] = local["dropped"]
+            result["dropped_total"] = local["dropped_total"]
         result["skipped"] = self._skipped
         result["enabled"] = self.enabled
         return result

@@ -71,7 +71,10 @@ class Tag(dict[str, Any]):
                 combined[key] = value
         return combined
 
-    __radd__ = __add__
+    def __radd__(self, other: Mapping[str, Any]) -> Tag:
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return Tag(other) + self  # ``{...} + tag``: the left operand's messages come first
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -456,11 +459,17 @@ class Capture:
         self.extra = extra
         self.facts = facts
 
-    def insert_id(self, index: int) -> str:
-        """A ``$insert_id`` for message ``index`` of this capture."""
+    def insert_id(self, index: int, content: Any = None) -> str:
+        """A ``$insert_id`` for message ``index`` of this capture.
+
+        ``content`` (the message's tag entry) and the log message take part too: they tell apart
+        records whose facts coincide, such as consecutive records of one line within the
+        clock's resolution (coarse on some platforms, frozen in tests), which would otherwise
+        be de-duplicated by Mixpanel as one.
+        """
         if self.facts is None:
             return msg.new_insert_id()
-        key = repr((*self.facts, index)).encode()
+        key = repr((*self.facts, index, self.message, content)).encode()
         return hashlib.blake2b(key, digest_size=16).hexdigest()
 
     def distinct_id(self, given: Any, field: str) -> Any:
@@ -550,7 +559,7 @@ class TagMessage:
             name,
             props,
             time_ms=int(capture.created * 1000),
-            insert_id=capture.insert_id(self.index),
+            insert_id=capture.insert_id(self.index, item),
         )
 
     def _update(self, item: Mapping[str, Any]) -> dict[str, Any]:

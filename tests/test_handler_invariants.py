@@ -1,0 +1,422 @@
+"""What users of a logging handler rely on: it never raises, never blocks, never feeds back, never
+counts a record twice, and costs nothing for records it does not want.
+
+Deliveries go to a loopback ``MixpanelServer`` (or to a port where nothing listens).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import pickle
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from mp_logbridge import (
+    RESERVED_RECORD_ATTRIBUTES,
+    AsyncConsumer,
+    InvalidMessageError,
+    MixpanelHandler,
+    tag,
+)
+from mp_logbridge.testing import MixpanelServer
+
+TOKEN = "invariants-test-token"
+
+#: ``LogRecord`` attributes on every supported Python, plus the two that formatters add.
+STDLIB_RECORD_ATTRIBUTES = {
+    "args",
+    "created",
+    "exc_info",
+    "exc_text",
+    "filename",
+    "funcName",
+    "levelname",
+    "levelno",
+    "lineno",
+    "module",
+    "msecs",
+    "msg",
+    "name",
+    "pathname",
+    "process",
+    "processName",
+    "relativeCreated",
+    "stack_info",
+    "thread",
+    "threadName",
+    "message",
+    "asctime",
+}
+
+
+class CountingHandler(MixpanelHandler):
+    """A MixpanelHandler that counts the records reaching ``emit``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.emitted: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.emitted.append(record)
+        super().emit(record)
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def make_handler(mixpanel_server: MixpanelServer) -> Iterator[Callable[..., CountingHandler]]:
+    """Counting MixpanelHandlers sending to the test's server (closed after the test)."""
+    made: list[CountingHandler] = []
+
+    def make(token: str = TOKEN, **options: Any) -> CountingHandler:
+        options.setdefault("api_host", mixpanel_server.url)
+        options.setdefault("flush_interval", 0.05)
+        handler = CountingHandler(token, **options)
+        made.append(handler)
+        return handler
+
+    yield make
+    for handler in made:
+        handler.close()
+
+
+@pytest.fixture
+def attach() -> Iterator[Callable[..., logging.Logger]]:
+    """Attach handlers to a named logger for the test (removed afterwards)."""
+    attached: list[tuple[logging.Logger, logging.Handler]] = []
+
+    def add(name: str, *handlers: logging.Handler, propagate: bool = False) -> logging.Logger:
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = propagate
+        for handler in handlers:
+            logger.addHandler(handler)
+            attached.append((logger, handler))
+        return logger
+
+    yield add
+    for logger, handler in attached:
+        logger.removeHandler(handler)
+
+
+# --------------------------------------------------------------------------- extra= collisions
+
+
+def test_reserved_record_attributes_are_the_stdlib_ones() -> None:
+    expected = set(STDLIB_RECORD_ATTRIBUTES)
+    if sys.version_info >= (3, 12):
+        expected.add("taskName")  # filled from the asyncio task since 3.12
+    assert expected == RESERVED_RECORD_ATTRIBUTES
+
+
+def test_extra_keys_colliding_with_record_attributes_raise_at_the_call(
+    attach, make_handler, monkeypatch
+) -> None:
+    """The stdlib raises ``KeyError`` in the caller (``raiseExceptions`` does not change that)."""
+    monkeypatch.setattr(logging, "raiseExceptions", False)
+    handler = make_handler()
+    log = attach("tests.invariants.collisions", handler)
+    for key in sorted(RESERVED_RECORD_ATTRIBUTES):
+        with pytest.raises(KeyError, match=key):
+            log.info("x", extra={key: "clash", **tag.track("Never", distinct_id="u1")})
+    assert handler.emitted == []
+
+
+def test_the_tag_name_avoids_record_attributes(
+    mixpanel_server: MixpanelServer, attach, make_handler
+) -> None:
+    assert "mixpanel" not in RESERVED_RECORD_ATTRIBUTES
+    assert set(tag.track("E")) == {"mixpanel"}
+    handler = make_handler()
+    attach("tests.invariants.tag_name", handler).info("ok", extra=tag.track("Ok", distinct_id="u"))
+    assert handler.flush(10)
+    assert [e["event"] for e in mixpanel_server.wait_for(1)] == ["Ok"]
+
+
+# --------------------------------------------------------------------------- no feedback loops
+
+
+@pytest.mark.parametrize("name", ["mp_logbridge", "mp_logbridge.internal"])
+def test_records_of_the_library_loggers_are_rejected(
+    name: str, mixpanel_server: MixpanelServer, attach, make_handler
+) -> None:
+    handler = make_handler()
+    library = logging.getLogger("mp_logbridge")
+    saved_level = library.level
+    try:
+        attach(name, handler).warning("own", extra=tag.track("Own", distinct_id="u1"))
+    finally:
+        library.setLevel(saved_level)
+        library.propagate = False
+    app = attach("mp_logbridge_app", handler)  # a prefix of the name is not the library
+    app.info("app", extra=tag.track("App", distinct_id="u1"))
+    assert handler.flush(10)
+    assert [e["event"] for e in mixpanel_server.wait_for(1)] == ["App"]
+    assert [r.name for r in handler.emitted] == ["mp_logbridge_app"]
+
+
+class _Unbuildable:
+    """A message source the sender thread cannot build: it reports it through ``on_error``."""
+
+    def build(self) -> dict[str, Any]:
+        raise InvalidMessageError("message", "cannot be built")
+
+
+def test_records_logged_on_a_sender_thread_are_rejected_before_any_lock(
+    mixpanel_server: MixpanelServer, attach, make_handler
+) -> None:
+    handler = make_handler()
+    log = attach("tests.invariants.sender_thread", handler)
+    callback_done = threading.Event()
+    callback_threads: list[str] = []
+
+    def on_error(error: BaseException, messages: list[Any]) -> None:
+        callback_threads.append(threading.current_thread().name)
+        log.error("delivery failed", extra=tag.track("Feedback", distinct_id="u1"))
+        callback_done.set()
+
+    reporter = AsyncConsumer(api_host=mixpanel_server.url, on_error=on_error)
+    try:
+        with handler.lock:  # a handler that took its lock here would hang the sender thread
+            reporter.send("event", _Unbuildable())
+            assert callback_done.wait(10), "the sender thread blocked on the handler"
+    finally:
+        reporter.close()
+    assert callback_threads == ["mp_logbridge-sender"]
+    assert handler.emitted == []
+    log.info("app thread", extra=tag.track("App Thread", distinct_id="u1"))
+    assert handler.flush(10)
+    assert [e["event"] for e in mixpanel_server.wait_for(1)] == ["App Thread"]
+
+
+# --------------------------------------------------------------------------- never twice
+
+
+def test_a_record_reaching_two_handlers_of_one_project_is_sent_once(
+    mixpanel_server: MixpanelServer, attach, make_handler
+) -> None:
+    root_like = make_handler()
+    child_handler = make_handler(batch_size=10)  # another consumer: dedup is not the consumer's
+    attach("tests.invariants.once", root_like)
+    child = attach("tests.invariants.once.child", child_handler, propagate=True)
+    child.info("x", extra=tag.track("Once", distinct_id="u1") + tag.charge(3, distinct_id="u1"))
+    child.info("y", extra=tag.track("Twice Logged", distinct_id="u1"))
+    assert child_handler.flush(10) and root_like.flush(10)
+    assert sorted(e["event"] for e in mixpanel_server.wait_for(2)) == ["Once", "Twice Logged"]
+    assert len(mixpanel_server.wait_for(1, "profile_updates")) == 1
+    assert len(child_handler.emitted) == 2 and len(root_like.emitted) == 2
+    assert len(mixpanel_server.events) == 2  # both handlers flushed: nothing more will come
+
+
+def test_a_record_reaching_handlers_of_two_projects_is_sent_to_each(
+    mixpanel_server: MixpanelServer, attach, make_handler
+) -> None:
+    parent = make_handler("project-a")
+    child_handler = make_handler("project-b")
+    attach("tests.invariants.projects", parent)
+    child = attach("tests.invariants.projects.child", child_handler, propagate=True)
+    child.info("x", extra=tag.track("Shared", distinct_id="u1"))
+    assert child_handler.flush(10) and parent.flush(10)
+    events = mixpanel_server.wait_for(2)
+    assert sorted(e["properties"]["token"] for e in events) == ["project-a", "project-b"]
+
+
+def test_handlers_of_one_project_reading_different_tags_each_send_theirs(
+    mixpanel_server: MixpanelServer, attach, make_handler
+) -> None:
+    default = make_handler()
+    other = make_handler(tag="analytics")
+    log = attach("tests.invariants.two_tags", default, other)
+    log.info(
+        "x",
+        extra={
+            **tag.track("From Default Tag", distinct_id="u1"),
+            "analytics": {"event": "From Other Tag", "distinct_id": "u1"},
+        },
+    )
+    assert default.flush(10) and other.flush(10)
+    events = mixpanel_server.wait_for(2)
+    assert sorted(e["event"] for e in events) == ["From Default Tag", "From Other Tag"]
+    assert len({e["properties"]["$insert_id"] for e in events}) == 2
+
+
+def test_copies_of_a_record_carry_the_same_insert_ids(
+    mixpanel_server: MixpanelServer, attach, make_handler
+) -> None:
+    """A copy (QueueHandler.prepare) or a pickled record is the same occurrence: same ids."""
+    handler = make_handler()
+    log = attach("tests.invariants.insert_ids", handler)
+    record = log.makeRecord(
+        log.name,
+        logging.INFO,
+        __file__,
+        10,
+        "x",
+        (),
+        None,
+        extra=tag.track("First", distinct_id="u1") + tag.track("Second", distinct_id="u1"),
+    )
+    shallow = copy.copy(record)
+    pickled = pickle.loads(pickle.dumps(record))
+    for each in (record, shallow, pickled):
+        handler.handle(each)
+    later = log.makeRecord(
+        log.name,
+        logging.INFO,
+        __file__,
+        11,
+        "x",
+        (),
+        None,
+        extra=tag.track("First", distinct_id="u1"),
+    )
+    handler.handle(later)
+    assert handler.flush(10)
+    events = mixpanel_server.wait_for(7)
+    ids: dict[str, set[str]] = {}
+    for event in events[:6]:
+        ids.setdefault(event["event"], set()).add(event["properties"]["$insert_id"])
+    assert len(ids["First"]) == len(ids["Second"]) == 1  # one id per message, in every copy
+    assert ids["First"] != ids["Second"]  # messages of one record differ
+    assert events[6]["properties"]["$insert_id"] not in ids["First"]  # another record differs
+
+
+def test_consecutive_records_from_one_line_get_distinct_insert_ids(
+    mixpanel_server: MixpanelServer, attach, make_handler
+) -> None:
+    handler = make_handler()
+    log = attach("tests.invariants.loop", handler)
+    for index in range(300):
+        log.info("purchase %d", index, extra=tag.track("Purchase", distinct_id="u1", n=index))
+    assert handler.flush(10)
+    events = mixpanel_server.wait_for(300)
+    assert len({e["properties"]["$insert_id"] for e in events}) == 300
+
+
+def test_records_sharing_time_and_line_but_not_content_get_distinct_insert_ids(
+    mixpanel_server: MixpanelServer, attach, make_handler
+) -> None:
+    """On a coarse (or frozen) clock, records of one line can share ``created``: Mixpanel must
+    not take them for one event, unless nothing at all tells them apart."""
+    handler = make_handler()
+    log = attach("tests.invariants.coarse_clock", handler)
+
+    def record(message: str, *args: Any, **properties: Any) -> logging.LogRecord:
+        made = log.makeRecord(
+            log.name, logging.INFO, __file__, 20, message, args, None, extra=tag.track(**properties)
+        )
+        made.created = 1_700_000_000.0
+        return made
+
+    for made in (
+        record("Bought", distinct_id="u1", sku="a"),
+        record("Bought", distinct_id="u1", sku="b"),  # another tag
+        record("step %d", 1, distinct_id="u1"),  # another message, named by it
+        record("step %d", 2, distinct_id="u1"),
+        record("Bought", distinct_id="u1", sku="a"),  # identical in every way: one occurrence
+    ):
+        handler.handle(made)
+    assert handler.flush(10)
+    ids = [e["properties"]["$insert_id"] for e in mixpanel_server.wait_for(5)]
+    assert len(set(ids[:4])) == 4
+    assert ids[4] == ids[0]
+
+
+# --------------------------------------------------------------------------- cheap rejection
+
+
+def test_untagged_records_never_reach_emit(
+    mixpanel_server: MixpanelServer, attach, make_handler
+) -> None:
+    handler = make_handler()
+    log = attach("tests.invariants.untagged", handler)
+    log.debug("debug")
+    log.info("info %s", "args", extra={"request_id": "r-1"})
+    log.warning("tag off", extra={"mixpanel": None})
+    log.error("tag off", extra={"mixpanel": False})
+    log.info("another handler's tag", extra={"analytics": {"event": "E", "distinct_id": "u1"}})
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        log.exception("untagged exception")
+    assert handler.emitted == []
+    log.info("tagged", extra=tag.track("Tagged", distinct_id="u1"))
+    assert len(handler.emitted) == 1
+    assert handler.flush(10)
+    assert [e["event"] for e in mixpanel_server.wait_for(1)] == ["Tagged"]
+
+
+# --------------------------------------------------------------------------- never raises
+
+
+class _BrokenConsumer:
+    """A consumer whose ``send`` fails for events and records everything else."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+
+    def send(self, kind: str, message: Any) -> bool:
+        if kind == "event":
+            raise RuntimeError("the consumer is broken")
+        self.sent.append((kind, message.build()))
+        return True
+
+    def flush(self, timeout: float | None = None) -> bool:
+        raise RuntimeError("flush is broken too")
+
+    def close(self, timeout: float | None = None) -> None:
+        raise AssertionError("a handler does not close a consumer it was given")
+
+
+def test_a_broken_consumer_never_raises_into_the_application(
+    attach, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = _BrokenConsumer()
+    handler = MixpanelHandler(TOKEN, consumer=broken)
+    log = attach("tests.invariants.broken", handler)
+    log.info(
+        "x", extra=tag.track("E", distinct_id="u1") + tag.people.set({"a": 1}, distinct_id="u1")
+    )
+    log.info("bad %d format", "not a number", extra={"mixpanel": True})  # getMessage() fails
+    assert handler.flush() is False
+    handler.close()
+    assert [kind for kind, _ in broken.sent] == ["profile_update"]  # the rest of the record
+    errors = capsys.readouterr().err
+    assert errors.count("--- Logging error ---") == 2  # Handler.handleError's report
+    assert "the consumer is broken" in errors
+
+
+def test_with_raise_exceptions_off_a_broken_consumer_is_silent(
+    attach, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    monkeypatch.setattr(logging, "raiseExceptions", False)
+    handler = MixpanelHandler(TOKEN, consumer=_BrokenConsumer())
+    log = attach("tests.invariants.silent", handler)
+    log.info("x", extra=tag.track("E", distinct_id="u1"))
+    handler.close()
+    assert "Logging error" not in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60)
+def test_log_calls_do_not_wait_for_a_server_that_is_down(down_url: str, attach) -> None:
+    """A hang guard: with nothing listening, 1000 tagged calls complete and all are accounted."""
+    handler = CountingHandler(
+        TOKEN, api_host=down_url, flush_interval=0.01, flush_timeout=0.5, exit_timeout=0.5
+    )
+    log = attach("tests.invariants.down", handler)
+    try:
+        for index in range(1000):
+            log.info("x", extra=tag.track("Down", distinct_id="u1", n=index))
+        assert len(handler.emitted) == 1000
+    finally:
+        handler.close()
+    stats = handler.stats()
+    assert stats["sent"] == 0
+    assert stats["dropped_total"] == 1000  # nothing lost silently
+    assert stats["queue_depth"] == 0
