@@ -6,23 +6,31 @@
   threads and ten connection pools.
 * :func:`submit`: the caller-thread part of turning a tag into messages — split it by kind,
   capture the context once, queue one deferred :class:`~mp_logbridge._tags.TagMessage` per entry.
+* :class:`Bridge`: one project's way in — token and tag settings, the :class:`Delivery`, the
+  "already sent" mark, and counting of losses the consumer cannot count itself. The handler and
+  the structlog processor are thin adapters around one.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
 from ._async import AsyncConsumer
 from ._consumers import as_consumer
 from ._context import BoundContext, baggage_distinct_id, span_ids
-from ._errors import ConfigurationError
+from ._diagnostics import DeliveryStats, warn
+from ._errors import ConfigurationError, InvalidMessageError, MixpanelError
 from ._tags import BridgeSpec, Capture, TagMessage, needs_user_lookup, split_tag
 from ._transport import Credentials, as_credentials, normalize_region, resolve_endpoints
 
-__all__ = ["DELIVERY_OPTIONS", "Delivery", "submit"]
+__all__ = ["DELIVERY_OPTIONS", "SENT_MARK", "Bridge", "Delivery", "submit"]
+
+#: Marks log records and event dicts whose tag was already sent: a tuple of ``(token, tag key)``
+#: entries, one per project and tag that sent it (it travels with ``extra``, copies and pickles).
+SENT_MARK = "_mp_logbridge_sent"
 
 #: Options a front door passes to the AsyncConsumer it makes (all of them decide sharing).
 DELIVERY_OPTIONS = (
@@ -186,9 +194,8 @@ def submit(
             text = message()
             break
     baggage_id = None
-    if (
-        context.distinct_id is None
-        and any(needs_user_lookup(kind, item) for kind, item, _op in parts)
+    if context.distinct_id is None and any(
+        needs_user_lookup(kind, item) for kind, item, _op in parts
     ):
         baggage_id = baggage_distinct_id()
     capture = Capture(
@@ -204,3 +211,188 @@ def submit(
     for index, (kind, item, op) in enumerate(parts):
         send(kind, TagMessage(capture, kind, item, op, index))
     return len(parts)
+
+
+class Bridge:
+    """One project's way from tags to a consumer, shared by the handler and the processor.
+
+    Resolves the token (``MIXPANEL_TOKEN`` when none is given; without one the bridge is
+    disabled, warns once and counts what it skips), owns the :class:`Delivery`, marks what it
+    sent so a second front door of the same project skips it, and counts the losses a consumer
+    cannot count itself (one that builds on the caller's thread and refuses a message, a tag that
+    fails before reaching it, a message after ``close()``).
+    """
+
+    __slots__ = (
+        "_counting",
+        "_local",
+        "_seen",
+        "closed",
+        "delivery",
+        "enabled",
+        "skipped",
+        "spec",
+        "tag",
+    )
+
+    def __init__(
+        self,
+        owner: str,
+        token: str | None,
+        *,
+        tag: str,
+        super_properties: Mapping[str, Any] | None,
+        default_distinct_id: str | int | None,
+        include_trace: bool,
+        include_exception: bool,
+        consumer: Any,
+        region: str | None,
+        api_host: str | None,
+        credentials: Credentials | None,
+        api_secret: str | None,
+        retry: Mapping[str, Any] | None,
+        options: Mapping[str, Any],
+    ) -> None:
+        if super_properties is not None and not isinstance(super_properties, Mapping):
+            raise ConfigurationError(f"{owner}: super_properties must be a mapping")
+        token = token if token is not None else os.environ.get("MIXPANEL_TOKEN")
+        self.enabled = isinstance(token, str) and bool(token.strip())
+        self.tag = tag
+        self.spec = BridgeSpec(
+            token if self.enabled else "",  # type: ignore[arg-type]
+            super_properties={k: super_properties[k] for k in super_properties}
+            if super_properties
+            else None,
+            default_distinct_id=default_distinct_id,
+            include_trace=include_trace,
+            include_exception=include_exception,
+        )
+        self._seen = (self.spec.token, tag)
+        self.delivery = Delivery(
+            consumer=consumer,
+            region=region,
+            api_host=api_host,
+            credentials=credentials,
+            api_secret=api_secret,
+            retry=retry,
+            options=options,
+            enabled=self.enabled,
+            owner=owner,
+        )
+        self._counting = callable(getattr(self.delivery.consumer, "stats", None))
+        self._local = DeliveryStats()
+        self.skipped = 0
+        self.closed = False
+        if not self.enabled:
+            warn(
+                "%s has no Mixpanel token (pass token= or set MIXPANEL_TOKEN): it is disabled "
+                "and will count what it skips",
+                owner,
+            )
+
+    @property
+    def consumer(self) -> Any:
+        """The consumer messages go to (``None`` when disabled)."""
+        return self.delivery.consumer
+
+    def claim(self, holder: MutableMapping[str, Any]) -> bool:
+        """Mark ``holder`` (a record's ``__dict__`` or an event dict) as sent by this project and
+        tag; ``False`` when it already was (another front door sent it)."""
+        sent = holder.get(SENT_MARK)
+        if sent:
+            if self._seen in sent:
+                return False
+            holder[SENT_MARK] = (*sent, self._seen)
+        else:
+            holder[SENT_MARK] = (self._seen,)
+        return True
+
+    def send(
+        self,
+        value: Any,
+        *,
+        created: float,
+        message: Callable[[], str | None],
+        context: BoundContext,
+        extra: Mapping[str, Any] | None = None,
+        facts: tuple[Any, ...] | None = None,
+    ) -> None:
+        """Queue the messages of one tag (counting what cannot be sent; never raises for data)."""
+        if self.closed:
+            self.lose("closed", "the front door is closed")
+            return
+        consumer = self.delivery.consumer
+        if consumer is None or not self.enabled:
+            self.skipped += 1
+            return
+        send = consumer.send if isinstance(consumer, AsyncConsumer) else self._send_now
+        try:
+            submit(
+                self.spec,
+                send,
+                value,
+                created=created,
+                message=message,
+                context=context,
+                extra=extra,
+                facts=facts,
+            )
+        except InvalidMessageError as error:
+            self.lose("invalid", f"{type(error).__name__}: {error}")
+
+    def _send_now(self, kind: str, message: Any) -> None:
+        """Send through a consumer that builds on this thread: a bad message spares the rest."""
+        consumer = self.delivery.consumer
+        try:
+            consumer.send(kind, message)
+        except InvalidMessageError as error:
+            if self._counting:  # the consumer counted it
+                warn("mp_logbridge: %s: %s", type(error).__name__, error)
+            else:
+                self.lose("invalid", f"{type(error).__name__}: {error}")
+        except MixpanelError as error:  # a delivery error the consumer counted and reported
+            warn("mp_logbridge could not deliver a message: %s", error)
+        except Exception as error:  # a consumer of the application's that broke
+            self.lose(
+                "invalid", f"the consumer {consumer!r} raised {type(error).__name__}: {error}"
+            )
+
+    def lose(self, reason: str, detail: str) -> None:
+        """Count a message lost before reaching a consumer able to count it, and report it."""
+        self._local.add_dropped(reason, 1, detail)
+        self._local.report()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Flush the consumer; ``True`` when everything was delivered (never raises)."""
+        try:
+            return self.delivery.flush(timeout)
+        except Exception as exc:
+            warn("mp_logbridge flush failed: %s: %s", type(exc).__name__, exc)
+            return False
+
+    def close(self) -> None:
+        """Release the consumer (closed when nothing else shares it). Idempotent, never raises."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.delivery.release()
+        except Exception as exc:
+            warn("mp_logbridge close failed: %s: %s", type(exc).__name__, exc)
+        self._local.report(force=True)  # losses the rate limit held back
+
+    def stats(self) -> dict[str, Any]:
+        """The consumer's counters plus the losses counted here, ``skipped`` and ``enabled``."""
+        try:
+            result = self.delivery.stats()
+        except Exception as exc:
+            warn("mp_logbridge could not read stats: %s: %s", type(exc).__name__, exc)
+            result = {}
+        dropped = dict(result.get("dropped") or {})
+        for reason, count in self._local.snapshot()["dropped"].items():
+            dropped[reason] = dropped.get(reason, 0) + count
+        result["dropped"] = dropped
+        result["dropped_total"] = sum(dropped.values())
+        result["skipped"] = self.skipped
+        result["enabled"] = self.enabled
+        return result

@@ -40,19 +40,13 @@ import time
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
-from ._async import AsyncConsumer
-from ._context import BoundContext, baggage_distinct_id, current_context
-from ._diagnostics import DeliveryStats, warn
-from ._errors import ConfigurationError, InvalidMessageError, MixpanelError
-from ._frontdoor import Delivery, submit
-from ._tags import DEFAULT_TAG, BridgeSpec, exception_properties
-from ._transport import Credentials, normalize_region
+from ._context import BoundContext, current_context
+from ._errors import ConfigurationError
+from ._frontdoor import Bridge
+from ._tags import DEFAULT_TAG, exception_properties
+from ._transport import Credentials
 
 __all__ = ["MixpanelProcessor"]
-
-#: Marks event dicts (and, through ``extra``, log records) whose tag was already sent: a tuple
-#: of ``(token, tag key)`` entries, one per project and tag that sent it.
-SENT_MARK = "_mp_logbridge_sent"
 
 
 class MixpanelProcessor:
@@ -78,21 +72,7 @@ class MixpanelProcessor:
             structlog forwards it).
     """
 
-    __slots__ = (
-        "_closed",
-        "_consumer_counts",
-        "_copy_keys",
-        "_delivery",
-        "_keep_tag",
-        "_local",
-        "_seen",
-        "_send",
-        "_skipped",
-        "_spec",
-        "_tag",
-        "_user_key",
-        "enabled",
-    )
+    __slots__ = ("_bridge", "_copy_keys", "_keep_tag", "_tag", "_user_key", "enabled")
 
     def __init__(
         self,
@@ -119,35 +99,22 @@ class MixpanelProcessor:
             if token is not None or consumer is not None:
                 raise ConfigurationError("give either tracker= or token=/consumer=, not both")
             token, consumer = tracker.token, tracker.consumer
-        token = token if token is not None else os.environ.get("MIXPANEL_TOKEN")
-        self.enabled = isinstance(token, str) and bool(token.strip())
         if not isinstance(tag, str) or not tag:
             raise ConfigurationError(f"tag must be a non-empty string, got {tag!r}")
         if isinstance(copy_keys, str):
             raise ConfigurationError("copy_keys must be a list of event-dict keys, not a string")
-        if super_properties is not None and not isinstance(super_properties, Mapping):
-            raise ConfigurationError("super_properties must be a mapping")
-        if region is not None:  # checked even when api_host (or consumer=) makes it moot
-            normalize_region(region)
         self._tag = tag
         self._user_key = distinct_id_key
         self._copy_keys = tuple(copy_keys)
         self._keep_tag = bool(keep_tag)
-        # The mark's entry, as MixpanelHandler writes it: this project, this tag key.
-        self._seen = (token if self.enabled else "", tag)
-        self._skipped = 0
-        self._closed = False
-        # Losses that never reach a consumer able to count them (a bad tag failing on this
-        # thread, a callable sink refusing a message, a log call after close()).
-        self._local = DeliveryStats()
-        self._spec = BridgeSpec(
-            token if self.enabled else "",  # type: ignore[arg-type]
+        self._bridge = Bridge(
+            "MixpanelProcessor",
+            token,
+            tag=tag,
             super_properties=super_properties,
             default_distinct_id=default_distinct_id,
             include_trace=include_trace,
             include_exception=include_exception,
-        )
-        self._delivery = Delivery(
             consumer=consumer,
             region=region,
             api_host=api_host,
@@ -155,26 +122,12 @@ class MixpanelProcessor:
             api_secret=api_secret,
             retry=retry,
             options=delivery,
-            enabled=self.enabled,
-            owner="MixpanelProcessor",
         )
-        consumer_ = self._delivery.consumer
-        self._consumer_counts = callable(getattr(consumer_, "stats", None))
-        if consumer_ is None or not self.enabled:
-            self._send: Any = None
-        elif isinstance(consumer_, AsyncConsumer):
-            self._send = consumer_.send  # builds on its own thread: nothing raises here
-        else:
-            self._send = self._send_now
-        if not self.enabled:
-            warn(
-                "MixpanelProcessor has no Mixpanel token (pass token= or set MIXPANEL_TOKEN): "
-                "it is disabled and will count the events it skips"
-            )
+        self.enabled = self._bridge.enabled
 
     def __repr__(self) -> str:
         state = "" if self.enabled else " disabled"
-        return f"<MixpanelProcessor{state} tag={self._tag!r} consumer={self._delivery.consumer!r}>"
+        return f"<MixpanelProcessor{state} tag={self._tag!r} consumer={self._bridge.consumer!r}>"
 
     def __call__(
         self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
@@ -186,120 +139,56 @@ class MixpanelProcessor:
             value = event_dict.get(self._tag)
             if value is None or value is False:
                 return event_dict
+            bridge = self._bridge
             if self._keep_tag:
-                seen = self._seen
-                sent = event_dict.get(SENT_MARK) or ()
-                if seen in sent:
-                    return event_dict
-                event_dict[SENT_MARK] = (*sent, seen)
+                if not bridge.claim(event_dict):
+                    return event_dict  # sent already, by another front door of this project
             else:
                 del event_dict[self._tag]
-            if self._send is None:
-                if self._closed:
-                    self._lose("closed", "the MixpanelProcessor is closed")
-                else:
-                    self._skipped += 1
-                return event_dict
-            self._submit(value, event_dict)
+            bridge.send(
+                value,
+                created=time.time(),
+                message=lambda: _event_text(event_dict),
+                context=self._context(event_dict),
+                extra=self._extra(event_dict),
+                facts=(time.time_ns(), os.getpid(), threading.get_ident(), id(event_dict)),
+            )
         except Exception as exc:
-            self._lose("invalid", f"{type(exc).__name__}: {exc}")
+            self._bridge.lose("invalid", f"{type(exc).__name__}: {exc}")
         return event_dict
 
-    def _submit(self, value: Any, event_dict: Mapping[str, Any]) -> None:
+    def _context(self, event_dict: Mapping[str, Any]) -> BoundContext:
         context = current_context()
-        user_key = self._user_key
-        if user_key is not None:
-            user = event_dict.get(user_key)
+        if self._user_key is not None:
+            user = event_dict.get(self._user_key)
             if user is not None and user != "":
-                context = BoundContext(user, context.properties)
-        if context.distinct_id is None and self._spec.default_distinct_id is not None:
-            # Baggage comes before the configured default: read it here, where contextvars
-            # are those of the log call, and let it stand in for the bound user.
-            baggage_id = baggage_distinct_id()
-            if baggage_id is not None:
-                context = BoundContext(baggage_id, context.properties)
+                return BoundContext(user, context.properties)
+        return context
+
+    def _extra(self, event_dict: Mapping[str, Any]) -> dict[str, Any] | None:
         extra: dict[str, Any] | None = None
         if self._copy_keys:
             extra = {key: event_dict[key] for key in self._copy_keys if key in event_dict}
-        if self._spec.include_exception:
+        if self._bridge.spec.include_exception:
             error = _exception_of(event_dict.get("exc_info"))
             if error is not None:
                 extra = {**(extra or {}), **exception_properties(error)}
-        submit(
-            self._spec,
-            self._send,
-            value,
-            created=time.time(),
-            message=lambda: _event_text(event_dict),
-            context=context,
-            extra=extra,
-            facts=(time.time_ns(), os.getpid(), threading.get_ident(), id(event_dict)),
-        )
-
-    def _send_now(self, kind: str, message: Any) -> None:
-        """Send through a consumer that builds on this thread; one bad message spares the rest."""
-        consumer = self._delivery.consumer
-        try:
-            consumer.send(kind, message)
-        except InvalidMessageError as error:
-            if self._consumer_counts:  # it counted the loss itself
-                warn("MixpanelProcessor: %s: %s", type(error).__name__, error)
-            else:
-                self._lose("invalid", f"{type(error).__name__}: {error}")
-        except MixpanelError as error:  # a delivery error the consumer has counted
-            warn("MixpanelProcessor could not deliver a message: %s", error)
-        except Exception as error:
-            warn(
-                "MixpanelProcessor: the consumer %r failed: %s: %s",
-                consumer,
-                type(error).__name__,
-                error,
-            )
-
-    def _lose(self, reason: str, detail: str) -> None:
-        """Count a message lost before reaching a counting consumer, and report it."""
-        self._local.add_dropped(reason, 1, detail)
-        self._local.report()
+        return extra
 
     # ------------------------------------------------------------------ lifecycle
 
     def flush(self, timeout: float | None = None) -> bool:
         """Deliver what is queued; ``True`` when everything was delivered."""
-        try:
-            return self._delivery.flush(timeout)
-        except Exception as exc:
-            warn("MixpanelProcessor flush failed: %s: %s", type(exc).__name__, exc)
-            return False
+        return self._bridge.flush(timeout)
 
     def close(self) -> None:
         """Release the consumer (closed when nothing else shares it). Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        self._send = None
-        try:
-            self._delivery.release()
-        except Exception as exc:
-            warn("MixpanelProcessor close failed: %s: %s", type(exc).__name__, exc)
-        self._local.report(force=True)  # losses the rate limit held back
+        self._bridge.close()
 
     def stats(self) -> dict[str, Any]:
         """The consumer's delivery counters plus what the processor counted itself: losses that
         never reached the consumer, and ``skipped`` (events a disabled processor skipped)."""
-        try:
-            result = self._delivery.stats()
-        except Exception as exc:
-            warn("MixpanelProcessor could not read stats: %s: %s", type(exc).__name__, exc)
-            result = {}
-        local = self._local.snapshot()
-        dropped = dict(result.get("dropped") or {})
-        for reason, count in local["dropped"].items():
-            dropped[reason] = dropped.get(reason, 0) + count
-        result["dropped"] = dropped
-        result["dropped_total"] = sum(dropped.values())
-        result["skipped"] = self._skipped
-        result["enabled"] = self.enabled
-        return result
+        return self._bridge.stats()
 
 
 def _event_text(event_dict: Mapping[str, Any]) -> str | None:

@@ -387,12 +387,15 @@ def test_a_broken_consumer_never_raises_into_the_application(
     assert handler.flush() is False
     handler.close()
     assert [kind for kind, _ in broken.sent] == ["profile_update"]  # the rest of the record
+    # The message the consumer failed on is counted (and reported on the library's logger);
+    # the record whose message cannot be formatted goes to Handler.handleError.
+    assert handler.stats()["dropped"]["invalid"] == 1
     errors = capsys.readouterr().err
-    assert errors.count("--- Logging error ---") == 2  # Handler.handleError's report
-    assert "the consumer is broken" in errors
+    assert errors.count("--- Logging error ---") == 1
+    assert "bad %d format" in errors
 
 
-def test_with_raise_exceptions_off_a_broken_consumer_is_silent(
+def test_with_raise_exceptions_off_a_broken_consumer_is_still_counted(
     attach, capsys: pytest.CaptureFixture[str], monkeypatch
 ) -> None:
     monkeypatch.setattr(logging, "raiseExceptions", False)
@@ -401,6 +404,7 @@ def test_with_raise_exceptions_off_a_broken_consumer_is_silent(
     log.info("x", extra=tag.track("E", distinct_id="u1"))
     handler.close()
     assert "Logging error" not in capsys.readouterr().err
+    assert handler.stats()["dropped"]["invalid"] == 1  # lost, but never silently
 
 
 @pytest.mark.timeout(60)

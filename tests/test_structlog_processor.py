@@ -763,11 +763,6 @@ def test_render_to_log_kwargs_handler_only(
     assert len(mixpanel_server.profile_updates) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MixpanelHandler reads the tag from record attributes only; wrap_for_formatter puts "
-    "the event dict, tag included, in record.msg",
-)
 def test_wrap_for_formatter_handler_only(
     make_handler: Callable[..., MixpanelHandler],
     stdlib_logger: Callable[..., logging.Logger],
@@ -822,11 +817,6 @@ def test_import_and_use_without_structlog(run_python: Any) -> None:
 # --------------------------------------------------------------------------- lifecycle
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MixpanelHandler keeps its own registry of shared consumers instead of "
-    "_frontdoor.Delivery's, so a processor and a handler never share one",
-)
 def test_processor_and_handler_with_the_same_options_share_one_consumer(
     make_processor: Callable[..., MixpanelProcessor],
     make_handler: Callable[..., MixpanelHandler],
