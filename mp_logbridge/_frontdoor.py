@@ -4,11 +4,11 @@
   :class:`~mp_logbridge.AsyncConsumer` made from delivery options and shared (reference counted)
   with every other front door configured with the same options, so ten handlers do not mean ten
   threads and ten connection pools.
-* :func:`submit`: the caller-thread part of turning a tag into messages — split it by kind,
-  capture the context once, queue one deferred :class:`~mp_logbridge._tags.TagMessage` per entry.
 * :class:`Bridge`: one project's way in — token and tag settings, the :class:`Delivery`, the
-  "already sent" mark, and counting of losses the consumer cannot count itself. The handler and
-  the structlog processor are thin adapters around one.
+  "already sent" mark, the caller-thread part of turning a tag into messages (split it by kind,
+  capture the context once, queue one deferred :class:`~mp_logbridge._tags.TagMessage` per
+  entry), and counting of losses the consumer cannot count itself. The handler and the
+  structlog processor are thin adapters around one.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from ._consumers import as_consumer
 from ._context import BoundContext, baggage_distinct_id, span_ids
 from ._diagnostics import DeliveryStats, warn
 from ._errors import ConfigurationError, InvalidMessageError, MixpanelError
-from ._tags import BridgeSpec, Capture, TagMessage, needs_user_lookup, split_tag
+from ._tags import BridgeSpec, Capture, TagMessage, names_event, needs_user_lookup, split_tag
 from ._transport import Credentials, as_credentials, normalize_region, resolve_endpoints
 
-__all__ = ["DELIVERY_OPTIONS", "SENT_MARK", "Bridge", "Delivery", "submit"]
+__all__ = ["DELIVERY_OPTIONS", "SENT_MARK", "Bridge", "Delivery"]
 
 #: Marks log records and event dicts whose tag was already sent: a tuple of ``(token, tag key)``
 #: entries, one per project and tag that sent it (it travels with ``extra``, copies and pickles).
@@ -170,49 +170,6 @@ class Delivery:
         return dict(stats()) if callable(stats) else {}
 
 
-def submit(
-    spec: BridgeSpec,
-    send: Callable[[str, Any], Any],
-    value: Any,
-    *,
-    created: float,
-    message: Callable[[], str | None],
-    context: BoundContext,
-    extra: Mapping[str, Any] | None = None,
-    facts: tuple[Any, ...] | None = None,
-) -> int:
-    """Queue the messages of one tag; returns how many.
-
-    Runs on the caller's thread, so it only reads what does not cross threads (the bound
-    context, baggage, the active span) and defers everything else to ``TagMessage.build``.
-    ``message`` is called only when an event takes its name from the log message.
-    """
-    parts = split_tag(value)
-    text = None
-    for kind, item, _op in parts:
-        if kind == "event" and not (isinstance(item, Mapping) and item.get("event")):
-            text = message()
-            break
-    baggage_id = None
-    if context.distinct_id is None and any(
-        needs_user_lookup(kind, item) for kind, item, _op in parts
-    ):
-        baggage_id = baggage_distinct_id()
-    capture = Capture(
-        spec,
-        created,
-        text,
-        context,
-        baggage_id=baggage_id,
-        span=span_ids() if spec.include_trace else None,
-        extra=extra,
-        facts=facts,
-    )
-    for index, (kind, item, op) in enumerate(parts):
-        send(kind, TagMessage(capture, kind, item, op, index))
-    return len(parts)
-
-
 class Bridge:
     """One project's way from tags to a consumer, shared by the handler and the processor.
 
@@ -227,6 +184,7 @@ class Bridge:
         "_counting",
         "_local",
         "_seen",
+        "_send_one",
         "closed",
         "delivery",
         "enabled",
@@ -279,7 +237,17 @@ class Bridge:
             enabled=self.enabled,
             owner=owner,
         )
-        self._counting = callable(getattr(self.delivery.consumer, "stats", None))
+        consumer_ = self.delivery.consumer
+        self._counting = callable(getattr(consumer_, "stats", None))
+        # A background consumer builds on its own thread (nothing raises here); others build on
+        # this one, so each message is sent on its own and a bad one spares the rest.
+        self._send_one: Callable[[str, Any], Any] | None
+        if consumer_ is None or not self.enabled:
+            self._send_one = None
+        elif isinstance(consumer_, AsyncConsumer):
+            self._send_one = consumer_.send
+        else:
+            self._send_one = self._send_now
         self._local = DeliveryStats()
         self.skipped = 0
         self.closed = False
@@ -310,35 +278,42 @@ class Bridge:
     def send(
         self,
         value: Any,
-        *,
         created: float,
         message: Callable[[], str | None],
         context: BoundContext,
         extra: Mapping[str, Any] | None = None,
         facts: tuple[Any, ...] | None = None,
     ) -> None:
-        """Queue the messages of one tag (counting what cannot be sent; never raises for data)."""
+        """Queue the messages of one tag; on the caller's thread, so only cheap work happens here.
+
+        Reads what does not cross threads (the bound context, baggage, the active span) and
+        defers everything else to ``TagMessage.build`` on the sender thread. ``message`` is
+        called only when an event takes its name from the log message.
+        """
         if self.closed:
             self.lose("closed", "the front door is closed")
             return
-        consumer = self.delivery.consumer
-        if consumer is None or not self.enabled:
+        send = self._send_one
+        if send is None:
             self.skipped += 1
             return
-        send = consumer.send if isinstance(consumer, AsyncConsumer) else self._send_now
-        try:
-            submit(
-                self.spec,
-                send,
-                value,
-                created=created,
-                message=message,
-                context=context,
-                extra=extra,
-                facts=facts,
-            )
-        except InvalidMessageError as error:
-            self.lose("invalid", f"{type(error).__name__}: {error}")
+        spec = self.spec
+        parts = split_tag(value)
+        text = None
+        for kind, item, _op in parts:
+            if kind == "event" and not names_event(item):
+                text = message()
+                break
+        baggage_id = None
+        if context.distinct_id is None:
+            for kind, item, _op in parts:
+                if needs_user_lookup(kind, item):
+                    baggage_id = baggage_distinct_id()
+                    break
+        span = span_ids() if spec.include_trace else None
+        capture = Capture(spec, created, text, context, baggage_id, span, extra, facts)
+        for index, (kind, item, op) in enumerate(parts):
+            send(kind, TagMessage(capture, kind, item, op, index))
 
     def _send_now(self, kind: str, message: Any) -> None:
         """Send through a consumer that builds on this thread: a bad message spares the rest."""

@@ -363,23 +363,34 @@ tag = Tags()
 # --------------------------------------------------------------------------- from tag to records
 
 
+def _is_mapping(value: Any) -> bool:
+    return type(value) is dict or isinstance(value, Mapping)
+
+
 def _split_item(item: Any) -> list[tuple[str, Any, str | None]]:
-    if not isinstance(item, Mapping):
+    if not _is_mapping(item):
         if item is True:
             return [("event", {}, None)]
         if isinstance(item, str):
             return [("event", {"event": item}, None)]
         return [("event", item, None)]
     if "$group_key" in item or "$group_id" in item:
-        kind, allowed = "group_update", _PROFILE_OPS
+        kind = "group_update"
     elif "$distinct_id" in item or not _PROFILE_OPS.isdisjoint(item):
-        kind, allowed = "profile_update", _PROFILE_OPS
+        kind = "profile_update"
     else:
         return [("event", item, None)]
-    ops = [key for key in item if key in allowed]
+    # Group items are split on every profile operation too, so that an operation groups do
+    # not have (``$add``) is reported by name when the record is built.
+    ops = [key for key in item if key in _PROFILE_OPS]
     if not ops:
         return [(kind, item, None)]
     return [(kind, item, op) for op in ops]
+
+
+def names_event(item: Any) -> bool:
+    """Whether an event tag entry names its event (otherwise the log message does)."""
+    return _is_mapping(item) and bool(item.get("event"))
 
 
 def split_tag(value: Any) -> list[tuple[str, Any, str | None]]:
@@ -436,7 +447,17 @@ class Capture:
     values derive from them, so one record reaching two handlers yields the same ids.
     """
 
-    __slots__ = ("baggage_id", "context", "created", "extra", "facts", "message", "span", "spec")
+    __slots__ = (
+        "_key",
+        "baggage_id",
+        "context",
+        "created",
+        "extra",
+        "facts",
+        "message",
+        "span",
+        "spec",
+    )
 
     def __init__(
         self,
@@ -444,7 +465,6 @@ class Capture:
         created: float,
         message: str | None,
         context: BoundContext,
-        *,
         baggage_id: str | None = None,
         span: tuple[int, int] | None = None,
         extra: Mapping[str, Any] | None = None,
@@ -458,6 +478,7 @@ class Capture:
         self.span = span
         self.extra = extra
         self.facts = facts
+        self._key: str | None = None
 
     def insert_id(self, index: int, content: Any = None) -> str:
         """A ``$insert_id`` for message ``index`` of this capture.
@@ -467,9 +488,14 @@ class Capture:
         clock's resolution (coarse on some platforms, frozen in tests), which would otherwise
         be de-duplicated by Mixpanel as one.
         """
-        if self.facts is None:
+        facts = self.facts
+        if facts is None:
             return msg.new_insert_id()
-        key = repr((*self.facts, index, self.message, content)).encode()
+        prefix = self._key
+        if prefix is None:  # shared by the messages of this capture
+            parts = [fact.hex() if type(fact) is float else str(fact) for fact in facts]
+            prefix = self._key = "|".join(parts) + f"|{self.message}"
+        key = f"{prefix}|{index}|{content!r}".encode()
         return hashlib.blake2b(key, digest_size=16).hexdigest()
 
     def distinct_id(self, given: Any, field: str) -> Any:
@@ -491,13 +517,13 @@ class Capture:
 
 def needs_user_lookup(kind: str, item: Any) -> bool:
     """Whether a tag item names no user itself (so baggage must be read on the caller)."""
-    if not isinstance(item, Mapping):
+    if not _is_mapping(item):
         return True
     if kind == "event":
+        if item.get("distinct_id") is not None:
+            return False
         props = item.get("properties")
-        return item.get("distinct_id") is None and not (
-            isinstance(props, Mapping) and props.get("distinct_id") is not None
-        )
+        return not (_is_mapping(props) and props.get("distinct_id") is not None)
     if kind == "profile_update":
         return item.get("$distinct_id") is None
     return False
