@@ -48,12 +48,15 @@ _OVERFLOW_POLICIES = ("drop_newest", "drop_oldest")
 #: Default number of records per request (see benchmarks/README.md for how it was chosen).
 DEFAULT_BATCH_SIZE = 500
 
-_sender_idents: set[int] = set()
+# Thread ident -> the process it runs in: a forked child's first thread often reuses the ident
+# of a parent's sender thread, which does not exist in the child.
+_sender_idents: dict[int, int] = {}
 
 
 def is_sender_thread() -> bool:
     """Whether the current thread is one of this library's sender threads."""
-    return threading.get_ident() in _sender_idents
+    pid = _sender_idents.get(threading.get_ident())
+    return pid is not None and pid == os.getpid()
 
 
 class MessagesDropped(DeliveryError):
@@ -143,8 +146,7 @@ class _FlushWaiter:
 
 
 _live: weakref.WeakSet[AsyncConsumer] = weakref.WeakSet()
-_hooks_lock = threading.Lock()
-_exit_hook_registered = False
+_exiting = False  # set once the exit hook has run: no sender thread may start after that
 
 
 def _logging_lock_held() -> bool:
@@ -159,24 +161,31 @@ def _logging_lock_held() -> bool:
 
 def _at_exit() -> None:
     """Deliver what is queued, through the running threads, within the consumers' deadlines."""
+    global _exiting
+    _exiting = True
     consumers = [c for c in list(_live) if c._thread is not None]
     if not consumers:
         return
     now = time.monotonic()
     deadline = now + max(c.exit_timeout for c in consumers)
     for consumer in consumers:
-        consumer._begin_close(min(deadline, now + consumer.exit_timeout))
+        remaining = min(deadline, now + consumer.exit_timeout) - now
+        consumer._begin_close(consumer._clock.monotonic() + remaining)  # on its own clock
     for consumer in consumers:
         consumer._finish_close(max(0.0, deadline - time.monotonic()))
 
 
 def _after_fork_in_child() -> None:
+    _sender_idents.clear()  # the parent's sender threads do not exist here
     for consumer in list(_live):
         consumer._reinit_after_fork()
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+# Registered at import, after ``import logging``: it runs before ``logging.shutdown`` and after
+# every exit hook registered later, so messages those hooks send are still delivered.
+atexit.register(_at_exit)
 
 
 class AsyncConsumer(_ConsumerBase):
@@ -267,12 +276,17 @@ class AsyncConsumer(_ConsumerBase):
         self._incoming: deque[tuple[str, Any, Credentials | None, int]] = deque()
         self._seq = 0
         self._wake_at = _INF  # when the sleeping sender will wake up by itself
+        self._wake_count = self.batch_size  # queued messages that may fill a lane's batch
+        self._incoming_since = 0.0  # when the first message now in ``_incoming`` arrived
         self._thread: threading.Thread | None = None
         self._closing = False
         self._closed = False
         self._close_deadline = _INF
         self._abandoned = False
         self._urgent_gen = 0
+        self._urgent_seq = 0  # messages up to this one were flushed: due now, waited for or not
+        self._flushed_seq = 0  # the last message the previous flush covered
+        self._failed_seq = 0  # the last message dropped
         self._waiters: list[_FlushWaiter] = []
         self._lanes: dict[tuple[str, Credentials | None], _Lane] = {}
         # Counters shared with callers (read under the lock): records grabbed but not yet
@@ -331,9 +345,7 @@ class AsyncConsumer(_ConsumerBase):
                 if len(incoming) >= self.max_queue_size:  # drop_oldest
                     _kind, victim, _creds, evicted_seq = incoming.popleft()
                     refused = "queue_full"
-                    for waiter in self._waiters:
-                        if evicted_seq <= waiter.target:
-                            waiter.failed = True
+                    self._mark_failed_locked(evicted_seq, evicted_seq)
                 self._seq += 1
                 incoming.append((kind, message, credentials, self._seq))
                 if self._thread is None and not self._start_thread():
@@ -341,10 +353,12 @@ class AsyncConsumer(_ConsumerBase):
                     refused, victim = "shutdown_timeout", message
                 else:
                     accepted = True
-                    if len(incoming) >= self.batch_size or (
-                        len(incoming) == 1
-                        and self._wake_at > time.monotonic() + self.flush_interval
-                    ):
+                    size = len(incoming)
+                    if size == 1:  # the first since the sender last looked: note the time
+                        now = self._incoming_since = self._clock.monotonic()
+                        if size >= self._wake_count or self._wake_at > now + self.flush_interval:
+                            self._cond.notify()
+                    elif size >= self._wake_count:
                         self._cond.notify()
             if refused is None:
                 return True
@@ -360,19 +374,19 @@ class AsyncConsumer(_ConsumerBase):
         self._drop(reason, MessagesDropped(reason, texts[reason]), lambda: [_as_record(message)], 1)
 
     def _start_thread(self) -> bool:
-        """Start the sender thread (called with the lock held). ``False`` if threads cannot start."""
-        global _exit_hook_registered
+        """Start the sender thread (called with the lock held). ``False`` if threads cannot start.
+
+        Once the exit hook has run nothing would wait for a new thread (and Python 3.12+ may
+        refuse to start one), so a first message after that is refused rather than lost.
+        """
+        if _exiting:
+            return False
         thread = threading.Thread(target=self._run, name="mp_logbridge-sender", daemon=True)
         try:
             thread.start()
         except RuntimeError:  # "can't create new thread at interpreter shutdown"
             return False
         self._thread = thread
-        with _hooks_lock:
-            if not _exit_hook_registered:
-                # Registered after ``import logging``, so it runs before ``logging.shutdown``.
-                atexit.register(_at_exit)
-                _exit_hook_registered = True
         return True
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -380,17 +394,22 @@ class AsyncConsumer(_ConsumerBase):
 
         Returns:
             ``True`` when all of it was delivered (``False`` on timeout, or when some of it was
-            dropped). Called while the logging module's lock is held (as ``dictConfig`` does),
-            it starts the delivery and returns ``False`` at once instead of waiting.
+            dropped, before or during the call; a drop reported by an earlier flush is not
+            reported again). Called while the logging module's lock is held (as ``dictConfig``
+            does), it starts the delivery and returns ``False`` at once instead of waiting.
         """
         if self._pid != os.getpid():
             self._reinit_after_fork()
         limit = self.flush_timeout if timeout is None else max(0.0, float(timeout))
         with self._lock:
+            # A message queued since the previous flush may have been dropped already.
+            dropped_before = self._failed_seq > self._flushed_seq
+            self._flushed_seq = self._seq
             if self._pending_locked() == 0:
-                return True
+                return not dropped_before
             waiter = _FlushWaiter(self._seq)
             self._waiters.append(waiter)
+            self._urgent_seq = self._seq
             self._urgent_gen += 1
             self._cond.notify()
         if is_sender_thread() or _logging_lock_held():
@@ -400,7 +419,7 @@ class AsyncConsumer(_ConsumerBase):
             with self._lock:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
-        return finished and not waiter.failed
+        return finished and not waiter.failed and not dropped_before
 
     def close(self, timeout: float | None = None) -> None:
         """Stop accepting messages, deliver what is queued within ``timeout``, stop the thread.
@@ -460,15 +479,17 @@ class AsyncConsumer(_ConsumerBase):
     # ------------------------------------------------------------------ sender thread
 
     def _run(self) -> None:
-        _sender_idents.add(threading.get_ident())
+        _sender_idents[threading.get_ident()] = os.getpid()
         try:
             self._loop()
+            # A consumer closed without waiting (under dictConfig) gets no other final report.
+            self._stats.report(force=True)
         except BaseException as exc:  # pragma: no cover - a bug: make it visible, count the loss
             self._stats.add_dropped("shutdown_timeout", self._pending_locked(), repr(exc))
             self._stats.report(force=True)
             raise
         finally:
-            _sender_idents.discard(threading.get_ident())
+            _sender_idents.pop(threading.get_ident(), None)
 
     def _loop(self) -> None:
         clock = self._clock
@@ -483,15 +504,17 @@ class AsyncConsumer(_ConsumerBase):
                     if self._incoming or deadline <= now:
                         break
                     self._wake_at = deadline
+                    self._wake_count = self._batch_room()
                     clock.wait(self._cond, None if deadline == _INF else deadline - now)
                     self._wake_at = _INF
                 grabbed, self._incoming = self._incoming, deque()
                 if grabbed:
                     self._admitting, self._admitting_seq = len(grabbed), grabbed[0][3]
+                since = self._incoming_since
                 gen = self._urgent_gen
                 closing, close_deadline = self._closing, self._close_deadline
             if grabbed:
-                self._admit(grabbed)
+                self._admit(grabbed, since)
             if closing and clock.monotonic() >= close_deadline:
                 self._expire_all()
                 continue
@@ -509,6 +532,14 @@ class AsyncConsumer(_ConsumerBase):
             deadline = min(deadline, self._lane_due(lane, urgent, self._urgent_gen))
         return deadline
 
+    def _batch_room(self) -> int:
+        """How many more messages may fill the fullest waiting lane (called with the lock held)."""
+        fullest = max(
+            (len(lane.queue) for lane in self._lanes.values() if lane.retry_batch is None),
+            default=0,
+        )
+        return max(1, self.batch_size - fullest)
+
     def _lane_due(self, lane: _Lane, urgent: bool, gen: int) -> float:
         if lane.retry_batch is not None:
             return -_INF if lane.interrupted_gen < gen else lane.not_before
@@ -516,17 +547,27 @@ class AsyncConsumer(_ConsumerBase):
             return -_INF
         if not lane.queue:
             return _INF
-        if urgent or len(lane.queue) >= self.batch_size or lane.bytes >= self.max_batch_bytes:
+        if (
+            urgent
+            or lane.queue[0].seq <= self._urgent_seq
+            or len(lane.queue) >= self.batch_size
+            or lane.bytes >= self.max_batch_bytes
+        ):
             return -_INF
         return lane.oldest + self.flush_interval
 
-    def _admit(self, grabbed: Iterable[tuple[str, Any, Credentials | None, int]]) -> None:
+    def _admit(
+        self, grabbed: Iterable[tuple[str, Any, Credentials | None, int]], since: float
+    ) -> None:
         """Encode queued messages into their lanes.
+
+        ``since`` is when the first of them was queued: a lane they start waits
+        ``flush_interval`` from then, not from now.
 
         This is the seam between the in-memory queue and delivery: a durable store would keep
         the encoded records here, before any send attempt.
         """
-        now = self._clock.monotonic()
+        now = min(self._clock.monotonic(), since)
         added_records = added_bytes = 0
         for kind, message, credentials, seq in grabbed:
             try:
@@ -614,7 +655,7 @@ class AsyncConsumer(_ConsumerBase):
             timeout = close_deadline - now if closing else None
             outcome = post_batch(self.transport, lane.kind, batch, lane.credentials, timeout)
             lane.attempts += 1
-            if outcome.delivered:
+            if outcome.delivered and not self._abandoned:  # abandoned: already counted lost
                 self._stats.add_sent(len(outcome.delivered))
             for reason, items, error in outcome.dropped:
                 self._drop_pending(reason, error, items)
@@ -665,20 +706,24 @@ class AsyncConsumer(_ConsumerBase):
     def _drop_pending(self, reason: str, error: BaseException, items: list[Pending]) -> None:
         if self._abandoned or not items:
             return
-        self._mark_failed(min(item.seq for item in items))
+        seqs = [item.seq for item in items]
+        with self._lock:
+            self._mark_failed_locked(min(seqs), max(seqs))
         self._drop(reason, error, lambda: [item.record() for item in items], len(items))
 
     def _drop_seq(self, reason: str, error: BaseException, message: Any, seq: int) -> None:
         if self._abandoned:
             return
-        self._mark_failed(seq)
+        with self._lock:
+            self._mark_failed_locked(seq, seq)
         self._drop(reason, error, lambda: [_as_record(message)], 1)
 
-    def _mark_failed(self, seq: int) -> None:
-        with self._lock:
-            for waiter in self._waiters:
-                if seq <= waiter.target:
-                    waiter.failed = True
+    def _mark_failed_locked(self, low: int, high: int) -> None:
+        """Messages ``low``..``high`` were dropped: fail the flushes waiting for any of them."""
+        self._failed_seq = max(self._failed_seq, high)
+        for waiter in self._waiters:
+            if low <= waiter.target:
+                waiter.failed = True
 
     def _resolve_waiters(self) -> None:
         """Wake flushes whose messages are all resolved (called with the lock held)."""

@@ -211,6 +211,8 @@ class RetryPolicy:
     max_retry_after: float = 60.0
 
     def __post_init__(self) -> None:
+        if len(self.jitter) != 2:
+            raise ConfigurationError(f"jitter must be a (low, high) pair, got {self.jitter!r}")
         low, high = self.jitter
         if self.max_attempts < 1:
             raise ConfigurationError("max_attempts must be at least 1")
@@ -250,7 +252,9 @@ class RetryPolicy:
         rng: Callable[[float, float], float] = random.uniform,
     ) -> float:
         """Seconds to wait before retry number ``retry_number`` (1 for the first retry)."""
-        backoff = min(self.max_backoff, self.initial_backoff * float(2 ** max(0, retry_number - 1)))
+        # The exponent is capped: 2.0 ** 1024 overflows (a product that does is just ``inf``).
+        doubling = 2.0 ** min(max(0, retry_number - 1), 1000)
+        backoff = min(self.max_backoff, self.initial_backoff * doubling)
         wait = backoff + float(rng(*self.jitter))
         if retry_after is not None:
             wait = max(wait, min(retry_after, self.max_retry_after))
