@@ -28,6 +28,7 @@ from ._consumers import ErrorCallback, _ConsumerBase, _positive_int, _positive_n
 from ._delivery import (
     MAX_BATCH_RECORDS,
     MAX_REQUEST_BYTES,
+    JsonText,
     Pending,
     RetryPolicy,
     encode_message,
@@ -46,8 +47,9 @@ _KIND_SET = frozenset(KINDS)
 _INF = float("inf")
 _OVERFLOW_POLICIES = ("drop_newest", "drop_oldest")
 #: Default number of records per request (see benchmarks/README.md for how it was chosen).
-DEFAULT_BATCH_SIZE = 500
+DEFAULT_BATCH_SIZE = 2000
 
+_getpid = os.getpid
 # Thread ident -> the process it runs in: a forked child's first thread often reuses the ident
 # of a parent's sender thread, which does not exist in the child.
 _sender_idents: dict[int, int] = {}
@@ -276,6 +278,7 @@ class AsyncConsumer(_ConsumerBase):
         self._incoming: deque[tuple[str, Any, Credentials | None, int]] = deque()
         self._seq = 0
         self._wake_at = _INF  # when the sleeping sender will wake up by itself
+        self._sleeping = False  # whether the sender waits on the condition (then send wakes it)
         self._wake_count = self.batch_size  # queued messages that may fill a lane's batch
         self._incoming_since = 0.0  # when the first message now in ``_incoming`` arrived
         self._thread: threading.Thread | None = None
@@ -324,8 +327,43 @@ class AsyncConsumer(_ConsumerBase):
             InvalidMessageError: only for an unknown ``kind`` or a message of an unusable type;
                 values inside the message are checked on the sender thread.
         """
-        if self._pid != os.getpid():
+        if (
+            api_key is None
+            and api_secret is None
+            and kind in _KIND_SET
+            and (type(message) is dict or hasattr(message, "build"))
+            and self._pid == _getpid()
+        ):
+            # The common case, kept short: room in the queue, sender running, nothing to refuse.
+            lock = self._lock
+            lock.acquire()
+            try:
+                incoming = self._incoming
+                size = len(incoming)
+                if (
+                    size < self.max_queue_size
+                    and self._thread is not None
+                    and not self._closed
+                    and self._lane_bytes < self.max_queue_bytes
+                ):
+                    self._seq = seq = self._seq + 1
+                    incoming.append((kind, message, None, seq))
+                    if size == 0:  # the first since the sender last looked: note the time
+                        self._incoming_since = self._clock.monotonic()
+                    if self._sleeping:
+                        self._wake_if_due(size + 1)
+                    return True
+            finally:
+                lock.release()
+        return self._send_checked(kind, message, api_key, api_secret)
+
+    def _send_checked(self, kind: str, message: Any, api_key: Any, api_secret: Any) -> bool:
+        """``send`` for everything off the common path: another process, another form of
+        arguments, a full queue, a closed consumer, the first message."""
+        if self._pid != _getpid():
             self._reinit_after_fork()
+        if isinstance(message, (str, bytes)):  # the mixpanel package's form: decode it later
+            message = JsonText(message)
         if kind not in _KIND_SET or not (type(message) is dict or hasattr(message, "build")):
             kind, message = normalize_send_args(kind, message)
         credentials = (
@@ -355,15 +393,21 @@ class AsyncConsumer(_ConsumerBase):
                     accepted = True
                     size = len(incoming)
                     if size == 1:  # the first since the sender last looked: note the time
-                        now = self._incoming_since = self._clock.monotonic()
-                        if size >= self._wake_count or self._wake_at > now + self.flush_interval:
-                            self._cond.notify()
-                    elif size >= self._wake_count:
-                        self._cond.notify()
+                        self._incoming_since = self._clock.monotonic()
+                    if self._sleeping:
+                        self._wake_if_due(size)
             if refused is None:
                 return True
         self._refuse(refused, victim)
         return accepted
+
+    def _wake_if_due(self, size: int) -> None:
+        """Wake the sleeping sender (called with the lock held) when ``size`` queued messages
+        fill a batch, or when the first one must leave before the sender would wake by itself."""
+        if size >= self._wake_count or (
+            size == 1 and self._wake_at > self._incoming_since + self.flush_interval
+        ):
+            self._cond.notify()
 
     def _refuse(self, reason: str, message: Any) -> None:
         texts = {
@@ -372,6 +416,8 @@ class AsyncConsumer(_ConsumerBase):
             "shutdown_timeout": "the interpreter is shutting down",
         }
         self._drop(reason, MessagesDropped(reason, texts[reason]), lambda: [_as_record(message)], 1)
+        if reason != "queue_full":  # no sender thread is left to report it (rate limited)
+            self._stats.report()
 
     def _start_thread(self) -> bool:
         """Start the sender thread (called with the lock held). ``False`` if threads cannot start.
@@ -505,8 +551,11 @@ class AsyncConsumer(_ConsumerBase):
                         break
                     self._wake_at = deadline
                     self._wake_count = self._batch_room()
-                    clock.wait(self._cond, None if deadline == _INF else deadline - now)
-                    self._wake_at = _INF
+                    self._sleeping = True
+                    try:
+                        clock.wait(self._cond, None if deadline == _INF else deadline - now)
+                    finally:
+                        self._sleeping = False
                 grabbed, self._incoming = self._incoming, deque()
                 if grabbed:
                     self._admitting, self._admitting_seq = len(grabbed), grabbed[0][3]
@@ -515,6 +564,7 @@ class AsyncConsumer(_ConsumerBase):
                 closing, close_deadline = self._closing, self._close_deadline
             if grabbed:
                 self._admit(grabbed, since)
+                grabbed.clear()  # do not keep the raw messages alive while sleeping
             if closing and clock.monotonic() >= close_deadline:
                 self._expire_all()
                 continue
@@ -542,7 +592,11 @@ class AsyncConsumer(_ConsumerBase):
 
     def _lane_due(self, lane: _Lane, urgent: bool, gen: int) -> float:
         if lane.retry_batch is not None:
-            return -_INF if lane.interrupted_gen < gen else lane.not_before
+            # A flush or close cuts a backoff short, but not a wait the server asked for.
+            error = lane.last_error
+            if lane.interrupted_gen < gen and (error is None or error.retry_after is None):
+                return -_INF
+            return lane.not_before
         if lane.ready:
             return -_INF
         if not lane.queue:

@@ -9,8 +9,9 @@ while it runs::
         log.info("exported report", extra=tag.track("Report Exported"))
 
 Also here: reading the OpenTelemetry baggage entry ``enduser.id`` and the current trace and span
-ids. Context does not cross threads, so all of it is read on the caller's thread, when the log
-record or call happens, never on the sender thread.
+ids. Context variables do not cross threads, so the caller's thread takes snapshots (the bound
+context, the OpenTelemetry context — both immutable) when the log record or call happens, and
+the sender thread reads ids and baggage from those snapshots.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 from opentelemetry import baggage as _baggage
 from opentelemetry import trace as _trace
+from opentelemetry.context import get_current as _otel_get_current
 
 __all__ = [
     "BoundContext",
@@ -30,6 +32,7 @@ __all__ = [
     "bind",
     "bound",
     "current_context",
+    "otel_context",
     "span_ids",
     "unbind",
 ]
@@ -109,15 +112,21 @@ def bound(distinct_id: str | int | None = None, **properties: Any) -> Iterator[B
         _bound.reset(token)
 
 
-def baggage_distinct_id() -> str | None:
-    """The OpenTelemetry baggage entry ``enduser.id`` of the current context, if any."""
-    value = _baggage.get_baggage("enduser.id")
+def otel_context() -> Any:
+    """The current OpenTelemetry context: an immutable snapshot, safe to read on another thread."""
+    return _otel_get_current()
+
+
+def baggage_distinct_id(otel: Any = None) -> str | None:
+    """The OpenTelemetry baggage entry ``enduser.id`` of ``otel`` (default: the current context)."""
+    value = _baggage.get_baggage("enduser.id", otel)
     return value if isinstance(value, str) and value else None
 
 
-def span_ids() -> tuple[int, int] | None:
-    """The current span's ``(trace_id, span_id)`` as integers, when a valid span is active."""
-    context = _trace.get_current_span().get_span_context()
+def span_ids(otel: Any = None) -> tuple[int, int] | None:
+    """The ``(trace_id, span_id)`` of the span active in ``otel`` (default: the current context),
+    as integers, when it is valid."""
+    context = _trace.get_current_span(otel).get_span_context()
     if context.is_valid:
         return context.trace_id, context.span_id
     return None

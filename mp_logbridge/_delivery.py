@@ -31,9 +31,11 @@ from ._values import encode
 __all__ = [
     "MAX_BATCH_RECORDS",
     "MAX_REQUEST_BYTES",
+    "JsonText",
     "Outcome",
     "Pending",
     "RetryPolicy",
+    "decode_json_message",
     "encode_message",
     "normalize_send_args",
     "post_batch",
@@ -75,21 +77,43 @@ def normalize_send_args(
             "kind", f"unknown message kind {kind!r}; expected one of {', '.join(KINDS)}"
         )
     if isinstance(message, (str, bytes)):
-        try:
-            decoded = json.loads(message)
-        except ValueError as exc:
-            raise InvalidMessageError("message", f"is not valid JSON: {exc}") from None
-        if isinstance(decoded, dict) and set(decoded) <= {"data", "api_key"} and "data" in decoded:
-            decoded = decoded["data"]
-        if not isinstance(decoded, dict):
-            raise InvalidMessageError("message", "JSON text must hold one record (an object)")
-        message = decoded
+        message = decode_json_message(message)
     elif not isinstance(message, dict) and not callable(getattr(message, "build", None)):
         raise InvalidMessageError(
             "message",
             f"must be a record dict, JSON text or a MessageSource, got {type(message).__name__}",
         )
     return name, message
+
+
+def decode_json_message(text: str | bytes) -> dict[str, Any]:
+    """A record given as JSON text (or in the Ruby SDK's ``{"data": record}`` envelope).
+
+    Raises:
+        InvalidMessageError: when the text is not JSON or does not hold one record.
+    """
+    try:
+        decoded = json.loads(text)
+    except ValueError as exc:
+        raise InvalidMessageError("message", f"is not valid JSON: {exc}") from None
+    if isinstance(decoded, dict) and set(decoded) <= {"data", "api_key"} and "data" in decoded:
+        decoded = decoded["data"]
+    if not isinstance(decoded, dict):
+        raise InvalidMessageError("message", "JSON text must hold one record (an object)")
+    return decoded
+
+
+class JsonText:
+    """A message given as JSON text, decoded when built (on a background consumer's thread)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str | bytes) -> None:
+        self.text = text
+
+    def build(self) -> dict[str, Any]:
+        """The record the text holds."""
+        return decode_json_message(self.text)
 
 
 def encode_message(message: dict[str, Any] | MessageSource) -> bytes:

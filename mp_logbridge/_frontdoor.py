@@ -20,10 +20,10 @@ from typing import Any
 
 from ._async import AsyncConsumer
 from ._consumers import as_consumer
-from ._context import BoundContext, baggage_distinct_id, span_ids
+from ._context import BoundContext, otel_context
 from ._diagnostics import DeliveryStats, warn
 from ._errors import ConfigurationError, InvalidMessageError, MixpanelError
-from ._tags import BridgeSpec, Capture, TagMessage, names_event, needs_user_lookup, split_tag
+from ._tags import BridgeSpec, Capture, TagMessage, names_event, split_tag
 from ._transport import Credentials, as_credentials, normalize_region, resolve_endpoints
 
 __all__ = ["DELIVERY_OPTIONS", "SENT_MARK", "Bridge", "Delivery"]
@@ -286,8 +286,9 @@ class Bridge:
     ) -> None:
         """Queue the messages of one tag; on the caller's thread, so only cheap work happens here.
 
-        Reads what does not cross threads (the bound context, baggage, the active span) and
-        defers everything else to ``TagMessage.build`` on the sender thread. ``message`` is
+        Takes snapshots of what does not cross threads (the bound context, the OpenTelemetry
+        context) and defers everything else — span ids, baggage, the record itself — to
+        ``TagMessage.build`` on the sender thread. ``message`` is
         called only when an event takes its name from the log message.
         """
         if self.closed:
@@ -304,14 +305,7 @@ class Bridge:
             if kind == "event" and not names_event(item):
                 text = message()
                 break
-        baggage_id = None
-        if context.distinct_id is None:
-            for kind, item, _op in parts:
-                if needs_user_lookup(kind, item):
-                    baggage_id = baggage_distinct_id()
-                    break
-        span = span_ids() if spec.include_trace else None
-        capture = Capture(spec, created, text, context, baggage_id, span, extra, facts)
+        capture = Capture(spec, created, text, context, otel_context(), extra, facts)
         for index, (kind, item, op) in enumerate(parts):
             send(kind, TagMessage(capture, kind, item, op, index))
 

@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import _messages as msg
-from ._context import BoundContext, format_span_ids
+from ._context import BoundContext, baggage_distinct_id, format_span_ids, span_ids
 from ._errors import InvalidMessageError
 from ._values import format_datetime
 
@@ -443,21 +443,13 @@ class BridgeSpec:
 class Capture:
     """What the caller's thread saw when the record happened (read once, shared by its messages).
 
-    ``facts`` identify the occurrence (time, process, thread, logger, line): ``$insert_id``
-    values derive from them, so one record reaching two handlers yields the same ids.
+    ``context`` is the bound context and ``otel`` the OpenTelemetry context, both immutable
+    snapshots: the span ids and baggage are read from ``otel`` on the sender thread. ``facts``
+    identify the occurrence (time, process, thread, logger, line): ``$insert_id`` values derive
+    from them, so one record reaching two handlers yields the same ids.
     """
 
-    __slots__ = (
-        "_key",
-        "baggage_id",
-        "context",
-        "created",
-        "extra",
-        "facts",
-        "message",
-        "span",
-        "spec",
-    )
+    __slots__ = ("_key", "context", "created", "extra", "facts", "message", "otel", "spec")
 
     def __init__(
         self,
@@ -465,8 +457,7 @@ class Capture:
         created: float,
         message: str | None,
         context: BoundContext,
-        baggage_id: str | None = None,
-        span: tuple[int, int] | None = None,
+        otel: Any = None,
         extra: Mapping[str, Any] | None = None,
         facts: tuple[Any, ...] | None = None,
     ) -> None:
@@ -474,8 +465,7 @@ class Capture:
         self.created = created
         self.message = message
         self.context = context
-        self.baggage_id = baggage_id
-        self.span = span
+        self.otel = otel
         self.extra = extra
         self.facts = facts
         self._key: str | None = None
@@ -500,33 +490,21 @@ class Capture:
 
     def distinct_id(self, given: Any, field: str) -> Any:
         """Resolve the user: the tag, the bound context, baggage ``enduser.id``, the default."""
-        for candidate in (
-            given,
-            self.context.distinct_id,
-            self.baggage_id,
-            self.spec.default_distinct_id,
-        ):
+        for candidate in (given, self.context.distinct_id):
             if candidate is not None and candidate != "":
                 return candidate
+        if self.otel is not None:
+            from_baggage = baggage_distinct_id(self.otel)
+            if from_baggage is not None:
+                return from_baggage
+        default = self.spec.default_distinct_id
+        if default is not None and default != "":
+            return default
         raise InvalidMessageError(
             field,
             "no distinct_id: not in the tag, none bound with mp_logbridge.bound(), no "
             "OpenTelemetry baggage 'enduser.id', and no default_distinct_id",
         )
-
-
-def needs_user_lookup(kind: str, item: Any) -> bool:
-    """Whether a tag item names no user itself (so baggage must be read on the caller)."""
-    if not _is_mapping(item):
-        return True
-    if kind == "event":
-        if item.get("distinct_id") is not None:
-            return False
-        props = item.get("properties")
-        return not (_is_mapping(props) and props.get("distinct_id") is not None)
-    if kind == "profile_update":
-        return item.get("$distinct_id") is None
-    return False
 
 
 class TagMessage:
@@ -561,8 +539,10 @@ class TagMessage:
         props.update(capture.context.properties)
         if capture.extra:
             props.update(capture.extra)
-        if capture.span is not None:
-            props.update(format_span_ids(capture.span))
+        if spec.include_trace and capture.otel is not None:
+            ids = span_ids(capture.otel)
+            if ids is not None:
+                props.update(format_span_ids(ids))
         own = item.get("properties")
         if own is not None:
             if not isinstance(own, Mapping):
