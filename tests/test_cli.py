@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, closed_port_url
+
 from mp_logbridge import Tracker
 from mp_logbridge.testing import MixpanelServer
 

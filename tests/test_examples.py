@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import closed_port_url
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
