@@ -158,6 +158,8 @@ def _check_token(token: Any) -> str:
 
 
 def _check_distinct_id(value: Any, field: str) -> Any:
+    if type(value) is str and value:
+        return value
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise InvalidMessageError(field, f"must be a string or an integer, got {describe(value)}")
     if isinstance(value, str) and not value:
@@ -172,6 +174,8 @@ def _check_name(value: Any, field: str) -> str:
 
 
 def _check_insert_id(value: Any, field: str = "properties.$insert_id") -> None:
+    if type(value) is str and len(value) <= 36 and value.isascii() and value.isalnum():
+        return  # the common case (hex ids) without the regular expression
     if not isinstance(value, str) or _INSERT_ID.fullmatch(value) is None:
         raise InvalidMessageError(
             field, f"must be 1-36 characters of letters, digits or '-', got {describe(value)}"

@@ -525,7 +525,7 @@ class TagMessage:
     def build(self) -> dict[str, Any]:
         """The Mixpanel record (raises :class:`~mp_logbridge.InvalidMessageError` if impossible)."""
         item = self.item
-        if not isinstance(item, Mapping):
+        if not _is_mapping(item):
             raise InvalidMessageError(
                 "tag", f"must be a mapping, a list of mappings, a string or True, got {item!r}"
             )
@@ -545,7 +545,7 @@ class TagMessage:
                 props.update(format_span_ids(ids))
         own = item.get("properties")
         if own is not None:
-            if not isinstance(own, Mapping):
+            if not _is_mapping(own):
                 raise InvalidMessageError(
                     "tag.properties", f"must be a mapping, got {type(own).__name__}"
                 )
