@@ -46,6 +46,9 @@ __all__ = ["AsyncConsumer", "MessagesDropped", "is_sender_thread"]
 _KIND_SET = frozenset(KINDS)
 _INF = float("inf")
 _OVERFLOW_POLICIES = ("drop_newest", "drop_oldest")
+#: Bytes a message not yet encoded counts for against ``max_queue_bytes`` (its size is not
+#: known before the sender encodes it; a small event takes about this much memory meanwhile).
+_UNENCODED_ESTIMATE = 1024
 #: Default number of records per request (see benchmarks/README.md for how it was chosen).
 DEFAULT_BATCH_SIZE = 2000
 
@@ -206,8 +209,9 @@ class AsyncConsumer(_ConsumerBase):
     default); other 4xx are not; a 413 splits the batch; a strict ``/import`` 400 drops exactly
     the records the server listed. Waits are cut short by :meth:`flush` and :meth:`close`.
 
-    Bounds: at most ``max_queue_size`` messages wait to be encoded and at most
-    ``max_queue_bytes`` of encoded records wait for delivery. When full, ``overflow`` decides:
+    Bounds: at most ``max_queue_size`` messages wait to be encoded, and the records waiting for
+    delivery take at most ``max_queue_bytes`` (encoded size, plus 1 KB for each message not yet
+    encoded; the batch in flight comes on top). When full, ``overflow`` decides:
     ``"drop_newest"`` (default: the new message is refused) or ``"drop_oldest"``. Every loss is
     counted under a reason in :meth:`stats`, reported to ``on_error(exc, messages)`` and summed
     into one rate-limited warning on the ``mp_logbridge`` logger.
@@ -344,7 +348,7 @@ class AsyncConsumer(_ConsumerBase):
                     size < self.max_queue_size
                     and self._thread is not None
                     and not self._closed
-                    and self._lane_bytes < self.max_queue_bytes
+                    and self._lane_bytes + size * _UNENCODED_ESTIMATE < self.max_queue_bytes
                 ):
                     self._seq = seq = self._seq + 1
                     incoming.append((kind, message, None, seq))
@@ -375,12 +379,17 @@ class AsyncConsumer(_ConsumerBase):
             if self._closed:
                 refused, victim = "closed", message
             elif self.overflow == "drop_newest" and (
-                len(incoming) >= self.max_queue_size or self._lane_bytes >= self.max_queue_bytes
+                len(incoming) >= self.max_queue_size
+                or self._lane_bytes + len(incoming) * _UNENCODED_ESTIMATE >= self.max_queue_bytes
             ):
                 refused, victim = "queue_full", message
             else:
                 refused, victim = None, None
-                if len(incoming) >= self.max_queue_size:  # drop_oldest
+                if incoming and (  # drop_oldest
+                    len(incoming) >= self.max_queue_size
+                    or self._lane_bytes + len(incoming) * _UNENCODED_ESTIMATE
+                    >= self.max_queue_bytes
+                ):
                     _kind, victim, _creds, evicted_seq = incoming.popleft()
                     refused = "queue_full"
                     self._mark_failed_locked(evicted_seq, evicted_seq)
