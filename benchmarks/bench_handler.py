@@ -256,14 +256,13 @@ def step_costs(server: ServerProcess, count: int, repeats: int) -> list[dict[str
         return best / 1000
 
     def spec() -> Any:
-        bridge = getattr(handler, "_bridge", None)
-        return getattr(handler, "_spec", None) or bridge.spec  # type: ignore[union-attr]
+        return handler._bridge.spec  # type: ignore[attr-defined]
 
     def capture() -> Any:
-        from mp_logbridge._context import current_context
+        from mp_logbridge._context import current_context, otel_context
         from mp_logbridge._tags import Capture
 
-        return Capture(spec(), time.time(), None, current_context(), span=None, facts=FACTS)
+        return Capture(spec(), time.time(), None, current_context(), otel_context(), None, FACTS)
 
     def messages() -> list[Any]:
         from mp_logbridge._tags import TagMessage
@@ -281,31 +280,17 @@ def step_costs(server: ServerProcess, count: int, repeats: int) -> list[dict[str
 
         return per_call(current_context)
 
-    def lookup() -> float:
-        from mp_logbridge._tags import needs_user_lookup
+    def otel() -> float:
+        from mp_logbridge._context import otel_context
 
-        return per_call(lambda: needs_user_lookup("event", ITEM))
-
-    def span() -> float:
-        from mp_logbridge._context import span_ids
-
-        return per_call(span_ids)
-
-    def baggage() -> float:
-        from mp_logbridge._context import baggage_distinct_id
-
-        return per_call(baggage_distinct_id)
+        return per_call(otel_context)
 
     def make_capture() -> float:
-        from mp_logbridge._context import current_context
+        from mp_logbridge._context import current_context, otel_context
         from mp_logbridge._tags import Capture
 
-        made, bound = spec(), current_context()
-        return per_call(
-            lambda: Capture(
-                made, 1.0, None, bound, baggage_id=None, span=None, extra=None, facts=FACTS
-            )
-        )
+        made, bound, snapshot = spec(), current_context(), otel_context()
+        return per_call(lambda: Capture(made, 1.0, None, bound, snapshot, None, FACTS))
 
     def make_message() -> float:
         from mp_logbridge._tags import TagMessage
@@ -352,9 +337,7 @@ def step_costs(server: ServerProcess, count: int, repeats: int) -> list[dict[str
         ("  current_context()", context),
         ("  Bridge.send(...) (split, capture, queue), whole", bridge_send),
         ("    split_tag(value)", split),
-        ("    needs_user_lookup(kind, item)", lookup),
-        ("    span_ids() (OpenTelemetry, no span active)", span),
-        ("    (baggage_distinct_id(), only when no user is known)", baggage),
+        ("    otel_context() (snapshot; span ids and baggage are read on the sender)", otel),
         ("    Capture(...)", make_capture),
         ("    TagMessage(...)", make_message),
         ("    AsyncConsumer.send(kind, message)", send),
