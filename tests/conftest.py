@@ -1,26 +1,23 @@
-"""Shared fixtures: a safety net against real Mixpanel hosts and a child-process runner."""
+"""Shared fixtures: a safety net against real Mixpanel hosts, a child-process runner, and the
+handlers, loggers, library-log capture and consumers that several test modules build.
+
+Importable helpers (plain functions and classes) are in ``support.py``.
+"""
 
 from __future__ import annotations
 
-import os
-import socket
+import logging
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
+from support import ROOT, RecordCollector, attached, child_env, closed_port_url
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def closed_port_url() -> str:
-    """A loopback URL where nothing listens (connections are refused at once)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+from mp_logbridge import AsyncConsumer, MixpanelHandler
+from mp_logbridge.testing import MixpanelServer
 
 
 @pytest.fixture(autouse=True)
@@ -38,6 +35,9 @@ def down_url() -> str:
     return closed_port_url()
 
 
+# --------------------------------------------------------------------------- child processes
+
+
 class ChildResult:
     def __init__(self, completed: subprocess.CompletedProcess[str]) -> None:
         self.returncode = completed.returncode
@@ -45,26 +45,127 @@ class ChildResult:
         self.stderr = completed.stderr
 
     def __repr__(self) -> str:
-        return f"ChildResult(rc={self.returncode}, stdout={self.stdout[-2000:]!r}, stderr={self.stderr[-2000:]!r})"
+        return (
+            f"ChildResult(rc={self.returncode}, stdout={self.stdout[-2000:]!r}, "
+            f"stderr={self.stderr[-2000:]!r})"
+        )
 
 
 @pytest.fixture
-def run_python():
+def run_python() -> Callable[..., ChildResult]:
     """Run Python source in a child interpreter with a hard timeout; returns stdout/stderr/rc."""
 
-    def run(source: str, *, timeout: float = 30.0, env: dict[str, str] | None = None) -> ChildResult:
-        child_env = {k: v for k, v in os.environ.items() if not k.startswith("MIXPANEL_")}
-        child_env["MIXPANEL_API_HOST"] = closed_port_url()
-        child_env["PYTHONPATH"] = str(ROOT)
-        child_env.update(env or {})
+    def run(
+        source: str, *, timeout: float = 30.0, env: dict[str, str] | None = None
+    ) -> ChildResult:
         completed = subprocess.run(
             [sys.executable, "-c", textwrap.dedent(source)],
             capture_output=True,
             text=True,
             timeout=timeout,
-            env=child_env,
+            env=child_env(**(env or {})),
             cwd=str(ROOT),
         )
         return ChildResult(completed)
 
     return run
+
+
+@pytest.fixture
+def server(mixpanel_server: MixpanelServer) -> MixpanelServer:
+    """The test's plain ``MixpanelServer``; a module that needs other options overrides this."""
+    return mixpanel_server
+
+
+# --------------------------------------------------------------------------- handlers and loggers
+
+
+@pytest.fixture
+def handler_class() -> type[MixpanelHandler]:
+    """The class ``make_handler`` builds; a module overrides this fixture to use a subclass."""
+    return MixpanelHandler
+
+
+@pytest.fixture
+def make_handler(
+    mixpanel_server: MixpanelServer,
+    handler_class: type[MixpanelHandler],
+    request: pytest.FixtureRequest,
+) -> Iterator[Callable[..., MixpanelHandler]]:
+    """Handlers sending to the test's server every 50 ms (closed after the test).
+
+    The token defaults to the test module's ``TOKEN``.
+    """
+    made: list[MixpanelHandler] = []
+
+    def make(token: str | None = request.module.TOKEN, **options: Any) -> MixpanelHandler:
+        options.setdefault("api_host", mixpanel_server.url)
+        options.setdefault("flush_interval", 0.05)
+        handler = handler_class(token, **options)
+        made.append(handler)
+        return handler
+
+    yield make
+    for handler in made:
+        handler.close()
+
+
+@pytest.fixture
+def make_logger(request: pytest.FixtureRequest) -> Iterator[Callable[..., logging.Logger]]:
+    """Loggers at DEBUG with the given handlers attached (removed after the test).
+
+    Without ``name`` each call gives a new logger private to the test; ``propagate`` is off
+    unless asked for.
+    """
+    attached_handlers: list[tuple[logging.Logger, logging.Handler]] = []
+    made = 0
+
+    def make(
+        *handlers: logging.Handler, name: str | None = None, propagate: bool = False
+    ) -> logging.Logger:
+        nonlocal made
+        if name is None:
+            name = f"tests.{request.node.nodeid}.{made}"
+        made += 1
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = propagate
+        for handler in handlers:
+            logger.addHandler(handler)
+            attached_handlers.append((logger, handler))
+        return logger
+
+    yield make
+    for logger, handler in attached_handlers:
+        logger.removeHandler(handler)
+
+
+@pytest.fixture
+def library_warnings() -> Iterator[RecordCollector]:
+    """Records logged on the library's own (non-propagating) ``mp_logbridge`` logger."""
+    with attached(logging.getLogger("mp_logbridge"), RecordCollector()) as collector:
+        yield collector
+
+
+# --------------------------------------------------------------------------- consumers
+
+
+@pytest.fixture
+def consumer_defaults() -> dict[str, Any]:
+    """Options ``consumers`` uses unless given; a module overrides this fixture to set its own."""
+    return {}
+
+
+@pytest.fixture
+def consumers(consumer_defaults: dict[str, Any]) -> Iterator[Callable[..., AsyncConsumer]]:
+    """Make AsyncConsumers that are closed (bounded) after the test."""
+    made: list[AsyncConsumer] = []
+
+    def make(**options: Any) -> AsyncConsumer:
+        consumer = AsyncConsumer(**{**consumer_defaults, **options})
+        made.append(consumer)
+        return consumer
+
+    yield make
+    for consumer in made:
+        consumer.close(timeout=2)

@@ -12,11 +12,11 @@ from __future__ import annotations
 import email.utils
 import random
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from support import event_record, wait_until
 
 from mp_logbridge import AsyncConsumer, ConfigurationError, RetryPolicy
 from mp_logbridge._transport import parse_retry_after
@@ -70,15 +70,7 @@ class VirtualClock:
 
 
 def event(n: int) -> dict[str, Any]:
-    return {
-        "event": "Backoff Test",
-        "properties": {
-            "token": TOKEN,
-            "distinct_id": "user-1",
-            "time": int(time.time() * 1000),
-            "$insert_id": f"ins-{n}",
-        },
-    }
+    return event_record(f"ins-{n}", "Backoff Test", token=TOKEN)
 
 
 def jitters(
@@ -89,38 +81,24 @@ def jitters(
     return [rng.uniform(low, high) for _ in range(count)]
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0) -> None:
-    """Wait for a condition (a hang guard, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.002)
-
-
 @pytest.fixture
-def server() -> Iterator[MixpanelServer]:
-    with MixpanelServer() as running:
-        yield running
-
-
-@pytest.fixture
-def make_consumer() -> Iterator[Callable[..., tuple[AsyncConsumer, VirtualClock]]]:
-    made: list[tuple[AsyncConsumer, VirtualClock]] = []
+def make_consumer(
+    consumers: Callable[..., AsyncConsumer],
+) -> Iterator[Callable[..., tuple[AsyncConsumer, VirtualClock]]]:
+    """AsyncConsumers on a virtual clock with seeded jitter (clocks let go after the test)."""
+    clocks: list[VirtualClock] = []
 
     def make(
         clock: VirtualClock | None = None, **options: Any
     ) -> tuple[AsyncConsumer, VirtualClock]:
         clock = clock or VirtualClock()
         options.setdefault("batch_size", 1)  # every message is due at once: only retries wait
-        consumer = AsyncConsumer(clock=clock, rng=random.Random(SEED), **options)
-        made.append((consumer, clock))
-        return consumer, clock
+        clocks.append(clock)
+        return consumers(clock=clock, rng=random.Random(SEED), **options), clock
 
     yield make
-    for consumer, clock in made:
+    for clock in clocks:  # before ``consumers`` closes the consumers: no manual wait holds them
         clock.manual = False
-        consumer.close(timeout=2)
 
 
 def deliver_one(consumer: AsyncConsumer, server: MixpanelServer) -> None:

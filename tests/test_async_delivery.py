@@ -12,11 +12,12 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import mixpanel
 import pytest
+from support import Errors, event_record, wait_until
 
 from mp_logbridge import (
     AsyncConsumer,
@@ -43,15 +44,7 @@ SENDER = "mp_logbridge-sender"
 
 def event(n: int, name: str = "Test Event", **props: Any) -> dict[str, Any]:
     """An event record with a predictable ``$insert_id``."""
-    properties = {
-        "token": TOKEN,
-        "distinct_id": "user-1",
-        "time": int(time.time() * 1000),
-        "$insert_id": f"ins-{n}",
-        "n": n,
-    }
-    properties.update(props)
-    return {"event": name, "properties": properties}
+    return event_record(f"ins-{n}", name, token=TOKEN, n=n, **props)
 
 
 def profile(n: int) -> dict[str, Any]:
@@ -66,15 +59,6 @@ def ids(records: list[dict[str, Any]]) -> Counter[str]:
     return Counter(record["properties"]["$insert_id"] for record in records)
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0) -> None:
-    """Wait for a condition (a hang guard, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.005)
-
-
 class Gate:
     """A server ``on_record`` hook that holds requests until the test opens it."""
 
@@ -85,22 +69,6 @@ class Gate:
     def __call__(self, kind: str, record: dict[str, Any]) -> None:
         self.entered.set()
         self.opened.wait(10)
-
-
-class Errors:
-    """An ``on_error`` callback that keeps what it is told."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[BaseException, list[Any]]] = []
-        self._lock = threading.Lock()
-
-    def __call__(self, exc: BaseException, messages: list[Any]) -> None:
-        with self._lock:
-            self.calls.append((exc, list(messages)))
-
-    def records(self) -> list[Any]:
-        with self._lock:
-            return [record for _exc, records in self.calls for record in records]
 
 
 @pytest.fixture
@@ -120,21 +88,6 @@ def gate() -> Iterator[Gate]:
 def gated_server(gate: Gate) -> Iterator[MixpanelServer]:
     with MixpanelServer(on_record=gate) as running:
         yield running
-
-
-@pytest.fixture
-def consumers() -> Iterator[Callable[..., AsyncConsumer]]:
-    """Make AsyncConsumers that are closed (bounded) after the test."""
-    made: list[AsyncConsumer] = []
-
-    def make(**options: Any) -> AsyncConsumer:
-        consumer = AsyncConsumer(**options)
-        made.append(consumer)
-        return consumer
-
-    yield make
-    for consumer in made:
-        consumer.close(timeout=2)
 
 
 def sender_threads(exclude: set[threading.Thread]) -> list[threading.Thread]:
@@ -529,79 +482,59 @@ def test_queue_bytes_bounded_while_server_is_down(down_url, consumers):
     assert len(errors.records()) == total
 
 
-def test_losses_are_reported_in_one_rate_limited_warning(gated_server, gate, consumers):
-    captured: list[logging.LogRecord] = []
+def test_losses_are_reported_in_one_rate_limited_warning(
+    gated_server, gate, consumers, library_warnings
+):
+    consumer = consumers(
+        api_host=gated_server.url, max_queue_size=5, flush_interval=60, report_interval=60
+    )
+    hold_sender(consumer, gate, event(0))
+    for n in range(1, 201):
+        consumer.send("event", event(n))
+    gate.opened.set()
+    assert consumer.flush(10)
 
-    class Capture(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            captured.append(record)
+    warnings = [r for r in library_warnings.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    text = warnings[0].getMessage()
+    assert "195" in text and "queue_full" in text
 
-    library_logger = logging.getLogger("mp_logbridge")
-    handler = Capture(logging.DEBUG)
-    library_logger.addHandler(handler)
-    try:
-        consumer = consumers(
-            api_host=gated_server.url, max_queue_size=5, flush_interval=60, report_interval=60
-        )
-        hold_sender(consumer, gate, event(0))
-        for n in range(1, 201):
-            consumer.send("event", event(n))
-        gate.opened.set()
-        assert consumer.flush(10)
-
-        warnings = [r for r in captured if r.levelno == logging.WARNING]
-        assert len(warnings) == 1
-        text = warnings[0].getMessage()
-        assert "195" in text and "queue_full" in text
-
-        # More losses inside the interval are summed, not logged one by one...
-        for n in range(300, 330, 5):  # in fives: the queue holds five
-            for m in range(n, n + 5):
-                assert consumer.send("event", event(m, bad=float("inf")))
-            assert consumer.flush(10) is False
-        assert consumer.stats()["dropped"]["invalid"] == 30
-        assert len([r for r in captured if r.levelno == logging.WARNING]) == 1
-        # ...and reported, in one line, when the consumer closes.
-        consumer.close(timeout=5)
-        warnings = [r for r in captured if r.levelno == logging.WARNING]
-        assert len(warnings) == 2
-        assert "30" in warnings[1].getMessage() and "invalid" in warnings[1].getMessage()
-    finally:
-        library_logger.removeHandler(handler)
+    # More losses inside the interval are summed, not logged one by one...
+    for n in range(300, 330, 5):  # in fives: the queue holds five
+        for m in range(n, n + 5):
+            assert consumer.send("event", event(m, bad=float("inf")))
+        assert consumer.flush(10) is False
+    assert consumer.stats()["dropped"]["invalid"] == 30
+    assert len([r for r in library_warnings.records if r.levelno == logging.WARNING]) == 1
+    # ...and reported, in one line, when the consumer closes.
+    consumer.close(timeout=5)
+    warnings = [r for r in library_warnings.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2
+    assert "30" in warnings[1].getMessage() and "invalid" in warnings[1].getMessage()
 
 
-def test_close_under_the_logging_lock_hands_over_and_still_reports(server, consumers):
+def test_close_under_the_logging_lock_hands_over_and_still_reports(
+    server, consumers, library_warnings
+):
     """dictConfig closes handlers holding logging's lock: close must not wait, nor lose the report."""
-    captured: list[logging.LogRecord] = []
+    consumer = consumers(api_host=server.url, flush_interval=60, report_interval=60)
+    consumer.send("event", event(0, bad=float("nan")))
+    assert consumer.flush(10) is False  # dropped and reported at once (the first report)
+    consumer.send("event", event(1, bad=float("nan")))  # inside the report interval
+    consumer.send("event", event(2))
+    thread = consumer._thread
+    assert thread is not None
 
-    class Capture(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            captured.append(record)
+    with logging._lock:  # what dictConfig holds while it closes the old handlers
+        started = time.monotonic()
+        consumer.close()
+        assert time.monotonic() - started < 1.0  # hang guard: it does not wait
+    thread.join(10)
+    assert not thread.is_alive()
 
-    library_logger = logging.getLogger("mp_logbridge")
-    handler = Capture(logging.DEBUG)
-    library_logger.addHandler(handler)
-    try:
-        consumer = consumers(api_host=server.url, flush_interval=60, report_interval=60)
-        consumer.send("event", event(0, bad=float("nan")))
-        assert consumer.flush(10) is False  # dropped and reported at once (the first report)
-        consumer.send("event", event(1, bad=float("nan")))  # inside the report interval
-        consumer.send("event", event(2))
-        thread = consumer._thread
-        assert thread is not None
-
-        with logging._lock:  # what dictConfig holds while it closes the old handlers
-            started = time.monotonic()
-            consumer.close()
-            assert time.monotonic() - started < 1.0  # hang guard: it does not wait
-        thread.join(10)
-        assert not thread.is_alive()
-
-        assert ids(server.events) == Counter({"ins-2": 1})  # delivered after the hand-over
-        texts = [r.getMessage() for r in captured if r.levelno == logging.WARNING]
-        assert len(texts) == 2 and "invalid: 1" in texts[1]  # the last loss is reported too
-    finally:
-        library_logger.removeHandler(handler)
+    assert ids(server.events) == Counter({"ins-2": 1})  # delivered after the hand-over
+    texts = [r.getMessage() for r in library_warnings.records if r.levelno == logging.WARNING]
+    assert len(texts) == 2 and "invalid: 1" in texts[1]  # the last loss is reported too
 
 
 # --------------------------------------------------------------------------- front doors

@@ -9,13 +9,13 @@ virtual clock in ``test_async_backoff.py``.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from support import Errors, event_record, wait_until
 
 from mp_logbridge import (
     AsyncConsumer,
@@ -39,14 +39,7 @@ FAST_RETRY = {
 
 
 def event(key: str, **props: Any) -> dict[str, Any]:
-    properties = {
-        "token": TOKEN,
-        "distinct_id": "user-1",
-        "time": int(time.time() * 1000),
-        "$insert_id": key,
-    }
-    properties.update(props)
-    return {"event": "Fault Test", "properties": properties}
+    return event_record(key, "Fault Test", token=TOKEN, **props)
 
 
 def profile(key: str) -> dict[str, Any]:
@@ -81,20 +74,9 @@ def delivered(server: MixpanelServer) -> Counter[str]:
     return Counter(key_of(record) for record in records)
 
 
-class Errors:
-    """An ``on_error`` callback that keeps what it is told."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[BaseException, list[Any]]] = []
-        self._lock = threading.Lock()
-
-    def __call__(self, exc: BaseException, messages: list[Any]) -> None:
-        with self._lock:
-            self.calls.append((exc, list(messages)))
-
-    def dropped_keys(self) -> Counter[str]:
-        with self._lock:
-            return Counter(key_of(r) for _exc, records in self.calls for r in records)
+def dropped_keys(errors: Errors) -> Counter[str]:
+    """The keys of the records reported to ``on_error``, with how often each was reported."""
+    return Counter(key_of(record) for record in errors.records())
 
 
 def check_accounting(
@@ -108,7 +90,7 @@ def check_accounting(
     """Every message delivered once or dropped (and reported) once; the counters agree."""
     everything = {key_of(record) for _kind, record in messages}
     arrived = delivered(server)
-    dropped = errors.dropped_keys()
+    dropped = dropped_keys(errors)
     assert set(arrived) | set(dropped) == everything
     assert not set(arrived) & set(dropped)
     assert all(count == 1 for count in dropped.values())
@@ -120,15 +102,6 @@ def check_accounting(
     assert stats["queue_depth"] == 0
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0) -> None:
-    """Wait for a condition (a hang guard, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.005)
-
-
 @pytest.fixture
 def server() -> Iterator[MixpanelServer]:
     with MixpanelServer(api_secret=SECRET) as running:
@@ -136,19 +109,9 @@ def server() -> Iterator[MixpanelServer]:
 
 
 @pytest.fixture
-def consumers() -> Iterator[Callable[..., AsyncConsumer]]:
-    made: list[AsyncConsumer] = []
-
-    def make(**options: Any) -> AsyncConsumer:
-        options.setdefault("retry", FAST_RETRY)
-        options.setdefault("api_secret", SECRET)
-        consumer = AsyncConsumer(**options)
-        made.append(consumer)
-        return consumer
-
-    yield make
-    for consumer in made:
-        consumer.close(timeout=2)
+def consumer_defaults() -> dict[str, Any]:
+    """``consumers`` retries fast here and holds the import secret."""
+    return {"retry": FAST_RETRY, "api_secret": SECRET}
 
 
 # --------------------------------------------------------------------------- the fault matrix
@@ -225,7 +188,7 @@ def test_failures_and_exhausted_retries_partition_the_messages(server, consumers
     check_accounting(server, consumer, errors, messages)
     stats = consumer.stats()
     assert 0 < stats["dropped"]["retries_exhausted"] == stats["dropped_total"] <= 5
-    assert all(key.startswith("gr-") for key in errors.dropped_keys())
+    assert all(key.startswith("gr-") for key in dropped_keys(errors))
     assert all(isinstance(exc, MixpanelServerError) for exc, _ in errors.calls)
     assert stats["retries"] == 2
 
@@ -264,7 +227,7 @@ def test_413_on_a_single_record_drops_it_alone(consumers):
 
         check_accounting(small, consumer, errors, messages)
         assert consumer.stats()["dropped"]["too_large"] == 1
-        assert set(errors.dropped_keys()) == {"huge"}
+        assert set(dropped_keys(errors)) == {"huge"}
 
 
 # --------------------------------------------------------------------------- strict /import
@@ -283,7 +246,7 @@ def test_strict_import_partial_failure_drops_exactly_the_failed_records(server, 
     assert consumer.flush(15) is False
 
     check_accounting(server, consumer, errors, messages)
-    assert set(errors.dropped_keys()) == bad_keys
+    assert set(dropped_keys(errors)) == bad_keys
     assert all(isinstance(exc, PartialImportError) for exc, _ in errors.calls)
     reported = {item["insert_id"] for exc, _ in errors.calls for item in exc.failed_records}
     assert reported == bad_keys
@@ -306,7 +269,7 @@ def test_partial_import_then_retryable_failure_sends_nothing_twice(server, consu
     assert consumer.flush(15) is False
 
     check_accounting(server, consumer, errors, messages)
-    assert set(errors.dropped_keys()) == {"im-1"}
+    assert set(dropped_keys(errors)) == {"im-1"}
 
 
 # --------------------------------------------------------------------------- what is not retried
@@ -440,4 +403,4 @@ def test_close_interrupts_a_long_backoff(server, consumers, down_url, down):
     stats = consumer.stats()
     assert stats["dropped"]["shutdown_timeout"] == 2
     assert stats["sent"] == 0 and stats["queue_depth"] == 0
-    assert set(errors.dropped_keys()) == {"ev-0", "pr-0"}
+    assert set(dropped_keys(errors)) == {"ev-0", "pr-0"}

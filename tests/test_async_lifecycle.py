@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from support import event_record
 
 from mp_logbridge import AsyncConsumer
 from mp_logbridge.testing import MixpanelServer
@@ -43,12 +44,6 @@ def facts(stdout: str) -> list[dict[str, Any]]:
 
 def insert_ids(server: MixpanelServer) -> Counter[str]:
     return Counter(record["properties"]["$insert_id"] for record in server.events)
-
-
-@pytest.fixture
-def server() -> Iterator[MixpanelServer]:
-    with MixpanelServer() as running:
-        yield running
 
 
 @pytest.fixture
@@ -446,12 +441,4 @@ def test_many_threads_sending_at_once(server):
 
 
 def _event(key: str) -> dict[str, Any]:
-    return {
-        "event": "Concurrency Test",
-        "properties": {
-            "token": TOKEN,
-            "distinct_id": "user-1",
-            "time": int(time.time() * 1000),
-            "$insert_id": key,
-        },
-    }
+    return event_record(key, "Concurrency Test", token=TOKEN)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,20 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, closed_port_url
+from support import child_env, wait_until
 
 from mp_logbridge import Tracker
 from mp_logbridge.testing import MixpanelServer
 
 ACCOUNT = ("importer", "s3cret-value", "4242")
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MIXPANEL_")}
-    env["MIXPANEL_API_HOST"] = closed_port_url()
-    env["PYTHONPATH"] = str(ROOT)
-    env.update(extra)
-    return env
 
 
 def cli(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
@@ -36,7 +27,7 @@ def cli(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProc
             capture_output=True,
             text=True,
             timeout=timeout,
-            env=cli_env(**env),
+            env=child_env(**env),
             cwd=cwd,
         )
 
@@ -47,14 +38,23 @@ def start_cli(*args: str, cwd: Path | None = None) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=cli_env(),
+        env=child_env(),
         cwd=cwd,
     )
 
 
 def credentials(server: MixpanelServer) -> list[str]:
     user, secret, project = ACCOUNT
-    return ["--api-host", server.url, "--username", user, "--secret", secret, "--project-id", project]
+    return [
+        "--api-host",
+        server.url,
+        "--username",
+        user,
+        "--secret",
+        secret,
+        "--project-id",
+        project,
+    ]
 
 
 def write_events(path: Path, count: int, *, start: int = 0) -> list[str]:
@@ -65,7 +65,15 @@ def write_events(path: Path, count: int, *, start: int = 0) -> list[str]:
         for n in range(start, start + count):
             insert_id = f"evt-{n}"
             ids.append(insert_id)
-            record = {"event": "Old Order", "properties": {"time": now - 86400 - n, "distinct_id": f"u{n % 7}", "$insert_id": insert_id, "n": n}}
+            record = {
+                "event": "Old Order",
+                "properties": {
+                    "time": now - 86400 - n,
+                    "distinct_id": f"u{n % 7}",
+                    "$insert_id": insert_id,
+                    "n": n,
+                },
+            }
             handle.write(json.dumps(record) + "\n")
     return ids
 
@@ -105,7 +113,13 @@ def test_demo_runs_end_to_end_without_network() -> None:
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "Everything arrived." in out
-    for line in ("Signed Up", "Report Exported      x2", "Card Charged         x1 (1 failed)", "revenue: 49.00 in 1 charge(s)", "1 retried after a server error"):
+    for line in (
+        "Signed Up",
+        "Report Exported      x2",
+        "Card Charged         x1 (1 failed)",
+        "revenue: 49.00 in 1 charge(s)",
+        "1 retried after a server error",
+    ):
         assert line in out, (line, out)
     assert "group updates: 1 (Company/Acme)" in out
 
@@ -161,26 +175,39 @@ def import_server():
         yield server
 
 
-def test_import_delivers_everything_with_auth_gzip_and_batches(tmp_path: Path, import_server: MixpanelServer) -> None:
+def test_import_delivers_everything_with_auth_gzip_and_batches(
+    tmp_path: Path, import_server: MixpanelServer
+) -> None:
     data = tmp_path / "orders.jsonl"
     ids = write_events(data, 4500)
-    result = cli("import", str(data), *credentials(import_server), "--batch-size", "2000", "--workers", "3")
+    result = cli(
+        "import", str(data), *credentials(import_server), "--batch-size", "2000", "--workers", "3"
+    )
     assert result.returncode == 0, result.stderr
     assert "imported 4,500 record(s)" in result.stdout
     received = [event["properties"]["$insert_id"] for event in import_server.imports]
     assert sorted(received) == sorted(ids)
     requests = [r for r in import_server.requests if r.path == "/import"]
     assert len(requests) == 3 and all(r.gzipped for r in requests)
-    assert all(r.query.get("project_id") == ACCOUNT[2] and r.query.get("strict") == "1" for r in requests)
+    assert all(
+        r.query.get("project_id") == ACCOUNT[2] and r.query.get("strict") == "1" for r in requests
+    )
     assert max(len(r.records) for r in requests) == 2000
     assert "processed" in result.stderr  # plain progress lines when not on a terminal
 
 
-def test_import_tagged_log_lines_and_content_derived_ids(tmp_path: Path, import_server: MixpanelServer) -> None:
+def test_import_tagged_log_lines_and_content_derived_ids(
+    tmp_path: Path, import_server: MixpanelServer
+) -> None:
     data = tmp_path / "app.log.jsonl"
     created = time.time() - 7200
     lines = [
-        {"message": "signed up", "created": created, "levelname": "INFO", "mixpanel": {"event": "Signed Up", "distinct_id": "u1", "plan": "pro"}},
+        {
+            "message": "signed up",
+            "created": created,
+            "levelname": "INFO",
+            "mixpanel": {"event": "Signed Up", "distinct_id": "u1", "plan": "pro"},
+        },
         {"event": "checkout", "timestamp": "2026-01-02T03:04:05Z", "mixpanel": True, "user": "x"},
         {"event": "No Id", "properties": {"time": int(created), "distinct_id": "u2"}},
     ]
@@ -197,7 +224,8 @@ def test_import_tagged_log_lines_and_content_derived_ids(tmp_path: Path, import_
     first_ids = {event["properties"]["$insert_id"] for event in import_server.imports}
     again = cli(*args, "--restart")
     assert again.returncode == 1
-    assert {event["properties"]["$insert_id"] for event in import_server.imports} == first_ids  # same ids again
+    same_ids_again = {event["properties"]["$insert_id"] for event in import_server.imports}
+    assert same_ids_again == first_ids
 
 
 def test_dry_run_reports_invalid_lines_with_file_and_line(tmp_path: Path) -> None:
@@ -205,14 +233,41 @@ def test_dry_run_reports_invalid_lines_with_file_and_line(tmp_path: Path) -> Non
     write_events(data, 3)
     with data.open("a") as handle:
         handle.write("this is not json\n")
-        handle.write(json.dumps({"event": "Too Old", "properties": {"time": 10, "distinct_id": "u", "$insert_id": "a1"}}) + "\n")
-        handle.write(json.dumps({"event": "No User", "properties": {"time": int(time.time()), "$insert_id": "a2"}}) + "\n")
-        handle.write(json.dumps({"event": "Bad Id", "properties": {"time": int(time.time()), "distinct_id": "u", "$insert_id": "has spaces!"}}) + "\n")
+        handle.write(
+            json.dumps(
+                {
+                    "event": "Too Old",
+                    "properties": {"time": 10, "distinct_id": "u", "$insert_id": "a1"},
+                }
+            )
+            + "\n"
+        )
+        handle.write(
+            json.dumps(
+                {"event": "No User", "properties": {"time": int(time.time()), "$insert_id": "a2"}}
+            )
+            + "\n"
+        )
+        handle.write(
+            json.dumps(
+                {
+                    "event": "Bad Id",
+                    "properties": {
+                        "time": int(time.time()),
+                        "distinct_id": "u",
+                        "$insert_id": "has spaces!",
+                    },
+                }
+            )
+            + "\n"
+        )
         handle.write("\n")
         handle.write(json.dumps({"unrelated": 1}) + "\n")
     rejects = tmp_path / "rejects.jsonl"
     with MixpanelServer() as server:
-        result = cli("import", str(data), "--dry-run", "--api-host", server.url, "--rejects", str(rejects))
+        result = cli(
+            "import", str(data), "--dry-run", "--api-host", server.url, "--rejects", str(rejects)
+        )
         assert server.requests == []  # nothing sent
     assert result.returncode == 1
     out = result.stdout
@@ -227,24 +282,60 @@ def test_dry_run_reports_invalid_lines_with_file_and_line(tmp_path: Path) -> Non
     assert [item["line"] for item in listed] == [4, 5, 6, 7, 9]
 
 
-def test_server_side_rejections_are_listed_and_the_rest_imported(tmp_path: Path, import_server: MixpanelServer) -> None:
+def test_server_side_rejections_are_listed_and_the_rest_imported(
+    tmp_path: Path, import_server: MixpanelServer
+) -> None:
     data = tmp_path / "e.jsonl"
     ids = write_events(data, 10)
-    with data.open("a") as handle:  # passes local checks, refused by the server (too far in the future)
-        handle.write(json.dumps({"event": "Future", "properties": {"time": int(time.time()) + 10 * 86400, "distinct_id": "u", "$insert_id": "future-1"}}) + "\n")
+    # Passes the local checks, refused by the server (too far in the future).
+    with data.open("a") as handle:
+        handle.write(
+            json.dumps(
+                {
+                    "event": "Future",
+                    "properties": {
+                        "time": int(time.time()) + 10 * 86400,
+                        "distinct_id": "u",
+                        "$insert_id": "future-1",
+                    },
+                }
+            )
+            + "\n"
+        )
     result = cli("import", str(data), *credentials(import_server))
     assert result.returncode == 1
     assert sorted(e["properties"]["$insert_id"] for e in import_server.imports) == sorted(ids)
     assert f"{data}:11:" in result.stdout
 
 
-def test_bad_credentials_stop_the_import_with_one_line(tmp_path: Path, import_server: MixpanelServer) -> None:
+def test_bad_credentials_stop_the_import_with_one_line(
+    tmp_path: Path, import_server: MixpanelServer
+) -> None:
     data = tmp_path / "e.jsonl"
     write_events(data, 5000)
-    result = cli("import", str(data), "--api-host", import_server.url, "--username", "importer", "--secret", "wrong", "--project-id", "4242", "--batch-size", "500", "--workers", "1")
+    result = cli(
+        "import",
+        str(data),
+        "--api-host",
+        import_server.url,
+        "--username",
+        "importer",
+        "--secret",
+        "wrong",
+        "--project-id",
+        "4242",
+        "--batch-size",
+        "500",
+        "--workers",
+        "1",
+    )
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("mp-logbridge: error: ") and "HTTP 401" in last and "Invalid credentials" in last
+    assert (
+        last.startswith("mp-logbridge: error: ")
+        and "HTTP 401" in last
+        and "Invalid credentials" in last
+    )
     assert len([r for r in import_server.requests if r.path == "/import"]) <= 2  # stopped early
     assert import_server.imports == []
 
@@ -254,13 +345,20 @@ def test_interrupted_import_resumes_without_resending(tmp_path: Path) -> None:
     ids = write_events(data, 3000)
     state = tmp_path / "progress.json"
     with MixpanelServer(service_account=ACCOUNT, latency=0.15) as server:
-        args = ["import", str(data), *credentials(server), "--batch-size", "100", "--workers", "1", "--state", str(state)]
+        args = [
+            "import",
+            str(data),
+            *credentials(server),
+            "--batch-size",
+            "100",
+            "--workers",
+            "1",
+            "--state",
+            str(state),
+        ]
         proc = start_cli(*args)
         try:
-            deadline = time.monotonic() + 30
-            while len(server.imports) < 500 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert len(server.imports) >= 500, "the import did not make progress"
+            wait_until(lambda: len(server.imports) >= 500, 30, "the import did not make progress")
             proc.send_signal(signal.SIGINT)
             out, err = proc.communicate(timeout=30)
         finally:
@@ -273,7 +371,13 @@ def test_interrupted_import_resumes_without_resending(tmp_path: Path) -> None:
         first_run = len(server.imports)
         assert 500 <= first_run < 3000
         server.latency = 0.0
-        resumed = subprocess.run([sys.executable, "-m", "mp_logbridge", *args], capture_output=True, text=True, timeout=60, env=cli_env())
+        resumed = subprocess.run(
+            [sys.executable, "-m", "mp_logbridge", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=child_env(),
+        )
         assert resumed.returncode == 0, resumed.stderr
         assert "accepted by an earlier run" in resumed.stdout
         received = [event["properties"]["$insert_id"] for event in server.imports]

@@ -8,14 +8,19 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import closed_port_url
+from support import child_env
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 # example file -> lines its output must contain
 EXPECTED = {
-    "quickstart.py": ["events: ['Signed Up', 'Purchase', 'Viewed Pricing']", "delivery: 5 sent, 0 dropped"],
-    "dictconfig_dict.py": ["Invoice Paid {'service': 'billing', 'env': 'dev', 'logger': 'billing.invoices'"],
+    "quickstart.py": [
+        "events: ['Signed Up', 'Purchase', 'Viewed Pricing']",
+        "delivery: 5 sent, 0 dropped",
+    ],
+    "dictconfig_dict.py": [
+        "Invoice Paid {'service': 'billing', 'env': 'dev', 'logger': 'billing.invoices'"
+    ],
     "dictconfig_file.py": ["logging.json -> API Call api req-1"],
     "eu_region.py": [
         "region='eu' sends events to https://api-eu.mixpanel.com/track",
@@ -28,21 +33,27 @@ EXPECTED = {
         "{'$ip': 0, '$ignore_time': 'true'}",
     ],
     "otel_decorator.py": ["Report Exported success", "Payment Attempted ValueError"],
-    "flask_app.py": ["Signed Up u-100 /signup {'plan': 'pro'}", "Search u-200 /search {'query': 'red', 'results': 1}"],
-    "prefork_workers.py": ["15 'Job Done' events from 3 workers, 1 'Server Started' (sent once, by the parent)"],
-    "serverless_handler.py": ["after invocation: 1 event(s) delivered", "after invocation: 3 event(s) delivered"],
+    "flask_app.py": [
+        "Signed Up u-100 /signup {'plan': 'pro'}",
+        "Search u-200 /search {'query': 'red', 'results': 1}",
+    ],
+    "prefork_workers.py": [
+        "15 'Job Done' events from 3 workers, 1 'Server Started' (sent once, by the parent)"
+    ],
+    "serverless_handler.py": [
+        "after invocation: 1 event(s) delivered",
+        "after invocation: 3 event(s) delivered",
+    ],
 }
 
 
 def run_example(name: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MIXPANEL_")}
-    env["MIXPANEL_API_HOST"] = closed_port_url()  # anything not pointed at the receiver goes nowhere
     return subprocess.run(
         [sys.executable, str(EXAMPLES / name), *args],
         capture_output=True,
         text=True,
         timeout=60,
-        env=env,
+        env=child_env(),  # anything not pointed at the receiver goes nowhere
         cwd=str(EXAMPLES.parent),
     )
 
@@ -66,7 +77,9 @@ def test_example_runs(name: str) -> None:
 def test_otel_example_events_carry_trace_ids() -> None:
     result = run_example("otel_decorator.py")
     assert result.returncode == 0, result.stderr
-    traces = [line.rsplit("trace ", 1)[1] for line in result.stdout.splitlines() if " trace " in line]
+    traces = [
+        line.rsplit("trace ", 1)[1] for line in result.stdout.splitlines() if " trace " in line
+    ]
     assert len(traces) == 2
     assert all(len(t) == 32 and int(t, 16) for t in traces)
 

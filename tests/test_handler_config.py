@@ -15,13 +15,13 @@ import multiprocessing
 import queue
 import sys
 import threading
-import time
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from support import RecordCollector, wait_until
 
 from mp_logbridge import ConfigurationError, MixpanelHandler, tag
 from mp_logbridge.testing import MixpanelServer
@@ -31,70 +31,7 @@ TOKEN = "config-test-token"
 DEFAULT_USER = "user-from-ext"
 
 
-# --------------------------------------------------------------------------- helpers
-
-
-def _wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait for a condition the code under test offers no way to wait on (hang guard)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        time.sleep(0.005)
-
-
-@pytest.fixture
-def make_handler(mixpanel_server: MixpanelServer) -> Iterator[Callable[..., MixpanelHandler]]:
-    """MixpanelHandlers sending to the test's server (closed after the test)."""
-    made: list[MixpanelHandler] = []
-
-    def make(token: str | None = TOKEN, **options: Any) -> MixpanelHandler:
-        options.setdefault("api_host", mixpanel_server.url)
-        options.setdefault("flush_interval", 0.05)
-        handler = MixpanelHandler(token, **options)
-        made.append(handler)
-        return handler
-
-    yield make
-    for handler in made:
-        handler.close()
-
-
-@pytest.fixture
-def make_logger(request: pytest.FixtureRequest) -> Iterator[Callable[..., logging.Logger]]:
-    """Non-propagating loggers private to the test, with the given handlers attached."""
-    attached: list[tuple[logging.Logger, logging.Handler]] = []
-
-    def make(*handlers: logging.Handler) -> logging.Logger:
-        logger = logging.getLogger(f"tests.config.{request.node.name}.{len(attached)}")
-        logger.setLevel(logging.DEBUG)
-        logger.propagate = False
-        for handler in handlers:
-            logger.addHandler(handler)
-            attached.append((logger, handler))
-        return logger
-
-    yield make
-    for logger, handler in attached:
-        logger.removeHandler(handler)
-
-
-@pytest.fixture
-def library_warnings() -> Iterator[list[logging.LogRecord]]:
-    """Records logged on the library's own (non-propagating) ``mp_logbridge`` logger."""
-    records: list[logging.LogRecord] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    collector = Collect()
-    library = logging.getLogger("mp_logbridge")
-    library.addHandler(collector)
-    try:
-        yield records
-    finally:
-        library.removeHandler(collector)
+# --------------------------------------------------------------------------- fixtures
 
 
 @pytest.fixture
@@ -332,11 +269,11 @@ def test_region_from_the_environment(region: str, host: str, monkeypatch) -> Non
 
 
 def test_no_token_disables_the_handler_with_one_warning(
-    make_handler, make_logger, library_warnings: list[logging.LogRecord]
+    make_handler, make_logger, library_warnings: RecordCollector
 ) -> None:
     handler = make_handler(None)
     assert not handler.enabled
-    warnings = [r.getMessage() for r in library_warnings]
+    warnings = library_warnings.messages()
     assert len(warnings) == 1 and "MIXPANEL_TOKEN" in warnings[0], warnings
     log = make_logger(handler)
     for index in range(3):
@@ -346,7 +283,7 @@ def test_no_token_disables_the_handler_with_one_warning(
     assert handler.stats()["enabled"] is False
     assert handler.flush() is True
     handler.close()
-    assert len(library_warnings) == 1  # not once per record
+    assert len(library_warnings.records) == 1  # not once per record
 
 
 def test_blank_token_disables_the_handler(make_handler) -> None:
@@ -434,7 +371,7 @@ def test_reconfiguring_while_messages_are_in_flight_loses_nothing(
     mixpanel_server.delay_next(1, 1.5, endpoint="/track")
     for index in range(10):
         log.info("x", extra=tag.track("Before", distinct_id="u1", index=index))
-    _wait_until(lambda: old.stats()["in_flight"] == 10)  # the delayed request is under way
+    wait_until(lambda: old.stats()["in_flight"] == 10)  # the delayed request is under way
     for index in range(10):
         log.info("x", extra=tag.track("Queued", distinct_id="u1", index=index))
 
@@ -448,7 +385,7 @@ def test_reconfiguring_while_messages_are_in_flight_loses_nothing(
     events = mixpanel_server.wait_for(30, timeout=20)
     assert Counter(e["event"] for e in events) == {"Before": 10, "Queued": 10, "After": 10}
     assert new.flush(10)
-    _wait_until(lambda: old.consumer.stats()["queue_depth"] == 0)
+    wait_until(lambda: old.consumer.stats()["queue_depth"] == 0)
     assert old.consumer.stats()["dropped_total"] == 0
 
 

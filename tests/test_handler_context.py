@@ -8,20 +8,19 @@ records are built later on the sender thread and delivered to a loopback ``Mixpa
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from opentelemetry import baggage, trace
 from opentelemetry import context as otel_context
+from support import RecordCollector
 
 from mp_logbridge import (
     DEFAULT_RECORD_PROPERTIES,
     BoundContext,
-    MixpanelHandler,
     bind,
     bound,
     current_context,
@@ -33,60 +32,7 @@ from mp_logbridge.testing import MixpanelServer
 TOKEN = "context-test-token"
 
 
-# --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture
-def make_handler(mixpanel_server: MixpanelServer) -> Iterator[Callable[..., MixpanelHandler]]:
-    """MixpanelHandlers sending to the test's server (closed after the test)."""
-    made: list[MixpanelHandler] = []
-
-    def make(**options: Any) -> MixpanelHandler:
-        options.setdefault("api_host", mixpanel_server.url)
-        options.setdefault("flush_interval", 0.05)
-        handler = MixpanelHandler(TOKEN, **options)
-        made.append(handler)
-        return handler
-
-    yield make
-    for handler in made:
-        handler.close()
-
-
-@pytest.fixture
-def make_logger(request: pytest.FixtureRequest) -> Iterator[Callable[..., logging.Logger]]:
-    """A non-propagating logger private to the test, with the given handler attached."""
-    attached: list[tuple[logging.Logger, logging.Handler]] = []
-
-    def make(handler: logging.Handler) -> logging.Logger:
-        logger = logging.getLogger(f"tests.context.{request.node.name}.{len(attached)}")
-        logger.setLevel(logging.DEBUG)
-        logger.propagate = False
-        logger.addHandler(handler)
-        attached.append((logger, handler))
-        return logger
-
-    yield make
-    for logger, handler in attached:
-        logger.removeHandler(handler)
-
-
-@pytest.fixture
-def library_warnings() -> Iterator[list[logging.LogRecord]]:
-    """Records logged on the library's own (non-propagating) ``mp_logbridge`` logger."""
-    records: list[logging.LogRecord] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    collector = Collect()
-    library = logging.getLogger("mp_logbridge")
-    library.addHandler(collector)
-    try:
-        yield records
-    finally:
-        library.removeHandler(collector)
+# --------------------------------------------------------------------------- helpers
 
 
 class _Baggage:
@@ -257,7 +203,7 @@ def test_no_user_anywhere_is_dropped_as_invalid_with_a_clear_reason(
     mixpanel_server: MixpanelServer,
     make_handler,
     make_logger,
-    library_warnings: list[logging.LogRecord],
+    library_warnings: RecordCollector,
 ) -> None:
     handler = make_handler()
     log = make_logger(handler)
@@ -270,7 +216,7 @@ def test_no_user_anywhere_is_dropped_as_invalid_with_a_clear_reason(
     assert mixpanel_server.profile_updates == []
     assert handler.stats()["dropped"]["invalid"] == 2
     handler.close()
-    text = " ".join(r.getMessage() for r in library_warnings)
+    text = " ".join(library_warnings.messages())
     assert "invalid" in text
     assert "no distinct_id" in text and "mp_logbridge.bound()" in text
 

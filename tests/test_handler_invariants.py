@@ -11,7 +11,6 @@ import logging
 import pickle
 import sys
 import threading
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -70,39 +69,9 @@ class CountingHandler(MixpanelHandler):
 
 
 @pytest.fixture
-def make_handler(mixpanel_server: MixpanelServer) -> Iterator[Callable[..., CountingHandler]]:
-    """Counting MixpanelHandlers sending to the test's server (closed after the test)."""
-    made: list[CountingHandler] = []
-
-    def make(token: str = TOKEN, **options: Any) -> CountingHandler:
-        options.setdefault("api_host", mixpanel_server.url)
-        options.setdefault("flush_interval", 0.05)
-        handler = CountingHandler(token, **options)
-        made.append(handler)
-        return handler
-
-    yield make
-    for handler in made:
-        handler.close()
-
-
-@pytest.fixture
-def attach() -> Iterator[Callable[..., logging.Logger]]:
-    """Attach handlers to a named logger for the test (removed afterwards)."""
-    attached: list[tuple[logging.Logger, logging.Handler]] = []
-
-    def add(name: str, *handlers: logging.Handler, propagate: bool = False) -> logging.Logger:
-        logger = logging.getLogger(name)
-        logger.setLevel(logging.DEBUG)
-        logger.propagate = propagate
-        for handler in handlers:
-            logger.addHandler(handler)
-            attached.append((logger, handler))
-        return logger
-
-    yield add
-    for logger, handler in attached:
-        logger.removeHandler(handler)
+def handler_class() -> type[MixpanelHandler]:
+    """``make_handler`` builds counting handlers here."""
+    return CountingHandler
 
 
 # --------------------------------------------------------------------------- extra= collisions
@@ -116,12 +85,12 @@ def test_reserved_record_attributes_are_the_stdlib_ones() -> None:
 
 
 def test_extra_keys_colliding_with_record_attributes_raise_at_the_call(
-    attach, make_handler, monkeypatch
+    make_handler, make_logger, monkeypatch
 ) -> None:
     """The stdlib raises ``KeyError`` in the caller (``raiseExceptions`` does not change that)."""
     monkeypatch.setattr(logging, "raiseExceptions", False)
     handler = make_handler()
-    log = attach("tests.invariants.collisions", handler)
+    log = make_logger(handler, name="tests.invariants.collisions")
     for key in sorted(RESERVED_RECORD_ATTRIBUTES):
         with pytest.raises(KeyError, match=key):
             log.info("x", extra={key: "clash", **tag.track("Never", distinct_id="u1")})
@@ -129,12 +98,14 @@ def test_extra_keys_colliding_with_record_attributes_raise_at_the_call(
 
 
 def test_the_tag_name_avoids_record_attributes(
-    mixpanel_server: MixpanelServer, attach, make_handler
+    mixpanel_server: MixpanelServer, make_handler, make_logger
 ) -> None:
     assert "mixpanel" not in RESERVED_RECORD_ATTRIBUTES
     assert set(tag.track("E")) == {"mixpanel"}
     handler = make_handler()
-    attach("tests.invariants.tag_name", handler).info("ok", extra=tag.track("Ok", distinct_id="u"))
+    make_logger(handler, name="tests.invariants.tag_name").info(
+        "ok", extra=tag.track("Ok", distinct_id="u")
+    )
     assert handler.flush(10)
     assert [e["event"] for e in mixpanel_server.wait_for(1)] == ["Ok"]
 
@@ -144,17 +115,17 @@ def test_the_tag_name_avoids_record_attributes(
 
 @pytest.mark.parametrize("name", ["mp_logbridge", "mp_logbridge.internal"])
 def test_records_of_the_library_loggers_are_rejected(
-    name: str, mixpanel_server: MixpanelServer, attach, make_handler
+    name: str, mixpanel_server: MixpanelServer, make_handler, make_logger
 ) -> None:
     handler = make_handler()
     library = logging.getLogger("mp_logbridge")
     saved_level = library.level
     try:
-        attach(name, handler).warning("own", extra=tag.track("Own", distinct_id="u1"))
+        make_logger(handler, name=name).warning("own", extra=tag.track("Own", distinct_id="u1"))
     finally:
         library.setLevel(saved_level)
         library.propagate = False
-    app = attach("mp_logbridge_app", handler)  # a prefix of the name is not the library
+    app = make_logger(handler, name="mp_logbridge_app")  # a prefix of the name is not the library
     app.info("app", extra=tag.track("App", distinct_id="u1"))
     assert handler.flush(10)
     assert [e["event"] for e in mixpanel_server.wait_for(1)] == ["App"]
@@ -169,10 +140,10 @@ class _Unbuildable:
 
 
 def test_records_logged_on_a_sender_thread_are_rejected_before_any_lock(
-    mixpanel_server: MixpanelServer, attach, make_handler
+    mixpanel_server: MixpanelServer, make_handler, make_logger
 ) -> None:
     handler = make_handler()
-    log = attach("tests.invariants.sender_thread", handler)
+    log = make_logger(handler, name="tests.invariants.sender_thread")
     callback_done = threading.Event()
     callback_threads: list[str] = []
 
@@ -199,12 +170,12 @@ def test_records_logged_on_a_sender_thread_are_rejected_before_any_lock(
 
 
 def test_a_record_reaching_two_handlers_of_one_project_is_sent_once(
-    mixpanel_server: MixpanelServer, attach, make_handler
+    mixpanel_server: MixpanelServer, make_handler, make_logger
 ) -> None:
     root_like = make_handler()
     child_handler = make_handler(batch_size=10)  # another consumer: dedup is not the consumer's
-    attach("tests.invariants.once", root_like)
-    child = attach("tests.invariants.once.child", child_handler, propagate=True)
+    make_logger(root_like, name="tests.invariants.once")
+    child = make_logger(child_handler, name="tests.invariants.once.child", propagate=True)
     child.info("x", extra=tag.track("Once", distinct_id="u1") + tag.charge(3, distinct_id="u1"))
     child.info("y", extra=tag.track("Twice Logged", distinct_id="u1"))
     assert child_handler.flush(10) and root_like.flush(10)
@@ -215,12 +186,12 @@ def test_a_record_reaching_two_handlers_of_one_project_is_sent_once(
 
 
 def test_a_record_reaching_handlers_of_two_projects_is_sent_to_each(
-    mixpanel_server: MixpanelServer, attach, make_handler
+    mixpanel_server: MixpanelServer, make_handler, make_logger
 ) -> None:
     parent = make_handler("project-a")
     child_handler = make_handler("project-b")
-    attach("tests.invariants.projects", parent)
-    child = attach("tests.invariants.projects.child", child_handler, propagate=True)
+    make_logger(parent, name="tests.invariants.projects")
+    child = make_logger(child_handler, name="tests.invariants.projects.child", propagate=True)
     child.info("x", extra=tag.track("Shared", distinct_id="u1"))
     assert child_handler.flush(10) and parent.flush(10)
     events = mixpanel_server.wait_for(2)
@@ -228,11 +199,11 @@ def test_a_record_reaching_handlers_of_two_projects_is_sent_to_each(
 
 
 def test_handlers_of_one_project_reading_different_tags_each_send_theirs(
-    mixpanel_server: MixpanelServer, attach, make_handler
+    mixpanel_server: MixpanelServer, make_handler, make_logger
 ) -> None:
     default = make_handler()
     other = make_handler(tag="analytics")
-    log = attach("tests.invariants.two_tags", default, other)
+    log = make_logger(default, other, name="tests.invariants.two_tags")
     log.info(
         "x",
         extra={
@@ -247,11 +218,11 @@ def test_handlers_of_one_project_reading_different_tags_each_send_theirs(
 
 
 def test_copies_of_a_record_carry_the_same_insert_ids(
-    mixpanel_server: MixpanelServer, attach, make_handler
+    mixpanel_server: MixpanelServer, make_handler, make_logger
 ) -> None:
     """A copy (QueueHandler.prepare) or a pickled record is the same occurrence: same ids."""
     handler = make_handler()
-    log = attach("tests.invariants.insert_ids", handler)
+    log = make_logger(handler, name="tests.invariants.insert_ids")
     record = log.makeRecord(
         log.name,
         logging.INFO,
@@ -288,10 +259,10 @@ def test_copies_of_a_record_carry_the_same_insert_ids(
 
 
 def test_consecutive_records_from_one_line_get_distinct_insert_ids(
-    mixpanel_server: MixpanelServer, attach, make_handler
+    mixpanel_server: MixpanelServer, make_handler, make_logger
 ) -> None:
     handler = make_handler()
-    log = attach("tests.invariants.loop", handler)
+    log = make_logger(handler, name="tests.invariants.loop")
     for index in range(300):
         log.info("purchase %d", index, extra=tag.track("Purchase", distinct_id="u1", n=index))
     assert handler.flush(10)
@@ -300,12 +271,12 @@ def test_consecutive_records_from_one_line_get_distinct_insert_ids(
 
 
 def test_records_sharing_time_and_line_but_not_content_get_distinct_insert_ids(
-    mixpanel_server: MixpanelServer, attach, make_handler
+    mixpanel_server: MixpanelServer, make_handler, make_logger
 ) -> None:
     """On a coarse (or frozen) clock, records of one line can share ``created``: Mixpanel must
     not take them for one event, unless nothing at all tells them apart."""
     handler = make_handler()
-    log = attach("tests.invariants.coarse_clock", handler)
+    log = make_logger(handler, name="tests.invariants.coarse_clock")
 
     def record(message: str, *args: Any, **properties: Any) -> logging.LogRecord:
         made = log.makeRecord(
@@ -332,10 +303,10 @@ def test_records_sharing_time_and_line_but_not_content_get_distinct_insert_ids(
 
 
 def test_untagged_records_never_reach_emit(
-    mixpanel_server: MixpanelServer, attach, make_handler
+    mixpanel_server: MixpanelServer, make_handler, make_logger
 ) -> None:
     handler = make_handler()
-    log = attach("tests.invariants.untagged", handler)
+    log = make_logger(handler, name="tests.invariants.untagged")
     log.debug("debug")
     log.info("info %s", "args", extra={"request_id": "r-1"})
     log.warning("tag off", extra={"mixpanel": None})
@@ -375,11 +346,11 @@ class _BrokenConsumer:
 
 
 def test_a_broken_consumer_never_raises_into_the_application(
-    attach, capsys: pytest.CaptureFixture[str]
+    make_logger, capsys: pytest.CaptureFixture[str]
 ) -> None:
     broken = _BrokenConsumer()
     handler = MixpanelHandler(TOKEN, consumer=broken)
-    log = attach("tests.invariants.broken", handler)
+    log = make_logger(handler, name="tests.invariants.broken")
     log.info(
         "x", extra=tag.track("E", distinct_id="u1") + tag.people.set({"a": 1}, distinct_id="u1")
     )
@@ -396,11 +367,11 @@ def test_a_broken_consumer_never_raises_into_the_application(
 
 
 def test_with_raise_exceptions_off_a_broken_consumer_is_still_counted(
-    attach, capsys: pytest.CaptureFixture[str], monkeypatch
+    make_logger, capsys: pytest.CaptureFixture[str], monkeypatch
 ) -> None:
     monkeypatch.setattr(logging, "raiseExceptions", False)
     handler = MixpanelHandler(TOKEN, consumer=_BrokenConsumer())
-    log = attach("tests.invariants.silent", handler)
+    log = make_logger(handler, name="tests.invariants.silent")
     log.info("x", extra=tag.track("E", distinct_id="u1"))
     handler.close()
     assert "Logging error" not in capsys.readouterr().err
@@ -408,12 +379,12 @@ def test_with_raise_exceptions_off_a_broken_consumer_is_still_counted(
 
 
 @pytest.mark.timeout(60)
-def test_log_calls_do_not_wait_for_a_server_that_is_down(down_url: str, attach) -> None:
+def test_log_calls_do_not_wait_for_a_server_that_is_down(down_url: str, make_logger) -> None:
     """A hang guard: with nothing listening, 1000 tagged calls complete and all are accounted."""
     handler = CountingHandler(
         TOKEN, api_host=down_url, flush_interval=0.01, flush_timeout=0.5, exit_timeout=0.5
     )
-    log = attach("tests.invariants.down", handler)
+    log = make_logger(handler, name="tests.invariants.down")
     try:
         for index in range(1000):
             log.info("x", extra=tag.track("Down", distinct_id="u1", n=index))

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from support import JOHN_DOE, RecordCollector
 
 from mp_logbridge import Consumer, MixpanelHandler, Tag, Tags, Tracker, bound, tag
 from mp_logbridge.testing import MixpanelServer
@@ -35,64 +36,10 @@ CREATED = 1_700_000_000.25  # a fixed LogRecord.created (2023-11-14T22:13:20.25Z
 
 
 @pytest.fixture
-def make_handler(mixpanel_server: MixpanelServer) -> Iterator[Callable[..., MixpanelHandler]]:
-    """MixpanelHandlers sending to the test's server (closed after the test)."""
-    made: list[MixpanelHandler] = []
-
-    def make(token: str = TOKEN, **options: Any) -> MixpanelHandler:
-        options.setdefault("api_host", mixpanel_server.url)
-        options.setdefault("flush_interval", 0.05)
-        handler = MixpanelHandler(token, **options)
-        made.append(handler)
-        return handler
-
-    yield make
-    for handler in made:
-        handler.close()
-
-
-@pytest.fixture
-def make_logger(request: pytest.FixtureRequest) -> Iterator[Callable[..., logging.Logger]]:
-    """Non-propagating loggers private to the test, with the given handlers attached."""
-    attached: list[tuple[logging.Logger, logging.Handler]] = []
-
-    def make(*handlers: logging.Handler) -> logging.Logger:
-        logger = logging.getLogger(f"tests.tags.{request.node.name}.{len(attached)}")
-        logger.setLevel(logging.DEBUG)
-        logger.propagate = False
-        for handler in handlers:
-            logger.addHandler(handler)
-            attached.append((logger, handler))
-        return logger
-
-    yield make
-    for logger, handler in attached:
-        logger.removeHandler(handler)
-
-
-@pytest.fixture
 def tracker(mixpanel_server: MixpanelServer) -> Iterator[Tracker]:
     """The reference: a Tracker with a synchronous Consumer on the same server."""
     with Tracker(TOKEN, Consumer(api_host=mixpanel_server.url)) as reference:
         yield reference
-
-
-@pytest.fixture
-def library_warnings() -> Iterator[list[logging.LogRecord]]:
-    """Records logged on the library's own (non-propagating) ``mp_logbridge`` logger."""
-    records: list[logging.LogRecord] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    collector = Collect()
-    library = logging.getLogger("mp_logbridge")
-    library.addHandler(collector)
-    try:
-        yield records
-    finally:
-        library.removeHandler(collector)
 
 
 # --------------------------------------------------------------------------- comparing records
@@ -136,42 +83,11 @@ SEED_CALLS = [
     SeedCall(
         "people.set with ip=0 and $ignore_time",
         "profile_updates",
-        lambda t: t.people.set(
-            "12345",
-            {
-                "$first_name": "John",
-                "$last_name": "Doe",
-                "$email": "john.doe@example.com",
-                "$phone": "5555555555",
-                "Favorite Color": "red",
-            },
-            0,
-            {"$ignore_time": "true"},
-        ),
+        lambda t: t.people.set("12345", dict(JOHN_DOE), 0, {"$ignore_time": "true"}),
         tag.people.set(
-            {
-                "$first_name": "John",
-                "$last_name": "Doe",
-                "$email": "john.doe@example.com",
-                "$phone": "5555555555",
-                "Favorite Color": "red",
-            },
-            distinct_id="12345",
-            ip=0,
-            optional_params={"$ignore_time": "true"},
+            dict(JOHN_DOE), distinct_id="12345", ip=0, optional_params={"$ignore_time": "true"}
         ),
-        {
-            "$distinct_id": "12345",
-            "$set": {
-                "$first_name": "John",
-                "$last_name": "Doe",
-                "$email": "john.doe@example.com",
-                "$phone": "5555555555",
-                "Favorite Color": "red",
-            },
-            "$ip": 0,
-            "$ignore_time": "true",
-        },
+        {"$distinct_id": "12345", "$set": dict(JOHN_DOE), "$ip": 0, "$ignore_time": "true"},
     ),
     SeedCall(
         "people.increment",
@@ -571,7 +487,7 @@ def test_bad_tag_is_counted_and_reported_while_the_rest_of_the_record_is_sent(
     mixpanel_server: MixpanelServer,
     make_handler,
     make_logger,
-    library_warnings: list[logging.LogRecord],
+    library_warnings: RecordCollector,
 ) -> None:
     handler = make_handler()
     log = make_logger(handler)
@@ -593,7 +509,7 @@ def test_bad_tag_is_counted_and_reported_while_the_rest_of_the_record_is_sent(
     assert handler.stats()["dropped"]["invalid"] == 1
     assert mixpanel_server.invalid == []  # nothing malformed reached the server
     handler.close()  # the loss report is forced out at close at the latest
-    reports = [r.getMessage() for r in library_warnings if r.levelno == logging.WARNING]
+    reports = [r.getMessage() for r in library_warnings.records if r.levelno == logging.WARNING]
     assert any("invalid: 1" in text for text in reports), reports
 
 
@@ -601,7 +517,7 @@ def test_event_without_any_user_is_invalid_with_a_clear_reason(
     mixpanel_server: MixpanelServer,
     make_handler,
     make_logger,
-    library_warnings: list[logging.LogRecord],
+    library_warnings: RecordCollector,
 ) -> None:
     handler = make_handler()
     log = make_logger(handler)
@@ -611,7 +527,7 @@ def test_event_without_any_user_is_invalid_with_a_clear_reason(
     assert event["event"] == "Owned"
     assert handler.stats()["dropped"]["invalid"] == 1
     handler.close()
-    text = " ".join(r.getMessage() for r in library_warnings)
+    text = " ".join(library_warnings.messages())
     assert "no distinct_id" in text
     assert "enduser.id" in text and "default_distinct_id" in text
 
@@ -619,7 +535,7 @@ def test_event_without_any_user_is_invalid_with_a_clear_reason(
 def test_bad_tag_with_a_synchronous_consumer_is_counted_and_the_rest_sent(
     mixpanel_server: MixpanelServer,
     make_logger,
-    library_warnings: list[logging.LogRecord],
+    library_warnings: RecordCollector,
 ) -> None:
     """With ``consumer=`` a callable, records are built on the caller's thread: same contract."""
     consumer = Consumer(api_host=mixpanel_server.url)
@@ -632,7 +548,7 @@ def test_bad_tag_with_a_synchronous_consumer_is_counted_and_the_rest_sent(
         handler.close()
         consumer.close()
     assert [e["event"] for e in mixpanel_server.events] == ["After"]
-    assert any("invalid" in r.getMessage() for r in library_warnings)
+    assert any("invalid" in message for message in library_warnings.messages())
 
 
 # --------------------------------------------------------------------------- the helpers

@@ -27,6 +27,7 @@ import pytest
 import wrapt
 from opentelemetry import baggage, trace
 from opentelemetry import context as otel_context
+from support import RecordCollector, attached
 
 from mp_logbridge import (
     CallableSink,
@@ -620,15 +621,9 @@ def test_stacked_with_other_decorators(log: logging.Logger, delivery: Delivery) 
         def walk(self, user: str, n: int = 1) -> int:
             return n
 
-    records: list[logging.LogRecord] = []
-    keep = logging.Handler()
-    keep.emit = records.append  # type: ignore[method-assign]
-    log.addHandler(keep)
-    try:
+    with attached(log, RecordCollector()) as keep:
         assert inside_wraps("u1", 2) == ("wrapped", 2)
-    finally:
-        log.removeHandler(keep)
-    [record] = records  # where the record says it comes from: the function itself
+    [record] = keep.records  # where the record says it comes from: the function itself
     _source, first_line = inspect.getsourcelines(inspect.unwrap(inside_wraps))
     assert (record.pathname, record.lineno) == (__file__, first_line)
     assert record.funcName == "inside_wraps"

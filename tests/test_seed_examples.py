@@ -16,6 +16,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
+from support import JOHN_DOE
 
 from mp_logbridge import (
     ConfigurationError,
@@ -91,18 +92,7 @@ def test_people_set_without_geolocation_or_last_seen(
     tracker: Tracker, server: MixpanelServer
 ) -> None:
     # tracker.people.set('12345', {...}, ip = 0, {'$ignore_time' => 'true'});
-    assert tracker.people.set(
-        "12345",
-        {
-            "$first_name": "John",
-            "$last_name": "Doe",
-            "$email": "john.doe@example.com",
-            "$phone": "5555555555",
-            "Favorite Color": "red",
-        },
-        0,
-        {"$ignore_time": "true"},
-    )
+    assert tracker.people.set("12345", dict(JOHN_DOE), 0, {"$ignore_time": "true"})
     record = only(server.profile_updates)
     assert list(record) == [
         "$token",
@@ -116,13 +106,7 @@ def test_people_set_without_geolocation_or_last_seen(
     assert record == {
         "$token": YOUR_PROJECT_TOKEN,
         "$distinct_id": "12345",
-        "$set": {
-            "$first_name": "John",
-            "$last_name": "Doe",
-            "$email": "john.doe@example.com",
-            "$phone": "5555555555",
-            "Favorite Color": "red",
-        },
+        "$set": JOHN_DOE,
         "$ignore_time": "true",
         "$ip": 0,
     }

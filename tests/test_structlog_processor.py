@@ -13,8 +13,6 @@ import asyncio
 import copy
 import io
 import logging
-import re
-import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
@@ -28,6 +26,7 @@ from hypothesis import strategies as st
 from opentelemetry import baggage
 from opentelemetry import context as otel_context
 from opentelemetry.sdk.trace import TracerProvider
+from support import RecordCollector
 
 from mp_logbridge import (
     ConfigurationError,
@@ -80,89 +79,6 @@ def make_processor(mixpanel_server: MixpanelServer) -> Iterator[Callable[..., Mi
     yield make
     for processor in made:
         processor.close()
-
-
-@pytest.fixture
-def make_handler(mixpanel_server: MixpanelServer) -> Iterator[Callable[..., MixpanelHandler]]:
-    """MixpanelHandlers sending to the test's server (closed after the test)."""
-    made: list[MixpanelHandler] = []
-
-    def make(token: str = TOKEN, **options: Any) -> MixpanelHandler:
-        options.setdefault("api_host", mixpanel_server.url)
-        options.setdefault("flush_interval", 0.05)
-        handler = MixpanelHandler(token, **options)
-        made.append(handler)
-        return handler
-
-    yield make
-    for handler in made:
-        handler.close()
-
-
-@pytest.fixture
-def stdlib_logger(request: pytest.FixtureRequest) -> Iterator[Callable[..., logging.Logger]]:
-    """A non-propagating stdlib logger private to the test, with the given handlers attached."""
-    attached: list[tuple[logging.Logger, logging.Handler]] = []
-    name = f"tests.structlog.{request.node.name}"
-
-    def make(*handlers: logging.Handler) -> logging.Logger:
-        logger = logging.getLogger(name)
-        logger.setLevel(logging.DEBUG)
-        logger.propagate = False
-        for handler in handlers:
-            logger.addHandler(handler)
-            attached.append((logger, handler))
-        return logger
-
-    yield make
-    for logger, handler in attached:
-        logger.removeHandler(handler)
-
-
-class Collect(logging.Handler):
-    """Keeps the records it is given; ``arrived`` is set at each one."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-        self.arrived = threading.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-        self.arrived.set()
-
-    def messages(self) -> list[str]:
-        return [record.getMessage() for record in self.records]
-
-    def wait_until(self, predicate: Callable[[list[str]], bool], timeout: float = 10.0) -> None:
-        """Wait until the messages so far satisfy ``predicate`` (hang guard only)."""
-        while True:
-            self.arrived.clear()
-            if predicate(self.messages()):
-                return
-            if not self.arrived.wait(timeout):
-                raise TimeoutError(f"library warnings never matched: {self.messages()}")
-
-    def wait_for(self, text: str, timeout: float = 10.0) -> str:
-        """The first message containing ``text``, waiting for it (hang guard only)."""
-        self.wait_until(lambda messages: any(text in message for message in messages), timeout)
-        return next(message for message in self.messages() if text in message)
-
-    def invalid_reported(self) -> int:
-        """How many invalid messages the aggregated loss reports added up to so far."""
-        return sum(int(n) for m in self.messages() for n in re.findall(r"invalid: (\d+)", m))
-
-
-@pytest.fixture
-def library_warnings() -> Iterator[Collect]:
-    """Records logged on the library's own (non-propagating) ``mp_logbridge`` logger."""
-    collector = Collect()
-    library = logging.getLogger("mp_logbridge")
-    library.addHandler(collector)
-    try:
-        yield collector
-    finally:
-        library.removeHandler(collector)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -273,13 +189,13 @@ def test_structlog_tag_sends_what_the_handler_sends(
     tagged: Mapping[str, Any],
     make_processor: Callable[..., MixpanelProcessor],
     make_handler: Callable[..., MixpanelHandler],
-    stdlib_logger: Callable[..., logging.Logger],
+    make_logger: Callable[..., logging.Logger],
     mixpanel_server: MixpanelServer,
 ) -> None:
     """One tag, two front doors: the processor's records mean exactly what the handler's do."""
     handler = make_handler()
     with bound(distinct_id="bound-user", team="core"):
-        stdlib_logger(handler).info("log message", extra=dict(tagged))
+        make_logger(handler).info("log message", extra=dict(tagged))
     assert handler.flush(10)
     from_handler = everything(mixpanel_server)
     assert from_handler, "the handler sent nothing: the comparison would be empty"
@@ -390,7 +306,7 @@ def test_distinct_id_precedence(
 def test_no_user_anywhere_is_dropped_as_invalid(
     make_processor: Callable[..., MixpanelProcessor],
     mixpanel_server: MixpanelServer,
-    library_warnings: Collect,
+    library_warnings: RecordCollector,
 ) -> None:
     processor = make_processor(distinct_id_key="user_id")
     out = render_with(processor)
@@ -486,7 +402,7 @@ class ExplodingMapping(Mapping[str, Any]):
 def test_bad_tags_are_counted_and_reported_and_the_lines_written(
     make_processor: Callable[..., MixpanelProcessor],
     mixpanel_server: MixpanelServer,
-    library_warnings: Collect,
+    library_warnings: RecordCollector,
 ) -> None:
     processor = make_processor(default_distinct_id="fallback")
     out = render_with(processor)
@@ -516,7 +432,7 @@ def test_bad_tags_are_counted_and_reported_and_the_lines_written(
 
 
 def test_a_broken_consumer_never_reaches_the_caller(
-    make_processor: Callable[..., MixpanelProcessor], library_warnings: Collect
+    make_processor: Callable[..., MixpanelProcessor], library_warnings: RecordCollector
 ) -> None:
     class BrokenConsumer:
         def send(self, kind: str, message: Any) -> bool:
@@ -672,7 +588,7 @@ def test_render_to_log_kwargs_with_a_handler_sends_once(
     keep_tag: bool,
     make_processor: Callable[..., MixpanelProcessor],
     make_handler: Callable[..., MixpanelHandler],
-    stdlib_logger: Callable[..., logging.Logger],
+    make_logger: Callable[..., logging.Logger],
     mixpanel_server: MixpanelServer,
 ) -> None:
     processor = make_processor(keep_tag=keep_tag)
@@ -680,7 +596,7 @@ def test_render_to_log_kwargs_with_a_handler_sends_once(
     seen = SeenByStdlib()
     out = io.StringIO()
     console = logging.StreamHandler(out)
-    logger = stdlib_logger(handler, seen, console)
+    logger = make_logger(handler, seen, console)
     configure_forwarding(processor, structlog.stdlib.render_to_log_kwargs)
     log_a_session(structlog.get_logger(logger.name))
     assert processor.flush(10) and handler.flush(10)
@@ -697,13 +613,13 @@ def test_render_to_log_kwargs_with_a_handler_sends_once(
 def test_sent_mark_is_per_project(
     make_processor: Callable[..., MixpanelProcessor],
     make_handler: Callable[..., MixpanelHandler],
-    stdlib_logger: Callable[..., logging.Logger],
+    make_logger: Callable[..., logging.Logger],
     mixpanel_server: MixpanelServer,
 ) -> None:
     """A handler of another project sends a kept tag too: the mark names the project."""
     processor = make_processor(keep_tag=True)
     handler = make_handler("other-project-token")
-    logger = stdlib_logger(handler)
+    logger = make_logger(handler)
     configure_forwarding(processor, structlog.stdlib.render_to_log_kwargs)
     structlog.get_logger(logger.name).info("x", **tag.track("Shared", distinct_id="u1"))
     assert processor.flush(10) and handler.flush(10)
@@ -729,13 +645,13 @@ def test_wrap_for_formatter_with_a_handler_sends_once(
     keep_tag: bool,
     make_processor: Callable[..., MixpanelProcessor],
     make_handler: Callable[..., MixpanelHandler],
-    stdlib_logger: Callable[..., logging.Logger],
+    make_logger: Callable[..., logging.Logger],
     mixpanel_server: MixpanelServer,
 ) -> None:
     processor = make_processor(keep_tag=keep_tag)
     handler = make_handler()
     out = io.StringIO()
-    logger = stdlib_logger(formatted_console(out), handler)
+    logger = make_logger(formatted_console(out), handler)
     configure_forwarding(processor, structlog.stdlib.ProcessorFormatter.wrap_for_formatter)
     log_a_session(structlog.get_logger(logger.name))
     assert processor.flush(10) and handler.flush(10)
@@ -750,12 +666,12 @@ def test_wrap_for_formatter_with_a_handler_sends_once(
 
 def test_render_to_log_kwargs_handler_only(
     make_handler: Callable[..., MixpanelHandler],
-    stdlib_logger: Callable[..., logging.Logger],
+    make_logger: Callable[..., logging.Logger],
     mixpanel_server: MixpanelServer,
 ) -> None:
     """structlog on top of stdlib without the processor: the tag travels in ``extra=``."""
     handler = make_handler()
-    logger = stdlib_logger(handler)
+    logger = make_logger(handler)
     configure_forwarding(structlog.stdlib.render_to_log_kwargs)
     log_a_session(structlog.get_logger(logger.name))
     assert handler.flush(10)
@@ -765,13 +681,13 @@ def test_render_to_log_kwargs_handler_only(
 
 def test_wrap_for_formatter_handler_only(
     make_handler: Callable[..., MixpanelHandler],
-    stdlib_logger: Callable[..., logging.Logger],
+    make_logger: Callable[..., logging.Logger],
     mixpanel_server: MixpanelServer,
 ) -> None:
     """structlog on top of stdlib without the processor, through ProcessorFormatter."""
     handler = make_handler()
     out = io.StringIO()
-    logger = stdlib_logger(formatted_console(out), handler)
+    logger = make_logger(formatted_console(out), handler)
     configure_forwarding(structlog.stdlib.ProcessorFormatter.wrap_for_formatter)
     log_a_session(structlog.get_logger(logger.name))
     assert len(out.getvalue().splitlines()) == 3
@@ -820,14 +736,14 @@ def test_import_and_use_without_structlog(run_python: Any) -> None:
 def test_processor_and_handler_with_the_same_options_share_one_consumer(
     make_processor: Callable[..., MixpanelProcessor],
     make_handler: Callable[..., MixpanelHandler],
-    stdlib_logger: Callable[..., logging.Logger],
+    make_logger: Callable[..., logging.Logger],
     mixpanel_server: MixpanelServer,
 ) -> None:
     processor = make_processor(batch_size=7)
     handler = make_handler(batch_size=7)
     render_with(processor)
     structlog.get_logger().info("a", **tag.track("From Structlog", distinct_id="u1"))
-    stdlib_logger(handler).info("b", extra=tag.track("From Logging", distinct_id="u1"))
+    make_logger(handler).info("b", extra=tag.track("From Logging", distinct_id="u1"))
     assert processor.flush(10) and handler.flush(10)
     assert len(mixpanel_server.events) == 2
     # One consumer: both front doors read the same counters.
@@ -853,7 +769,7 @@ def test_processors_with_the_same_options_share_one_consumer(
 def test_flush_stats_close(
     make_processor: Callable[..., MixpanelProcessor],
     mixpanel_server: MixpanelServer,
-    library_warnings: Collect,
+    library_warnings: RecordCollector,
 ) -> None:
     processor = make_processor()
     out = render_with(processor)
@@ -874,7 +790,7 @@ def test_flush_stats_close(
 
 
 def test_disabled_without_token(
-    library_warnings: Collect, stdlib_logger: Callable[..., logging.Logger]
+    library_warnings: RecordCollector, make_logger: Callable[..., logging.Logger]
 ) -> None:
     handed_on: list[Any] = []
     processor = MixpanelProcessor()  # no token=, no MIXPANEL_TOKEN

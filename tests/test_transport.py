@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import requests
+from support import attached
 
 from mp_logbridge import (
     REGIONS,
@@ -360,12 +361,8 @@ def library_log() -> Iterator[io.StringIO]:
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
-    logger = logging.getLogger("mp_logbridge")
-    logger.addHandler(handler)
-    try:
+    with attached(logging.getLogger("mp_logbridge"), handler):
         yield stream
-    finally:
-        logger.removeHandler(handler)
 
 
 def _secret_free(*texts: str) -> None:
