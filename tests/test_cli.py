@@ -384,3 +384,56 @@ def test_interrupted_import_resumes_without_resending(tmp_path: Path) -> None:
     assert len(received) == len(set(received)) == 3000  # exactly once
     assert set(received) == set(ids)
     assert not state.exists()  # finished: progress file removed
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+def test_import_draws_a_progress_bar_on_a_terminal(
+    tmp_path: Path, import_server: MixpanelServer
+) -> None:
+    import os
+    import pty
+
+    data = tmp_path / "e.jsonl"
+    write_events(data, 3000)
+    leader, follower = pty.openpty()
+    try:
+        with tempfile.TemporaryDirectory(prefix="mp-cli-") as cwd:
+            completed = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "mp_logbridge",
+                    "import",
+                    str(data),
+                    *credentials(import_server),
+                    "--batch-size",
+                    "500",
+                    "--workers",
+                    "1",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=follower,
+                text=True,
+                timeout=60,
+                env=child_env(),
+                cwd=cwd,
+            )
+        os.close(follower)
+        follower = -1
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the terminal is closed once everything was read
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        if follower != -1:
+            os.close(follower)
+        os.close(leader)
+    drawn = b"".join(chunks).decode()
+    assert completed.returncode == 0, drawn
+    assert "\r[" in drawn and "] 3,000/3,000 records" in drawn and "ETA" in drawn
+    assert "processed" not in drawn  # no plain lines on a terminal
