@@ -53,6 +53,7 @@ _UNENCODED_ESTIMATE = 1024
 DEFAULT_BATCH_SIZE = 2000
 
 _getpid = os.getpid
+_reinit_lock = threading.Lock()  # only ever taken in a process that noticed it was forked
 # Thread ident -> the process it runs in: a forked child's first thread often reuses the ident
 # of a parent's sender thread, which does not exist in the child.
 _sender_idents: dict[int, int] = {}
@@ -116,9 +117,6 @@ class _Lane:
         self.interrupted_gen = 0
         self.last_error: DeliveryError | None = None
 
-    def count(self) -> int:
-        return len(self.queue) + sum(len(b) for b in self.ready) + len(self.retry_batch or ())
-
     def min_seq(self) -> float:
         if self.retry_batch:
             return self.retry_batch[0].seq
@@ -174,8 +172,7 @@ def _at_exit() -> None:
     now = time.monotonic()
     deadline = now + max(c.exit_timeout for c in consumers)
     for consumer in consumers:
-        remaining = min(deadline, now + consumer.exit_timeout) - now
-        consumer._begin_close(consumer._clock.monotonic() + remaining)  # on its own clock
+        consumer._begin_close(consumer._clock.monotonic() + consumer.exit_timeout)  # own clock
     for consumer in consumers:
         consumer._finish_close(max(0.0, deadline - time.monotonic()))
 
@@ -272,11 +269,18 @@ class AsyncConsumer(_ConsumerBase):
         self._reset_state()
         _live.add(self)
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (the consumer accepts no more messages)."""
+        return self._closed
+
     # ------------------------------------------------------------------ state
 
     def _reset_state(self) -> None:
-        """Fresh locks, queue, lanes and counters (at construction and in a forked child)."""
-        self._pid = os.getpid()
+        """Fresh locks, queue, lanes and counters (at construction and in a forked child).
+
+        ``_pid`` is set last: until then, callers in this process take the slow path.
+        """
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._incoming: deque[tuple[str, Any, Credentials | None, int]] = deque()
@@ -305,15 +309,21 @@ class AsyncConsumer(_ConsumerBase):
         self._in_flight = 0
         interval = self._stats.report_interval if hasattr(self, "_stats") else 10.0
         self._stats = DeliveryStats(interval)
+        self._pid = os.getpid()
 
     def _reinit_after_fork(self) -> None:
-        """In a forked child: forget the parent's queue, lock, thread and HTTP session."""
-        if self._pid == os.getpid():
-            return
-        closed = self._closed
-        self._reset_state()
-        self._closed = closed
-        self.transport.reinit_after_fork()
+        """In a forked child: forget the parent's queue, lock, thread and HTTP session.
+
+        Serialised by a lock the parent never takes (so it cannot be held at fork): threads of
+        a child forked without fork hooks (uWSGI) may all notice the new PID at once.
+        """
+        with _reinit_lock:
+            if self._pid == os.getpid():
+                return
+            closed = self._closed
+            self.transport.reinit_after_fork()
+            self._reset_state()
+            self._closed = closed
 
     def _pending_locked(self) -> int:
         return len(self._incoming) + self._admitting + self._lane_records + self._in_flight
@@ -339,9 +349,8 @@ class AsyncConsumer(_ConsumerBase):
             and self._pid == _getpid()
         ):
             # The common case, kept short: room in the queue, sender running, nothing to refuse.
-            lock = self._lock
-            lock.acquire()
-            try:
+            # (``with``: a signal handler raising between acquire and release cannot leak it.)
+            with self._lock:
                 incoming = self._incoming
                 size = len(incoming)
                 if (
@@ -357,8 +366,6 @@ class AsyncConsumer(_ConsumerBase):
                     if self._sleeping:
                         self._wake_if_due(size + 1)
                     return True
-            finally:
-                lock.release()
         return self._send_checked(kind, message, api_key, api_secret)
 
     def _send_checked(self, kind: str, message: Any, api_key: Any, api_secret: Any) -> bool:
@@ -523,6 +530,8 @@ class AsyncConsumer(_ConsumerBase):
     def stats(self) -> dict[str, Any]:
         """Counters: ``sent``, ``batches``, ``retries``, ``dropped`` by reason, ``queue_depth``,
         ``queue_bytes`` (encoded records awaiting delivery) and ``in_flight``."""
+        if self._pid != _getpid():
+            self._reinit_after_fork()
         with self._lock:
             depth = self._pending_locked()
             size = self._lane_bytes
@@ -723,6 +732,7 @@ class AsyncConsumer(_ConsumerBase):
             for reason, items, error in outcome.dropped:
                 self._drop_pending(reason, error, items)
             again: list[Pending] = []
+            lane.last_error = None  # set again below when this batch is retried
             if outcome.split:
                 lane.ready.extendleft(reversed(outcome.split))
                 again = batch
@@ -759,12 +769,18 @@ class AsyncConsumer(_ConsumerBase):
         for _kind, message, _credentials, seq in leftover:
             self._drop_seq("shutdown_timeout", late, message, seq)
         for lane in self._lanes.values():
+            retrying = lane.retry_batch or []
             items = lane.take_all()
             if items:
                 with self._lock:
                     self._lane_records -= len(items)
                     self._lane_bytes -= sum(len(item.payload) for item in items)
-                self._drop_pending("shutdown_timeout", lane.last_error or late, items)
+                # The batch being retried failed with the lane's last error; the rest never left.
+                self._drop_pending(
+                    "shutdown_timeout", lane.last_error or late, items[: len(retrying)]
+                )
+                self._drop_pending("shutdown_timeout", late, items[len(retrying) :])
+            lane.last_error = None
 
     def _drop_pending(self, reason: str, error: BaseException, items: list[Pending]) -> None:
         if self._abandoned or not items:

@@ -267,7 +267,7 @@ def _import(args: argparse.Namespace, out: TextIO) -> int:
             api_host=args.api_host,
             credentials=credentials,
             request_timeout=args.timeout,
-            retry=RetryPolicy(max_elapsed=300.0),
+            retry=RetryPolicy(),  # the background consumer's rules
         )
 
     if not args.dry_run:

@@ -354,10 +354,9 @@ class BufferedConsumer(_ConsumerBase):
             buffer.append(Pending(payload))
             overflow = sum(len(b) for b in self._buffers.values()) - self.max_buffer
             if overflow > 0:
-                evicted = [buffer.popleft().record() for _ in range(min(overflow, len(buffer)))]
-                self._drop(
-                    "queue_full", DeliveryError("buffer full; oldest messages dropped"), evicted
-                )
+                evicted = [buffer.popleft() for _ in range(min(overflow, len(buffer)))]
+                full = DeliveryError("buffer full; oldest messages dropped")
+                self._drop("queue_full", full, _records_of(evicted), len(evicted))
             if len(buffer) >= self.max_size:
                 self._flush_buffer(kind, credentials)
         return True
@@ -427,8 +426,15 @@ class CallableSink:
             raise ConfigurationError("a sink must be callable as sink(kind, message)")
         self.sink = sink
 
-    def send(self, kind: str, message: dict[str, Any] | MessageSource | str) -> bool:
-        """Build the record and hand it to the callable."""
+    def send(
+        self,
+        kind: str,
+        message: dict[str, Any] | MessageSource | str,
+        api_key: Any = None,
+        api_secret: Any = None,
+    ) -> bool:
+        """Build the record and hand it to the callable (``/import`` credentials given per call,
+        in the ``mixpanel`` package's form, are not the sink's business and are ignored)."""
         kind, source = normalize_send_args(kind, message)
         record = source if isinstance(source, dict) else source.build()
         self.sink(kind, to_json_value(record, "message"))
@@ -441,6 +447,12 @@ class CallableSink:
 
     def close(self, timeout: float | None = None) -> None:
         """Nothing to release (the callable's owner closes it)."""
+
+    def __enter__(self) -> CallableSink:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return f"CallableSink({self.sink!r})"

@@ -33,6 +33,7 @@ __all__ = [
     "bound",
     "current_context",
     "otel_context",
+    "resolve_distinct_id",
     "span_ids",
     "unbind",
 ]
@@ -130,6 +131,21 @@ def span_ids(otel: Any = None) -> tuple[int, int] | None:
     if context.is_valid:
         return context.trace_id, context.span_id
     return None
+
+
+def resolve_distinct_id(
+    given: Any, context: BoundContext, otel: Any = None, default: Any = None
+) -> Any:
+    """Who a message is for: ``given`` (the tag or call), the bound user, the OpenTelemetry
+    baggage entry ``enduser.id`` of ``otel`` (default: the current context), ``default``;
+    ``None`` when none names one. ``0`` is a user; ``None`` and ``""`` are not."""
+    for candidate in (given, context.distinct_id):
+        if candidate is not None and candidate != "":
+            return candidate
+    from_baggage = baggage_distinct_id(otel)
+    if from_baggage is not None:
+        return from_baggage
+    return default if default is not None and default != "" else None
 
 
 def format_span_ids(ids: tuple[int, int]) -> dict[str, str]:

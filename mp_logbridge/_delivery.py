@@ -56,9 +56,7 @@ _KIND_ALIASES = {
 }
 
 
-def normalize_send_args(
-    kind: Any, message: Any, api_key: Any = None, api_secret: Any = None
-) -> tuple[str, Any]:
+def normalize_send_args(kind: Any, message: Any) -> tuple[str, Any]:
     """Accept ``send(kind, message)`` in this library's, the Ruby SDK's and the ``mixpanel`` package's forms.
 
     * ``kind``: ``"event"``/``"profile_update"``/``"group_update"``/``"import"`` (or the

@@ -14,8 +14,10 @@ reports); set its level above WARNING to silence them on purpose.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +51,18 @@ def warn(message: str, *args: Any) -> None:
         pass
 
 
+_all_stats: weakref.WeakSet[DeliveryStats] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for stats in list(_all_stats):  # a lock held at fork would stay held in the child
+        stats._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class DeliveryStats:
     """Thread-safe delivery counters plus the aggregated loss report.
 
@@ -57,6 +71,7 @@ class DeliveryStats:
     """
 
     __slots__ = (
+        "__weakref__",
         "_clock",
         "_details",
         "_last_report",
@@ -73,6 +88,7 @@ class DeliveryStats:
         self, report_interval: float = 10.0, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self._lock = threading.Lock()
+        _all_stats.add(self)
         self._clock = clock
         self.report_interval = report_interval
         self.sent = 0

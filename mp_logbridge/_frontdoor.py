@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from collections.abc import Callable, Mapping, MutableMapping
@@ -21,15 +22,19 @@ from typing import Any
 from ._async import AsyncConsumer
 from ._consumers import as_consumer
 from ._context import BoundContext, otel_context
+from ._delivery import RetryPolicy
 from ._diagnostics import DeliveryStats, warn
 from ._errors import ConfigurationError, InvalidMessageError, MixpanelError
+from ._messages import new_insert_id
 from ._tags import BridgeSpec, Capture, TagMessage, names_event, split_tag
 from ._transport import Credentials, as_credentials, normalize_region, resolve_endpoints
 
 __all__ = ["DELIVERY_OPTIONS", "SENT_MARK", "Bridge", "Delivery"]
 
-#: Marks log records and event dicts whose tag was already sent: a tuple of ``(token, tag key)``
-#: entries, one per project and tag that sent it (it travels with ``extra``, copies and pickles).
+#: Marks log records and event dicts whose tag was sent: ``(seed, sender, sender, ...)``, where
+#: ``seed`` names the occurrence (its messages' ``$insert_id`` values derive from it) and each
+#: sender is a short digest of a project token and tag name — never the token itself, since
+#: the mark travels with ``extra`` into formatters, copies and pickles.
 SENT_MARK = "_mp_logbridge_sent"
 
 #: Options a front door passes to the AsyncConsumer it makes (all of them decide sharing).
@@ -44,6 +49,7 @@ DELIVERY_OPTIONS = (
     "verify",
     "flush_timeout",
     "exit_timeout",
+    "on_error",
 )
 
 
@@ -57,24 +63,24 @@ class _SharedConsumers:
     def acquire(self, key: Any, factory: Callable[[], AsyncConsumer]) -> AsyncConsumer:
         with self._lock:
             entry = self._entries.get(key)
-            if entry is None or entry[0]._closed:
+            if entry is None or entry[0].closed:
                 entry = self._entries[key] = [factory(), 0]
             entry[1] += 1
             consumer: AsyncConsumer = entry[0]
             return consumer
 
-    def release(self, key: Any) -> AsyncConsumer | None:
-        """Drop one reference; returns the consumer when that was the last one."""
+    def release(self, key: Any, consumer: AsyncConsumer) -> AsyncConsumer | None:
+        """Drop one reference to ``consumer``; returns it when that was the last one."""
         with self._lock:
             entry = self._entries.get(key)
-            if entry is None:
+            shared: AsyncConsumer | None = None if entry is None else entry[0]
+            if entry is None or shared is not consumer:  # replaced since (it had been closed)
                 return None
             entry[1] -= 1
             if entry[1] > 0:
                 return None
             del self._entries[key]
-            consumer: AsyncConsumer = entry[0]
-            return consumer
+            return shared
 
     def reinit_after_fork(self) -> None:
         self._lock = threading.Lock()
@@ -106,7 +112,7 @@ class Delivery:
         api_host: str | None = None,
         credentials: Credentials | None = None,
         api_secret: str | None = None,
-        retry: Mapping[str, Any] | None = None,
+        retry: RetryPolicy | Mapping[str, Any] | None = None,
         options: Mapping[str, Any] | None = None,
         enabled: bool = True,
         owner: str = "front door",
@@ -116,16 +122,24 @@ class Delivery:
         if unknown:
             raise ConfigurationError(f"{owner} got unknown option(s): {', '.join(unknown)}")
         self._key: Any = None
-        if consumer is not None:
-            self.consumer: Any = as_consumer(consumer)
-            return
         if region is not None:
             normalize_region(region)  # checked even when api_host overrides it
+        if consumer is not None:
+            given: dict[str, Any] = {"region": region, "api_host": api_host, "retry": retry}
+            given.update(credentials=credentials, api_secret=api_secret, **options)
+            extra = sorted(name for name, value in given.items() if value is not None)
+            if extra:
+                raise ConfigurationError(
+                    f"{owner}: {', '.join(extra)} configure the consumer made for you; with "
+                    "consumer= given, configure that consumer instead"
+                )
+            self.consumer: Any = as_consumer(consumer)
+            return
         endpoints = resolve_endpoints(region=region, api_host=api_host)
         creds = as_credentials(credentials, api_secret)
         settings = {name: options[name] for name in options}
         if retry is not None:
-            settings["retry"] = {key: retry[key] for key in retry}
+            settings["retry"] = RetryPolicy.from_options(retry)
 
         def make() -> AsyncConsumer:
             return AsyncConsumer(
@@ -153,7 +167,7 @@ class Delivery:
         """Give back this front door's share; the last one closes the consumer. Idempotent."""
         key, self._key = self._key, None
         if key is not None:
-            last = _shared.release(key)
+            last = _shared.release(key, self.consumer)
             if last is not None:
                 last.close()
         elif self.consumer is not None:
@@ -208,7 +222,7 @@ class Bridge:
         api_host: str | None,
         credentials: Credentials | None,
         api_secret: str | None,
-        retry: Mapping[str, Any] | None,
+        retry: RetryPolicy | Mapping[str, Any] | None,
         options: Mapping[str, Any],
     ) -> None:
         if super_properties is not None and not isinstance(super_properties, Mapping):
@@ -225,7 +239,7 @@ class Bridge:
             include_trace=include_trace,
             include_exception=include_exception,
         )
-        self._seen = (self.spec.token, tag)
+        self._seen = hashlib.blake2b(f"{self.spec.token}|{tag}".encode(), digest_size=8).hexdigest()
         self.delivery = Delivery(
             consumer=consumer,
             region=region,
@@ -263,17 +277,19 @@ class Bridge:
         """The consumer messages go to (``None`` when disabled)."""
         return self.delivery.consumer
 
-    def claim(self, holder: MutableMapping[str, Any]) -> bool:
+    def claim(self, holder: MutableMapping[str, Any]) -> str | None:
         """Mark ``holder`` (a record's ``__dict__`` or an event dict) as sent by this project and
-        tag; ``False`` when it already was (another front door sent it)."""
-        sent = holder.get(SENT_MARK)
-        if sent:
-            if self._seen in sent:
-                return False
-            holder[SENT_MARK] = (*sent, self._seen)
-        else:
-            holder[SENT_MARK] = (self._seen,)
-        return True
+        tag, and return the occurrence's seed; ``None`` when another front door of this project
+        sent it already. A second project sending the same record gets the same seed."""
+        mark = holder.get(SENT_MARK)
+        if mark and type(mark) is tuple:
+            if self._seen in mark[1:]:
+                return None
+            holder[SENT_MARK] = (*mark, self._seen)
+            return f"{mark[0]}-{len(mark) - 1:x}"  # another project or tag: other messages
+        base = new_insert_id()
+        holder[SENT_MARK] = (base, self._seen)
+        return f"{base}-0"
 
     def send(
         self,
@@ -282,14 +298,14 @@ class Bridge:
         message: Callable[[], str | None],
         context: BoundContext,
         extra: Mapping[str, Any] | None = None,
-        facts: tuple[Any, ...] | None = None,
+        seed: str | None = None,
     ) -> None:
         """Queue the messages of one tag; on the caller's thread, so only cheap work happens here.
 
         Takes snapshots of what does not cross threads (the bound context, the OpenTelemetry
         context) and defers everything else — span ids, baggage, the record itself — to
-        ``TagMessage.build`` on the sender thread. ``message`` is
-        called only when an event takes its name from the log message.
+        ``TagMessage.build`` on the sender thread. ``message`` is called only when an event
+        takes its name from the log message; ``seed`` (from :meth:`claim`) names the occurrence.
         """
         if self.closed:
             self.lose("closed", "the front door is closed")
@@ -305,7 +321,7 @@ class Bridge:
             if kind == "event" and not names_event(item):
                 text = message()
                 break
-        capture = Capture(spec, created, text, context, otel_context(), extra, facts)
+        capture = Capture(spec, created, text, context, otel_context(), extra, seed)
         for index, (kind, item, op) in enumerate(parts):
             send(kind, TagMessage(capture, kind, item, op, index))
 
@@ -319,8 +335,13 @@ class Bridge:
                 warn("mp_logbridge: %s: %s", type(error).__name__, error)
             else:
                 self.lose("invalid", f"{type(error).__name__}: {error}")
-        except MixpanelError as error:  # a delivery error the consumer counted and reported
-            warn("mp_logbridge could not deliver a message: %s", error)
+        except MixpanelError as error:
+            if self._counting:  # a delivery error the consumer counted and reported
+                warn("mp_logbridge could not deliver a message: %s", error)
+            else:
+                retryable = getattr(error, "retryable", False)
+                reason = "retries_exhausted" if retryable else "rejected_by_server"
+                self.lose(reason, f"{type(error).__name__}: {error}")
         except Exception as error:  # a consumer of the application's that broke
             self.lose(
                 "invalid", f"the consumer {consumer!r} raised {type(error).__name__}: {error}"

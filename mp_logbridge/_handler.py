@@ -3,8 +3,9 @@
 Only records carrying the tag attribute (``extra={"mixpanel": ...}``, see
 :mod:`mp_logbridge._tags`) are selected; every other record is rejected before the handler's
 lock at the cost of one attribute lookup. For a tagged record the caller's thread only captures
-what it must (the tag, the record time, the bound context, trace ids) and queues one message per
-tag entry; building, checking and encoding happen on the consumer's sender thread.
+what it must (the tag, the record time, snapshots of the bound and OpenTelemetry contexts) and
+queues one message per tag entry; building (span ids and baggage included), checking and
+encoding happen on the consumer's sender thread.
 
 Handlers with identical delivery settings share one consumer (one thread, one connection
 pool), and a record that reaches two handlers of the same project is sent once.
@@ -207,19 +208,13 @@ class MixpanelHandler(logging.Handler):
             if not bridge.enabled:
                 bridge.skipped += 1
                 return
-            if not bridge.claim(holder):
+            seed = bridge.claim(holder)
+            if seed is None:
                 return  # another handler of this project sent it already
-            exc_info = record.exc_info
-            bridge.send(
-                value,
-                created=record.created,
-                message=message,
-                context=current_context(),
-                extra=self._extra(record)
-                if (self._record_props or self._extra_props or exc_info)
-                else None,
-                facts=(record.created, record.process, record.thread, record.name, record.lineno),
-            )
+            extra = None
+            if self._record_props or self._extra_props or record.exc_info:
+                extra = self._extra(record)
+            bridge.send(value, record.created, message, current_context(), extra, seed)
         except RecursionError:  # pragma: no cover - as the stdlib handlers do
             raise
         except Exception:

@@ -105,9 +105,7 @@ def _line_time(line: Mapping[str, Any]) -> float | None:
                 parsed = _dt.datetime.fromisoformat(text)
             except ValueError:
                 continue
-            if parsed.tzinfo is None:
-                parsed = parsed.replace(tzinfo=_dt.timezone.utc)
-            return parsed.timestamp()
+            return parsed.timestamp()  # without an offset: local time, as logging's asctime
     return None
 
 
@@ -133,7 +131,7 @@ def records_of_line(line: Any, *, tag: str, spec: BridgeSpec | None) -> list[dic
         message = next(
             (str(line[key]) for key in _MESSAGE_KEYS if isinstance(line.get(key), str)), None
         )
-        capture = Capture(spec, created, message, BoundContext(), facts=(_content_id(line),))
+        capture = Capture(spec, created, message, BoundContext(), seed=_content_id(line))
         records = []
         for index, (kind, item, op) in enumerate(split_tag(line[tag])):
             if kind != "event":

@@ -34,7 +34,7 @@ from typing import Any, TypeVar, overload
 import wrapt
 from opentelemetry import trace as _trace
 
-from ._context import baggage_distinct_id, current_context, format_span_ids, span_ids
+from ._context import current_context, format_span_ids, resolve_distinct_id, span_ids
 from ._diagnostics import DeliveryStats
 from ._errors import ConfigurationError
 from ._tags import DEFAULT_TAG, exception_properties
@@ -350,8 +350,7 @@ class _Plan:
 
     def _send_to_tracker(self, props: dict[str, Any], user: Any) -> None:
         context = current_context()
-        if user is None:
-            user = context.distinct_id or baggage_distinct_id()
+        user = resolve_distinct_id(user, context)
         if user is None:
             _stats.add_dropped(
                 "invalid", 1, f"{self.event}: no distinct_id (not given, none bound, no baggage)"

@@ -26,6 +26,15 @@ __all__ = ["instrument_function", "instrument_functions", "uninstrument_function
 _patched: dict[str, tuple[Any, str, Any, bool, Any]] = {}
 _patch_lock = threading.Lock()
 
+
+def _after_fork_in_child() -> None:
+    global _patch_lock
+    _patch_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
 #: What an entry of :func:`instrument_functions` may hold besides ``target``.
 _ENTRY_KEYS = frozenset(
     {

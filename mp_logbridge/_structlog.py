@@ -33,9 +33,7 @@ reported on the ``mp_logbridge`` logger. structlog itself is not imported here, 
 
 from __future__ import annotations
 
-import os
 import sys
-import threading
 import time
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
@@ -140,18 +138,20 @@ class MixpanelProcessor:
             if value is None or value is False:
                 return event_dict
             bridge = self._bridge
+            seed = None
             if self._keep_tag:
-                if not bridge.claim(event_dict):
+                seed = bridge.claim(event_dict)
+                if seed is None:
                     return event_dict  # sent already, by another front door of this project
             else:
                 del event_dict[self._tag]
             bridge.send(
                 value,
-                created=time.time(),
-                message=lambda: _event_text(event_dict),
-                context=self._context(event_dict),
-                extra=self._extra(event_dict),
-                facts=(time.time_ns(), os.getpid(), threading.get_ident(), id(event_dict)),
+                time.time(),
+                lambda: _event_text(event_dict),
+                self._context(event_dict),
+                self._extra(event_dict),
+                seed,
             )
         except Exception as exc:
             self._bridge.lose("invalid", f"{type(exc).__name__}: {exc}")

@@ -25,12 +25,11 @@ sender thread, where invalid input is counted and reported instead of raised.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import _messages as msg
-from ._context import BoundContext, baggage_distinct_id, format_span_ids, span_ids
+from ._context import BoundContext, format_span_ids, resolve_distinct_id, span_ids
 from ._errors import InvalidMessageError
 from ._values import format_datetime
 
@@ -374,11 +373,8 @@ def _split_item(item: Any) -> list[tuple[str, Any, str | None]]:
         if isinstance(item, str):
             return [("event", {"event": item}, None)]
         return [("event", item, None)]
-    if "$group_key" in item or "$group_id" in item:
-        kind = "group_update"
-    elif "$distinct_id" in item or not _PROFILE_OPS.isdisjoint(item):
-        kind = "profile_update"
-    else:
+    kind = msg.infer_kind(item)
+    if kind == "event":
         return [("event", item, None)]
     # Group items are split on every profile operation too, so that an operation groups do
     # not have (``$add``) is reported by name when the record is built.
@@ -444,12 +440,13 @@ class Capture:
     """What the caller's thread saw when the record happened (read once, shared by its messages).
 
     ``context`` is the bound context and ``otel`` the OpenTelemetry context, both immutable
-    snapshots: the span ids and baggage are read from ``otel`` on the sender thread. ``facts``
-    identify the occurrence (time, process, thread, logger, line): ``$insert_id`` values derive
-    from them, so one record reaching two handlers yields the same ids.
+    snapshots: the span ids and baggage are read from ``otel`` on the sender thread. ``seed``
+    names the occurrence: message ``i`` gets ``$insert_id`` ``"<seed>-<i>"``, so whoever builds
+    messages from the same seed (a second handler of the record, a re-import of the same line)
+    gives them the same ids.
     """
 
-    __slots__ = ("_key", "context", "created", "extra", "facts", "message", "otel", "spec")
+    __slots__ = ("context", "created", "extra", "message", "otel", "seed", "spec")
 
     def __init__(
         self,
@@ -459,7 +456,7 @@ class Capture:
         context: BoundContext,
         otel: Any = None,
         extra: Mapping[str, Any] | None = None,
-        facts: tuple[Any, ...] | None = None,
+        seed: str | None = None,
     ) -> None:
         self.spec = spec
         self.created = created
@@ -467,44 +464,25 @@ class Capture:
         self.context = context
         self.otel = otel
         self.extra = extra
-        self.facts = facts
-        self._key: str | None = None
+        self.seed = seed
 
-    def insert_id(self, index: int, content: Any = None) -> str:
-        """A ``$insert_id`` for message ``index`` of this capture.
-
-        ``content`` (the message's tag entry) and the log message take part too: they tell apart
-        records whose facts coincide, such as consecutive records of one line within the
-        clock's resolution (coarse on some platforms, frozen in tests), which would otherwise
-        be de-duplicated by Mixpanel as one.
-        """
-        facts = self.facts
-        if facts is None:
+    def insert_id(self, index: int) -> str:
+        """The ``$insert_id`` of message ``index`` of this capture (at most 36 characters)."""
+        seed = self.seed
+        if seed is None:
             return msg.new_insert_id()
-        prefix = self._key
-        if prefix is None:  # shared by the messages of this capture
-            parts = [fact.hex() if type(fact) is float else str(fact) for fact in facts]
-            prefix = self._key = "|".join(parts) + f"|{self.message}"
-        key = f"{prefix}|{index}|{content!r}".encode()
-        return hashlib.blake2b(key, digest_size=16).hexdigest()
+        return f"{seed}-{index:x}"
 
     def distinct_id(self, given: Any, field: str) -> Any:
         """Resolve the user: the tag, the bound context, baggage ``enduser.id``, the default."""
-        for candidate in (given, self.context.distinct_id):
-            if candidate is not None and candidate != "":
-                return candidate
-        if self.otel is not None:
-            from_baggage = baggage_distinct_id(self.otel)
-            if from_baggage is not None:
-                return from_baggage
-        default = self.spec.default_distinct_id
-        if default is not None and default != "":
-            return default
-        raise InvalidMessageError(
-            field,
-            "no distinct_id: not in the tag, none bound with mp_logbridge.bound(), no "
-            "OpenTelemetry baggage 'enduser.id', and no default_distinct_id",
-        )
+        user = resolve_distinct_id(given, self.context, self.otel, self.spec.default_distinct_id)
+        if user is None:
+            raise InvalidMessageError(
+                field,
+                "no distinct_id: not in the tag, none bound with mp_logbridge.bound(), no "
+                "OpenTelemetry baggage 'enduser.id', and no default_distinct_id",
+            )
+        return user
 
 
 class TagMessage:
@@ -565,7 +543,7 @@ class TagMessage:
             name,
             props,
             time_ms=int(capture.created * 1000),
-            insert_id=capture.insert_id(self.index, item),
+            insert_id=capture.insert_id(self.index),
         )
 
     def _update(self, item: Mapping[str, Any]) -> dict[str, Any]:

@@ -501,7 +501,7 @@ class Groups:
 
 def _raw_update(token: str, message: Properties, kind: str) -> dict[str, Any]:
     if not isinstance(message, Mapping):
-        raise ConfigurationError(f"update(message) needs a mapping, got {type(message).__name__}")
+        raise InvalidMessageError("message", f"must be a mapping, got {type(message).__name__}")
     if msg.infer_kind(message) != kind:
         raise InvalidMessageError(
             "message", f"is not a {kind.replace('_', ' ')} (see the operation and id keys)"

@@ -99,8 +99,9 @@ def make_handler(
     made: list[MixpanelHandler] = []
 
     def make(token: str | None = request.module.TOKEN, **options: Any) -> MixpanelHandler:
-        options.setdefault("api_host", mixpanel_server.url)
-        options.setdefault("flush_interval", 0.05)
+        if "consumer" not in options:  # a given consumer is configured on its own
+            options.setdefault("api_host", mixpanel_server.url)
+            options.setdefault("flush_interval", 0.05)
         handler = handler_class(token, **options)
         made.append(handler)
         return handler

@@ -404,3 +404,20 @@ def test_close_interrupts_a_long_backoff(server, consumers, down_url, down):
     assert stats["dropped"]["shutdown_timeout"] == 2
     assert stats["sent"] == 0 and stats["queue_depth"] == 0
     assert set(dropped_keys(errors)) == {"ev-0", "pr-0"}
+
+
+def test_a_recovered_error_is_not_blamed_for_later_losses(server, consumers) -> None:
+    """After a retry succeeds, messages lost at the close deadline are reported as not
+    delivered in time, not with the error the lane has since recovered from."""
+    reported: list[BaseException] = []
+    consumer = consumers(
+        api_host=server.url, on_error=lambda exc, messages: reported.append(exc), flush_interval=60
+    )
+    server.fail_next(1, 503, endpoint="/engage")
+    consumer.send("profile_update", profile("p-1"))
+    assert consumer.flush(10)  # retried (fast policy) and delivered
+    consumer.send("profile_update", profile("p-2"))  # waits for its batch (flush_interval=60)
+    consumer.close(timeout=0)  # the deadline has passed before anything is attempted
+    assert [type(exc).__name__ for exc in reported] == ["MessagesDropped"]
+    assert "close deadline" in str(reported[0])
+    assert consumer.stats()["dropped"]["shutdown_timeout"] == 1

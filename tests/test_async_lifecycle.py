@@ -442,3 +442,48 @@ def test_many_threads_sending_at_once(server):
 
 def _event(key: str) -> dict[str, Any]:
     return event_record(key, "Concurrency Test", token=TOKEN)
+
+
+# --------------------------------------------------------------------------- signals
+
+
+def test_an_interrupt_during_send_never_leaves_the_lock_held(run_python) -> None:
+    """A signal handler raising (Ctrl-C) while messages are queued must not leak the queue's
+    lock: later sends, close() and the exit hook still work."""
+    result = run_python(
+        """
+        import json, signal
+        from mp_logbridge import AsyncConsumer
+
+        consumer = AsyncConsumer(api_host="http://127.0.0.1:9", exit_timeout=0.5, flush_timeout=0.5)
+        record = {"event": "E", "properties": {"token": "t", "distinct_id": "u"}}
+        consumer.send("event", record)  # the sender thread runs
+        armed = False
+        def interrupt(signum, frame):
+            # Raise only inside the guarded send below, once per arming.
+            global armed
+            if armed:
+                armed = False
+                raise KeyboardInterrupt
+        signal.signal(signal.SIGALRM, interrupt)
+        signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
+        interrupted = 0
+        for _ in range(20000):
+            try:
+                armed = True
+                consumer.send("event", record)
+                armed = False
+            except KeyboardInterrupt:
+                interrupted += 1
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        free = consumer._lock.acquire(timeout=2)
+        if free:
+            consumer._lock.release()
+        print(json.dumps({"interrupted": interrupted, "lock_free": free}))
+        """,
+        timeout=60,
+    )
+    assert result.returncode == 0, result
+    [outcome] = facts(result.stdout)
+    assert outcome["interrupted"] > 0  # the signal did land during sends
+    assert outcome["lock_free"] is True

@@ -514,3 +514,48 @@ def test_records_from_a_child_process_through_a_multiprocessing_queue(
     assert sorted(e["event"] for e in events) == [f"child {i}" for i in range(5)]
     assert {e["properties"]["distinct_id"] for e in events} == {f"u{i}" for i in range(5)}
     assert len({e["properties"]["$insert_id"] for e in events}) == 5
+
+
+# --------------------------------------------------------------------------- delivery options
+
+
+def test_retry_as_a_policy_object_and_on_error_are_delivery_options(
+    mixpanel_server: MixpanelServer, make_handler, make_logger
+) -> None:
+    from mp_logbridge import RetryPolicy
+
+    failures: list[BaseException] = []
+    policy = RetryPolicy(max_attempts=1)
+    handler = make_handler(retry=policy, on_error=lambda exc, messages: failures.append(exc))
+    assert handler.consumer.retry is policy
+    same = make_handler(retry=RetryPolicy(max_attempts=1), on_error=handler.consumer.on_error)
+    assert same.consumer is handler.consumer  # equal policies and the same callback: shared
+    log = make_logger(handler)
+    mixpanel_server.fail_next(1, 500, endpoint="/track")
+    log.info("x", extra=tag.track("Failed Once", distinct_id="u1"))
+    assert handler.flush(10) is False  # one attempt only: dropped and reported
+    assert [type(exc).__name__ for exc in failures] == ["MixpanelServerError"]
+    assert handler.stats()["dropped"]["retries_exhausted"] == 1
+
+
+def test_consumer_and_delivery_options_together_are_an_error(mixpanel_server: MixpanelServer) -> None:
+    from mp_logbridge import Consumer
+
+    with pytest.raises(ConfigurationError, match="batch_size, region"):
+        MixpanelHandler("t", consumer=Consumer(api_host=mixpanel_server.url), region="eu", batch_size=10)
+
+
+def test_a_share_given_back_late_does_not_close_its_successor(
+    mixpanel_server: MixpanelServer, make_handler, make_logger
+) -> None:
+    """A handler whose shared consumer was closed under it, and that is closed after a new
+    handler with the same settings got a fresh consumer, leaves the new consumer alone."""
+    first = make_handler()
+    first.consumer.close()
+    second = make_handler()
+    assert second.consumer is not first.consumer
+    first.close()
+    assert not second.consumer.closed
+    make_logger(second).info("x", extra=tag.track("Still Delivered", distinct_id="u1"))
+    assert second.flush(10)
+    assert [e["event"] for e in mixpanel_server.wait_for(1)] == ["Still Delivered"]

@@ -217,11 +217,13 @@ def test_handlers_of_one_project_reading_different_tags_each_send_theirs(
     assert len({e["properties"]["$insert_id"] for e in events}) == 2
 
 
-def test_copies_of_a_record_carry_the_same_insert_ids(
+def test_copies_of_a_sent_record_are_not_sent_again(
     mixpanel_server: MixpanelServer, make_handler, make_logger
 ) -> None:
-    """A copy (QueueHandler.prepare) or a pickled record is the same occurrence: same ids."""
+    """Copies (QueueHandler.prepare) and pickles of a record a handler sent carry its mark:
+    handlers of that project skip them; another project sends them, with its own ids."""
     handler = make_handler()
+    other_project = make_handler(token="another-project-token")
     log = make_logger(handler, name="tests.invariants.insert_ids")
     record = log.makeRecord(
         log.name,
@@ -233,10 +235,12 @@ def test_copies_of_a_record_carry_the_same_insert_ids(
         None,
         extra=tag.track("First", distinct_id="u1") + tag.track("Second", distinct_id="u1"),
     )
+    handler.handle(record)
     shallow = copy.copy(record)
     pickled = pickle.loads(pickle.dumps(record))
-    for each in (record, shallow, pickled):
+    for each in (shallow, pickled):
         handler.handle(each)
+    other_project.handle(pickled)
     later = log.makeRecord(
         log.name,
         logging.INFO,
@@ -248,14 +252,19 @@ def test_copies_of_a_record_carry_the_same_insert_ids(
         extra=tag.track("First", distinct_id="u1"),
     )
     handler.handle(later)
-    assert handler.flush(10)
-    events = mixpanel_server.wait_for(7)
-    ids: dict[str, set[str]] = {}
-    for event in events[:6]:
-        ids.setdefault(event["event"], set()).add(event["properties"]["$insert_id"])
-    assert len(ids["First"]) == len(ids["Second"]) == 1  # one id per message, in every copy
-    assert ids["First"] != ids["Second"]  # messages of one record differ
-    assert events[6]["properties"]["$insert_id"] not in ids["First"]  # another record differs
+    assert handler.flush(10) and other_project.flush(10)
+    events = mixpanel_server.wait_for(5)
+    by_token: dict[str, list[dict[str, Any]]] = {}
+    for event in events:
+        by_token.setdefault(event["properties"]["token"], []).append(event)
+    ours, theirs = by_token[TOKEN], by_token["another-project-token"]
+    assert sorted(e["event"] for e in ours) == ["First", "First", "Second"]
+    assert sorted(e["event"] for e in theirs) == ["First", "Second"]
+    ids = [e["properties"]["$insert_id"] for e in events]
+    assert len(set(ids)) == 5  # every message of every record and project has its own id
+    assert all(len(i) <= 36 for i in ids)
+    mark = pickled.__dict__["_mp_logbridge_sent"]
+    assert len(mark) == 3 and TOKEN not in repr(mark)  # the seed and two senders, no token
 
 
 def test_consecutive_records_from_one_line_get_distinct_insert_ids(
@@ -270,11 +279,11 @@ def test_consecutive_records_from_one_line_get_distinct_insert_ids(
     assert len({e["properties"]["$insert_id"] for e in events}) == 300
 
 
-def test_records_sharing_time_and_line_but_not_content_get_distinct_insert_ids(
+def test_records_sharing_time_and_line_get_distinct_insert_ids(
     mixpanel_server: MixpanelServer, make_handler, make_logger
 ) -> None:
-    """On a coarse (or frozen) clock, records of one line can share ``created``: Mixpanel must
-    not take them for one event, unless nothing at all tells them apart."""
+    """On a coarse (or frozen) clock, records of one line can share ``created``, even their
+    content: they are still separate occurrences, which Mixpanel must not merge."""
     handler = make_handler()
     log = make_logger(handler, name="tests.invariants.coarse_clock")
 
@@ -287,16 +296,15 @@ def test_records_sharing_time_and_line_but_not_content_get_distinct_insert_ids(
 
     for made in (
         record("Bought", distinct_id="u1", sku="a"),
-        record("Bought", distinct_id="u1", sku="b"),  # another tag
-        record("step %d", 1, distinct_id="u1"),  # another message, named by it
+        record("Bought", distinct_id="u1", sku="b"),
+        record("step %d", 1, distinct_id="u1"),
         record("step %d", 2, distinct_id="u1"),
-        record("Bought", distinct_id="u1", sku="a"),  # identical in every way: one occurrence
+        record("Bought", distinct_id="u1", sku="a"),  # a second, identical purchase
     ):
         handler.handle(made)
     assert handler.flush(10)
     ids = [e["properties"]["$insert_id"] for e in mixpanel_server.wait_for(5)]
-    assert len(set(ids[:4])) == 4
-    assert ids[4] == ids[0]
+    assert len(set(ids)) == 5
 
 
 # --------------------------------------------------------------------------- cheap rejection
@@ -395,3 +403,14 @@ def test_log_calls_do_not_wait_for_a_server_that_is_down(down_url: str, make_log
     assert stats["sent"] == 0
     assert stats["dropped_total"] == 1000  # nothing lost silently
     assert stats["queue_depth"] == 0
+
+
+def test_a_delivery_error_from_a_sink_without_counters_is_counted(make_handler, make_logger) -> None:
+    from mp_logbridge import RejectedError
+
+    def refuse(kind: str, message: Any) -> None:
+        raise RejectedError("the sink refused it")
+
+    handler = make_handler(consumer=refuse)
+    make_logger(handler).info("x", extra=tag.track("Refused", distinct_id="u1"))
+    assert handler.stats()["dropped"]["rejected_by_server"] == 1

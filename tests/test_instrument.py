@@ -1531,3 +1531,19 @@ def test_bad_targets_give_clear_errors(targets: Targets, tmp_path: Path) -> None
         instrument_functions(broken_yaml)
     with pytest.raises(ConfigurationError, match="cannot read instrumentation file"):
         instrument_functions(tmp_path / "absent.json")
+
+
+def test_the_tracker_route_resolves_the_user_as_the_handler_does(
+    tracker: Tracker, server: MixpanelServer
+) -> None:
+    """A bound user ``0`` is a user (only ``None`` and ``""`` are not)."""
+
+    @instrument("Zero User", tracker=tracker)
+    def work() -> None:
+        return None
+
+    with bound(distinct_id=0):
+        work()
+    tracker.flush()
+    [event] = server.wait_for(1)
+    assert event["properties"]["distinct_id"] == 0

@@ -132,11 +132,12 @@ def everything(server: MixpanelServer) -> list[tuple[str, Any]]:
     )
 
 
-def assert_each_event_once(server: MixpanelServer, names: list[str]) -> None:
+def assert_each_event_once(server: MixpanelServer, names: list[str]) -> list[dict[str, Any]]:
     events = server.events
     assert sorted(event["event"] for event in events) == sorted(names)
     insert_ids = Counter(event["properties"]["$insert_id"] for event in events)
     assert set(insert_ids.values()) == {1}, insert_ids
+    return events
 
 
 @contextmanager
@@ -240,16 +241,24 @@ def test_keep_tag_leaves_the_tag_marked_and_sends_once(
     # Twice in the chain: the mark stops the second pass.
     structlog.configure(processors=[processor, processor, capture])
     structlog.get_logger().info("signed up", **tag.track("Signed Up", distinct_id="u1"))
-    assert capture.entries == [
-        {
-            "event": "signed up",
-            "log_level": "info",
-            "mixpanel": {"event": "Signed Up", "properties": {"distinct_id": "u1"}},
-            SENT_MARK: ((TOKEN, "mixpanel"),),
-        }
-    ]
+    [entry] = capture.entries
+    mark = entry.pop(SENT_MARK)
+    assert entry == {
+        "event": "signed up",
+        "log_level": "info",
+        "mixpanel": {"event": "Signed Up", "properties": {"distinct_id": "u1"}},
+    }
+    assert_mark_names_one_sender(mark)
     assert processor.flush(10)
-    assert_each_event_once(mixpanel_server, ["Signed Up"])
+    [event] = assert_each_event_once(mixpanel_server, ["Signed Up"])
+    assert event["properties"]["$insert_id"] == f"{mark[0]}-0-0"  # derived from the mark's seed
+
+
+def assert_mark_names_one_sender(mark: object) -> None:
+    """The sent mark: ``(seed, sender digest)``, never the token in clear (it reaches log output)."""
+    assert isinstance(mark, tuple) and len(mark) == 2
+    assert all(isinstance(part, str) for part in mark)
+    assert TOKEN not in repr(mark)
 
 
 def test_other_tag_key(
@@ -604,7 +613,8 @@ def test_render_to_log_kwargs_with_a_handler_sends_once(
     assert len(mixpanel_server.profile_updates) == 1
     assert out.getvalue().splitlines() == ["signed up", "page viewed", "searched"]
     if keep_tag:  # the handler got the tag, and the mark through ``extra``
-        assert [mark for _tag, mark in seen.seen] == [((TOKEN, "mixpanel"),)] * 3
+        for _tagged, mark in seen.seen:
+            assert_mark_names_one_sender(mark)
         assert all(tagged is not None for tagged, _mark in seen.seen)
     else:
         assert seen.seen == [(None, None)] * 3

@@ -623,3 +623,18 @@ def test_async_consumer_flush_close_and_context_manager(server: MixpanelServer) 
         background.send("group_update", group())
     assert len(server.group_updates) == 1
     assert len(server.imports) == 1
+
+
+def test_a_sink_takes_the_official_packages_call_and_works_as_a_context_manager() -> None:
+    received: list[tuple[str, dict[str, Any]]] = []
+    with CallableSink(lambda kind, message: received.append((kind, message))) as sink:
+        sink.send("imports", '{"event": "E", "properties": {"time": 1}}', ("key", "secret"))
+    assert received == [("import", {"event": "E", "properties": {"time": 1}})]
+
+
+def test_hand_written_updates_must_be_mappings() -> None:
+    tracker = Tracker(TOKEN, lambda kind, message: None)
+    with pytest.raises(InvalidMessageError, match="message: must be a mapping"):
+        tracker.people.update(None)  # type: ignore[arg-type]
+    with pytest.raises(InvalidMessageError, match="message: must be a mapping"):
+        tracker.groups.update([])  # type: ignore[arg-type]
