@@ -31,8 +31,8 @@ from ._consumers import Consumer
 from ._context import BoundContext
 from ._delivery import MAX_BATCH_RECORDS, MAX_REQUEST_BYTES, Pending, encode_message
 from ._errors import InvalidMessageError, PartialImportError, RejectedError
+from ._rules import check_record
 from ._tags import DEFAULT_TAG, BridgeSpec, Capture, TagMessage, split_tag
-from .testing import check_record
 
 __all__ = ["ImportOptions", "ImportSummary", "Importer", "Rejected"]
 
