@@ -50,7 +50,6 @@ from mp_logbridge import MixpanelHandler, tag
 
 MESSAGE = "user signed up"
 ITEM = {"event": "Signed Up", "properties": {"distinct_id": "u1", "plan": "pro"}}
-FACTS = (1.0, 1, 2, "bench", 3)
 
 
 def tagged_extra() -> dict[str, Any]:
@@ -262,7 +261,7 @@ def step_costs(server: ServerProcess, count: int, repeats: int) -> list[dict[str
         from mp_logbridge._context import current_context, otel_context
         from mp_logbridge._tags import Capture
 
-        return Capture(spec(), time.time(), None, current_context(), otel_context(), None, FACTS)
+        return Capture(spec(), time.time(), None, current_context(), otel_context())
 
     def messages() -> list[Any]:
         from mp_logbridge._tags import TagMessage
@@ -290,7 +289,7 @@ def step_costs(server: ServerProcess, count: int, repeats: int) -> list[dict[str
         from mp_logbridge._tags import Capture
 
         made, bound, snapshot = spec(), current_context(), otel_context()
-        return per_call(lambda: Capture(made, 1.0, None, bound, snapshot, None, FACTS))
+        return per_call(lambda: Capture(made, 1.0, None, bound, snapshot))
 
     def make_message() -> float:
         from mp_logbridge._tags import TagMessage
@@ -306,9 +305,7 @@ def step_costs(server: ServerProcess, count: int, repeats: int) -> list[dict[str
         from mp_logbridge._context import current_context
 
         bridge, bound = handler._bridge, current_context()  # type: ignore[attr-defined]
-        return per_call(
-            lambda: bridge.send(ITEM, created=1.0, message=str, context=bound, facts=FACTS)
-        )
+        return per_call(lambda: bridge.send(ITEM, 1.0, str, bound))
 
     def send() -> float:
         consumer = handler.consumer

@@ -25,16 +25,14 @@ from ._context import BoundContext, otel_context
 from ._delivery import RetryPolicy
 from ._diagnostics import DeliveryStats, warn
 from ._errors import ConfigurationError, InvalidMessageError, MixpanelError
-from ._messages import new_insert_id
 from ._tags import BridgeSpec, Capture, TagMessage, names_event, split_tag
 from ._transport import Credentials, as_credentials, normalize_region, resolve_endpoints
 
 __all__ = ["DELIVERY_OPTIONS", "SENT_MARK", "Bridge", "Delivery"]
 
-#: Marks log records and event dicts whose tag was sent: ``(seed, sender, sender, ...)``, where
-#: ``seed`` names the occurrence (its messages' ``$insert_id`` values derive from it) and each
-#: sender is a short digest of a project token and tag name — never the token itself, since
-#: the mark travels with ``extra`` into formatters, copies and pickles.
+#: Marks log records and event dicts whose tag was sent: a tuple of senders, each a short digest
+#: of a project token and tag name — never the token itself, since the mark travels with
+#: ``extra`` into formatters, copies and pickles.
 SENT_MARK = "_mp_logbridge_sent"
 
 #: Options a front door passes to the AsyncConsumer it makes (all of them decide sharing).
@@ -277,19 +275,17 @@ class Bridge:
         """The consumer messages go to (``None`` when disabled)."""
         return self.delivery.consumer
 
-    def claim(self, holder: MutableMapping[str, Any]) -> str | None:
+    def claim(self, holder: MutableMapping[str, Any]) -> bool:
         """Mark ``holder`` (a record's ``__dict__`` or an event dict) as sent by this project and
-        tag, and return the occurrence's seed; ``None`` when another front door of this project
-        sent it already. A second project sending the same record gets the same seed."""
+        tag; ``False`` when it already was (another front door of this project sent it)."""
         mark = holder.get(SENT_MARK)
-        if mark and type(mark) is tuple:
-            if self._seen in mark[1:]:
-                return None
+        if mark:
+            if self._seen in mark:
+                return False
             holder[SENT_MARK] = (*mark, self._seen)
-            return f"{mark[0]}-{len(mark) - 1:x}"  # another project or tag: other messages
-        base = new_insert_id()
-        holder[SENT_MARK] = (base, self._seen)
-        return f"{base}-0"
+        else:
+            holder[SENT_MARK] = (self._seen,)
+        return True
 
     def send(
         self,
@@ -303,9 +299,10 @@ class Bridge:
         """Queue the messages of one tag; on the caller's thread, so only cheap work happens here.
 
         Takes snapshots of what does not cross threads (the bound context, the OpenTelemetry
-        context) and defers everything else — span ids, baggage, the record itself — to
-        ``TagMessage.build`` on the sender thread. ``message`` is called only when an event
-        takes its name from the log message; ``seed`` (from :meth:`claim`) names the occurrence.
+        context) and defers everything else — span ids, baggage, ``$insert_id``, the record
+        itself — to ``TagMessage.build`` on the sender thread. ``message`` is called only when
+        an event takes its name from the log message; ``seed``, when given, makes the messages'
+        ``$insert_id`` values derive from it (an import of the same line gives the same ids).
         """
         if self.closed:
             self.lose("closed", "the front door is closed")

@@ -208,13 +208,12 @@ class MixpanelHandler(logging.Handler):
             if not bridge.enabled:
                 bridge.skipped += 1
                 return
-            seed = bridge.claim(holder)
-            if seed is None:
+            if not bridge.claim(holder):
                 return  # another handler of this project sent it already
             extra = None
             if self._record_props or self._extra_props or record.exc_info:
                 extra = self._extra(record)
-            bridge.send(value, record.created, message, current_context(), extra, seed)
+            bridge.send(value, record.created, message, current_context(), extra)
         except RecursionError:  # pragma: no cover - as the stdlib handlers do
             raise
         except Exception:

@@ -138,10 +138,8 @@ class MixpanelProcessor:
             if value is None or value is False:
                 return event_dict
             bridge = self._bridge
-            seed = None
             if self._keep_tag:
-                seed = bridge.claim(event_dict)
-                if seed is None:
+                if not bridge.claim(event_dict):
                     return event_dict  # sent already, by another front door of this project
             else:
                 del event_dict[self._tag]
@@ -151,7 +149,6 @@ class MixpanelProcessor:
                 lambda: _event_text(event_dict),
                 self._context(event_dict),
                 self._extra(event_dict),
-                seed,
             )
         except Exception as exc:
             self._bridge.lose("invalid", f"{type(exc).__name__}: {exc}")

@@ -440,10 +440,10 @@ class Capture:
     """What the caller's thread saw when the record happened (read once, shared by its messages).
 
     ``context`` is the bound context and ``otel`` the OpenTelemetry context, both immutable
-    snapshots: the span ids and baggage are read from ``otel`` on the sender thread. ``seed``
-    names the occurrence: message ``i`` gets ``$insert_id`` ``"<seed>-<i>"``, so whoever builds
-    messages from the same seed (a second handler of the record, a re-import of the same line)
-    gives them the same ids.
+    snapshots: the span ids and baggage are read from ``otel`` on the sender thread. Each message
+    gets a fresh ``$insert_id`` when it is built, unless ``seed`` is given: then message ``i``
+    gets ``"<seed>-<i>"``, so whoever builds messages from the same seed (a re-import of the
+    same line) gives them the same ids.
     """
 
     __slots__ = ("context", "created", "extra", "message", "otel", "seed", "spec")
