@@ -22,9 +22,10 @@ import datetime as _dt
 import decimal
 import enum
 import json
+import json.encoder
 import math
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ._errors import InvalidMessageError
@@ -168,11 +169,27 @@ def find_invalid(value: Any, field: str, depth: int = 0) -> InvalidMessageError 
 _encoder = json.JSONEncoder(
     ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_convert
 )
+# The C encoder, made once: ``JSONEncoder.encode`` builds a new one on every call. Its arguments:
+# (markers, default, encoder, indent, key_separator, item_separator, sort_keys, skipkeys,
+# allow_nan) — no circular check (a cycle ends in RecursionError, reported like any other value
+# that cannot be sent), compact separators, NaN refused.
+_c_make_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
+_c_encode_basestring: Any = getattr(json.encoder, "c_encode_basestring", None)
+_to_json: Callable[[Any], str] = _encoder.encode
+if _c_make_encoder is not None and _c_encode_basestring is not None:
+    _c_iterencode = _c_make_encoder(
+        None, _convert, _c_encode_basestring, None, ":", ",", False, False, False
+    )
+
+    def _c_to_json(value: Any) -> str:
+        return "".join(_c_iterencode(value, 0))
+
+    _to_json = _c_to_json
 
 
 def _dumps(value: Any, field: str) -> str:
     try:
-        return _encoder.encode(value)
+        return _to_json(value)
     except (TypeError, ValueError, RecursionError) as exc:
         problem = find_invalid(value, field)
         if problem is None:  # pragma: no cover - json refused something the walk accepts
