@@ -48,7 +48,7 @@ _INF = float("inf")
 _OVERFLOW_POLICIES = ("drop_newest", "drop_oldest")
 #: Bytes a message not yet encoded counts for against ``max_queue_bytes`` (its size is not
 #: known before the sender encodes it; a small event takes about this much memory meanwhile).
-_UNENCODED_ESTIMATE = 1024
+_UNENCODED_ESTIMATE = 1536
 #: Default number of records per request (see benchmarks/README.md for how it was chosen).
 DEFAULT_BATCH_SIZE = 2000
 
@@ -207,7 +207,7 @@ class AsyncConsumer(_ConsumerBase):
     the records the server listed. Waits are cut short by :meth:`flush` and :meth:`close`.
 
     Bounds: at most ``max_queue_size`` messages wait to be encoded, and the records waiting for
-    delivery take at most ``max_queue_bytes`` (encoded size, plus 1 KB for each message not yet
+    delivery take at most ``max_queue_bytes`` (encoded size, plus 1.5 KB for each message not yet
     encoded; the batch in flight comes on top). When full, ``overflow`` decides:
     ``"drop_newest"`` (default: the new message is refused) or ``"drop_oldest"``. Every loss is
     counted under a reason in :meth:`stats`, reported to ``on_error(exc, messages)`` and summed
