@@ -2,21 +2,21 @@
 
 Front doors — :class:`Tracker` (the Mixpanel Ruby SDK's vocabulary), :class:`MixpanelHandler`
 (tagged log records), :class:`MixpanelProcessor` (structlog) and :func:`instrument` (function
-calls) — build Mixpanel records; consumers deliver them: :class:`AsyncConsumer` in the
+calls) — build Mixpanel records; consumers deliver them: :class:`BackgroundConsumer` in the
 background (the default), :class:`Consumer` and :class:`BufferedConsumer` synchronously.
 """
 
 from __future__ import annotations
 
-from ._async import AsyncConsumer, MessagesDropped
+from ._background import BackgroundConsumer
 from ._consumers import BufferedConsumer, CallableSink, Consumer, ConsumerProtocol
 from ._context import BoundContext, bind, bound, current_context, unbind
-from ._delivery import RetryPolicy
 from ._diagnostics import DROP_REASONS
 from ._errors import (
     ConfigurationError,
     DeliveryError,
     InvalidMessageError,
+    MessagesDropped,
     MessageTooLargeError,
     MixpanelConnectionError,
     MixpanelError,
@@ -25,16 +25,22 @@ from ._errors import (
     PayloadTooLargeError,
     RateLimitedError,
     RejectedError,
+    TLSError,
 )
 from ._handler import DEFAULT_RECORD_PROPERTIES, RESERVED_RECORD_ATTRIBUTES, MixpanelHandler
 from ._instrument import instrument, instrumentation_stats
+from ._lifecycle import deliver_on_signal, flush_all
 from ._messages import MessageSource
 from ._patching import instrument_function, instrument_functions, uninstrument_function
+from ._retry import RetryPolicy
 from ._structlog import MixpanelProcessor
 from ._tags import Tag, Tags, tag
 from ._tracker import ErrorHandler, Groups, People, Tracker
 from ._transport import REGIONS, Endpoints, ProjectSecret, ServiceAccount, resolve_endpoints
 from ._version import __version__
+
+#: The earlier name of :class:`BackgroundConsumer` (it is threads, not asyncio).
+AsyncConsumer = BackgroundConsumer
 
 __all__ = [
     "DEFAULT_RECORD_PROPERTIES",
@@ -42,6 +48,7 @@ __all__ = [
     "REGIONS",
     "RESERVED_RECORD_ATTRIBUTES",
     "AsyncConsumer",
+    "BackgroundConsumer",
     "BoundContext",
     "BufferedConsumer",
     "CallableSink",
@@ -69,6 +76,7 @@ __all__ = [
     "RejectedError",
     "RetryPolicy",
     "ServiceAccount",
+    "TLSError",
     "Tag",
     "Tags",
     "Tracker",
@@ -76,6 +84,8 @@ __all__ = [
     "bind",
     "bound",
     "current_context",
+    "deliver_on_signal",
+    "flush_all",
     "instrument",
     "instrument_function",
     "instrument_functions",

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ._consumers import Consumer
-from ._delivery import MAX_BATCH_RECORDS, RetryPolicy
 from ._errors import MixpanelError
+from ._records import MAX_BATCH_RECORDS
+from ._retry import RetryPolicy
 from ._transport import REGIONS, Credentials, ServiceAccount, as_credentials
 from ._version import __version__
 

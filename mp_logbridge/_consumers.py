@@ -13,7 +13,7 @@ This module holds the synchronous ones — :class:`Consumer` (one request per me
 raised at the call, like the Ruby SDK's ``Consumer#send!``) and :class:`BufferedConsumer`
 (batches per endpoint, sent on the caller's thread) — plus :class:`CallableSink`, which lets any
 ``callable(kind, message)`` stand in for a consumer, as a block does in the Ruby SDK. The
-background consumer is :class:`mp_logbridge.AsyncConsumer`.
+background consumer is :class:`mp_logbridge.BackgroundConsumer`.
 """
 
 from __future__ import annotations
@@ -25,20 +25,27 @@ from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from ._delivery import (
+from ._diagnostics import DeliveryStats, warn
+from ._errors import ConfigurationError, DeliveryError, InvalidMessageError, MessagesDropped
+from ._export import Batch, Exporter, HttpExporter
+from ._messages import MessageSource
+from ._records import (
     MAX_BATCH_RECORDS,
     MAX_REQUEST_BYTES,
-    Pending,
-    RetryPolicy,
+    decode_record,
     encode_message,
     normalize_send_args,
-    post_batch,
     take_batch,
 )
-from ._diagnostics import DeliveryStats, warn
-from ._errors import ConfigurationError, DeliveryError, InvalidMessageError, MessageTooLargeError
-from ._messages import KINDS, MessageSource
-from ._transport import Credentials, Transport, as_credentials, resolve_endpoints
+from ._retry import RetryPolicy, next_attempt
+from ._transport import (
+    Credentials,
+    ServiceAccount,
+    Transport,
+    as_credentials,
+    resolve_endpoints,
+    safe_url,
+)
 from ._values import to_json_value
 
 __all__ = [
@@ -50,7 +57,6 @@ __all__ = [
     "as_consumer",
 ]
 
-_KIND_SET = frozenset(KINDS)
 #: ``on_error(exc, messages)``: told about messages that will not be delivered.
 ErrorCallback = Callable[[BaseException, list[Any]], object]
 _C = TypeVar("_C", bound="_ConsumerBase")
@@ -58,10 +64,11 @@ _C = TypeVar("_C", bound="_ConsumerBase")
 
 @runtime_checkable
 class ConsumerProtocol(Protocol):
-    """What front doors need from a consumer."""
+    """What front doors need from a consumer: every consumer here, and any object of yours with
+    these methods (``stats`` may return an empty mapping)."""
 
     def send(self, kind: str, message: Any) -> Any:
-        """Accept one message of ``kind`` for delivery."""
+        """Accept one message of ``kind`` for delivery (``False``: it was refused)."""
 
     def flush(self, timeout: float | None = None) -> bool:
         """Deliver what is pending; ``True`` when all of it was delivered."""
@@ -69,8 +76,12 @@ class ConsumerProtocol(Protocol):
     def close(self, timeout: float | None = None) -> None:
         """Flush and release resources."""
 
+    def stats(self) -> Mapping[str, Any]:
+        """Delivery counters: ``sent``, ``dropped`` by reason, ..."""
 
-def _positive_int(value: Any, name: str, maximum: int | None = None) -> int:
+
+def positive_int(value: Any, name: str, maximum: int | None = None) -> int:
+    """``value`` when it is a positive integer (at most ``maximum``), else a clear error."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigurationError(f"{name} must be a positive integer, got {value!r}")
     if maximum is not None and value > maximum:
@@ -78,10 +89,28 @@ def _positive_int(value: Any, name: str, maximum: int | None = None) -> int:
     return value
 
 
-def _positive_number(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+def positive_number(value: Any, name: str) -> float:
+    """``value`` as a float when it is a positive finite number, else a clear error."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0 < value < float("inf")
+    ):
         raise ConfigurationError(f"{name} must be a positive number, got {value!r}")
     return float(value)
+
+
+_api_key_warned = False
+
+
+def _warn_api_key_once() -> None:
+    global _api_key_warned
+    if not _api_key_warned:
+        _api_key_warned = True
+        warn(
+            "mp_logbridge ignores the legacy api_key argument: /import authenticates with the "
+            "consumer's credentials (ServiceAccount or api_secret) or a per-call api_secret"
+        )
 
 
 class _ConsumerBase:
@@ -103,19 +132,37 @@ class _ConsumerBase:
         retry: RetryPolicy | Mapping[str, Any] | None = None,
         on_error: ErrorCallback | None = None,
         report_interval: float = 10.0,
+        transport: Transport | None = None,
     ) -> None:
-        self.endpoints = resolve_endpoints(
-            region=region,
-            api_host=api_host,
-            events_url=events_url,
-            people_url=people_url,
-            groups_url=groups_url,
-            import_url=import_url,
-        )
-        self.credentials = as_credentials(credentials, api_secret)
-        self.transport = Transport(
-            self.endpoints, credentials=self.credentials, timeout=request_timeout, verify=verify
-        )
+        if transport is not None:
+            given = {"events_url": events_url, "people_url": people_url, "groups_url": groups_url}
+            given.update(import_url=import_url, region=region, api_host=api_host)
+            extra = sorted(name for name, value in given.items() if value is not None)
+            if extra:
+                raise ConfigurationError(
+                    f"{', '.join(extra)} configure the transport made for you; with transport= "
+                    "given, configure that transport instead"
+                )
+            self.endpoints = transport.endpoints
+            self.credentials = as_credentials(credentials, api_secret) or transport.credentials
+            self.transport = transport
+        else:
+            self.endpoints = resolve_endpoints(
+                region=region,
+                api_host=api_host,
+                events_url=events_url,
+                people_url=people_url,
+                groups_url=groups_url,
+                import_url=import_url,
+            )
+            self.credentials = as_credentials(credentials, api_secret)
+            self.transport = Transport(
+                self.endpoints,
+                credentials=self.credentials,
+                timeout=request_timeout,
+                verify=verify,
+            )
+        self.exporter: Exporter = HttpExporter(self.transport)
         self.retry = RetryPolicy.from_options(retry)
         if on_error is not None and not callable(on_error):
             raise ConfigurationError("on_error must be callable as on_error(exc, messages)")
@@ -123,7 +170,7 @@ class _ConsumerBase:
         self._stats = DeliveryStats(report_interval)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(track={self.endpoints.event!r}, credentials={self.credentials!r})"
+        return f"{type(self).__name__}(track={safe_url(self.endpoints.event)!r}, credentials={self.credentials!r})"
 
     def __enter__(self: _C) -> _C:
         return self
@@ -139,12 +186,22 @@ class _ConsumerBase:
     def close(self, timeout: float | None = None) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
-    @staticmethod
-    def _message_credentials(api_key: Any, api_secret: Any) -> Credentials | None:
-        """Per-call import credentials of the ``mixpanel`` package's ``send`` (``api_secret``)."""
+    def _message_credentials(self, api_key: Any, api_secret: Any) -> Credentials | None:
+        """Per-call import credentials of the ``mixpanel`` package's ``send``.
+
+        As in that package, the consumer's own service account takes precedence over a per-call
+        ``api_secret`` (and so does a consumer's ``api_secret``); the legacy ``api_key`` is
+        ignored, with one warning.
+        """
         if isinstance(api_key, tuple):
             api_key, api_secret = (*api_key, None, None)[:2]
-        return as_credentials(None, api_secret) if api_secret else None
+        if api_key:
+            _warn_api_key_once()
+        if not api_secret or isinstance(self.credentials, (ServiceAccount,)):
+            return None
+        if self.credentials is not None:
+            return None
+        return as_credentials(None, api_secret)
 
     def _drop(
         self,
@@ -169,6 +226,14 @@ class _ConsumerBase:
             except Exception as exc:  # the application's callback must not break delivery
                 warn("mp_logbridge on_error callback raised %s: %s", type(exc).__name__, exc)
 
+    def _encode(self, message: Any) -> bytes:
+        """Encode at the call; a message that cannot be sent is counted, then raised."""
+        try:
+            return encode_message(message)
+        except InvalidMessageError as exc:
+            self._stats.add_dropped(exc.drop_reason, 1, str(exc))
+            raise
+
     def _stats_snapshot(self, depth: int = 0, size: int = 0) -> dict[str, Any]:
         snapshot = self._stats.snapshot()
         snapshot["queue_depth"] = depth
@@ -176,9 +241,9 @@ class _ConsumerBase:
         return snapshot
 
     def _deliver(
-        self, kind: str, batch: list[Pending], credentials: Credentials | None
-    ) -> tuple[list[Pending], DeliveryError | None]:
-        """Send ``batch`` now on this thread, retrying as the policy says.
+        self, kind: str, batch: list[bytes], credentials: Credentials | None
+    ) -> tuple[list[bytes], DeliveryError | None]:
+        """Send ``batch`` now on this thread, retrying (and sleeping) as the policy says.
 
         Records refused for good are counted (and reported to ``on_error``) here.
 
@@ -187,15 +252,18 @@ class _ConsumerBase:
             and the first error that cost records (``None`` when everything was delivered, even
             after a retry or a 413 split).
         """
-        work: deque[list[Pending]] = deque([batch])
-        left: list[Pending] = []
+        work: deque[list[bytes]] = deque([batch])
+        left: list[bytes] = []
         first_error: DeliveryError | None = None
+        exporter = self.exporter
         while work:
             current = work.popleft()
             attempts = 0
             started = time.monotonic()
             while current:
-                outcome = post_batch(self.transport, kind, current, credentials)
+                outcome = exporter.export(
+                    Batch(kind, current, credentials), time.monotonic() + exporter.timeout
+                )
                 attempts += 1
                 if outcome.delivered:
                     self._stats.add_sent(len(outcome.delivered))
@@ -208,8 +276,9 @@ class _ConsumerBase:
                 if not outcome.retry:
                     break
                 assert outcome.error is not None
-                delay = self.retry.delay(attempts, outcome.error.retry_after)
-                if self.retry.gives_up(attempts, time.monotonic() - started, delay):
+                now = time.monotonic()
+                decision = next_attempt(self.retry, outcome.error, attempts, started, now)
+                if decision.retry_at is None:
                     first_error = first_error or outcome.error
                     left.extend(outcome.retry)
                     for rest in work:
@@ -217,15 +286,15 @@ class _ConsumerBase:
                     work.clear()
                     break
                 self._stats.add_retry()
-                time.sleep(delay)
+                time.sleep(max(0.0, decision.retry_at - now))
                 current = outcome.retry
         self._stats.report()
         return left, first_error
 
 
-def _records_of(items: list[Pending]) -> Callable[[], list[Any]]:
-    """Lazily decode pending records for an ``on_error`` report."""
-    return lambda: [item.record() for item in items]
+def _records_of(items: list[bytes]) -> Callable[[], list[Any]]:
+    """Lazily decode encoded records for an ``on_error`` report."""
+    return lambda: [decode_record(item) for item in items]
 
 
 class Consumer(_ConsumerBase):
@@ -245,7 +314,7 @@ class Consumer(_ConsumerBase):
     :class:`~mp_logbridge.Tracker` catches it, passes it to its ``error_handler`` and returns
     ``False``), and :class:`~mp_logbridge.InvalidMessageError` for a message that cannot be sent.
     By default there is no retry (``retry={"max_attempts": 3}`` adds some, sleeping on the caller's
-    thread); use :class:`~mp_logbridge.AsyncConsumer` to keep the network off the caller's thread.
+    thread); use :class:`~mp_logbridge.BackgroundConsumer` to keep the network off the caller's thread.
     """
 
     def __init__(
@@ -271,13 +340,8 @@ class Consumer(_ConsumerBase):
         """
         kind, message = normalize_send_args(kind, message)
         credentials = self._message_credentials(api_key, api_secret)
-        try:
-            payload = encode_message(message)
-        except InvalidMessageError as exc:
-            reason = "too_large" if isinstance(exc, MessageTooLargeError) else "invalid"
-            self._stats.add_dropped(reason, 1, str(exc))
-            raise
-        left, error = self._deliver(kind, [Pending(payload)], credentials)
+        payload = self._encode(message)
+        left, error = self._deliver(kind, [payload], credentials)
         if left:
             self._drop(
                 "retries_exhausted",
@@ -328,11 +392,11 @@ class BufferedConsumer(_ConsumerBase):
     ) -> None:
         options.setdefault("retry", {"max_attempts": 1})
         super().__init__(events_url, people_url, groups_url, import_url, **options)
-        self.max_size = _positive_int(max_size, "max_size", MAX_BATCH_RECORDS)
-        self.max_batch_bytes = _positive_int(max_batch_bytes, "max_batch_bytes")
-        self.max_buffer = _positive_int(max_buffer, "max_buffer")
+        self.max_size = positive_int(max_size, "max_size", MAX_BATCH_RECORDS)
+        self.max_batch_bytes = positive_int(max_batch_bytes, "max_batch_bytes")
+        self.max_buffer = positive_int(max_buffer, "max_buffer")
         self._lock = threading.RLock()
-        self._buffers: dict[tuple[str, Credentials | None], deque[Pending]] = {}
+        self._buffers: dict[tuple[str, Credentials | None], deque[bytes]] = {}
 
     def send(self, kind: str, message: Any, api_key: Any = None, api_secret: Any = None) -> bool:
         """Buffer one message; sends its endpoint's batch when ``max_size`` is reached.
@@ -343,19 +407,14 @@ class BufferedConsumer(_ConsumerBase):
         """
         kind, message = normalize_send_args(kind, message)
         credentials = self._message_credentials(api_key, api_secret)
-        try:
-            payload = encode_message(message)
-        except InvalidMessageError as exc:
-            reason = "too_large" if isinstance(exc, MessageTooLargeError) else "invalid"
-            self._stats.add_dropped(reason, 1, str(exc))
-            raise
+        payload = self._encode(message)
         with self._lock:
             buffer = self._buffers.setdefault((kind, credentials), deque())
-            buffer.append(Pending(payload))
+            buffer.append(payload)
             overflow = sum(len(b) for b in self._buffers.values()) - self.max_buffer
             if overflow > 0:
                 evicted = [buffer.popleft() for _ in range(min(overflow, len(buffer)))]
-                full = DeliveryError("buffer full; oldest messages dropped")
+                full = MessagesDropped("queue_full", "buffer full; oldest messages dropped")
                 self._drop("queue_full", full, _records_of(evicted), len(evicted))
             if len(buffer) >= self.max_size:
                 self._flush_buffer(kind, credentials)
@@ -406,7 +465,7 @@ class BufferedConsumer(_ConsumerBase):
         """Delivery counters plus what is buffered (``queue_depth``, ``queue_bytes``)."""
         with self._lock:
             depth = sum(len(b) for b in self._buffers.values())
-            size = sum(len(p.payload) for b in self._buffers.values() for p in b)
+            size = sum(len(p) for b in self._buffers.values() for p in b)
         return self._stats_snapshot(depth, size)
 
 
@@ -415,16 +474,19 @@ class CallableSink:
 
     The callable receives each message as a finished, JSON-ready record dict; what it does with
     it is up to it (forward it to another consumer, put it on a queue, write it to a file).
-    Exceptions it raises propagate to the caller of ``send`` (a Tracker turns a
-    :class:`~mp_logbridge.DeliveryError` into ``False`` plus an ``error_handler`` call).
+    Exceptions it raises are counted (a :class:`~mp_logbridge.DeliveryError` under its drop
+    reason, anything else as ``consumer_error``) and propagate to the caller of ``send`` (a
+    :class:`~mp_logbridge.Tracker` turns a ``DeliveryError`` into ``False`` plus an
+    ``error_handler`` call).
     """
 
-    __slots__ = ("sink",)
+    __slots__ = ("_stats", "sink")
 
     def __init__(self, sink: Callable[[str, dict[str, Any]], object]) -> None:
         if not callable(sink):
             raise ConfigurationError("a sink must be callable as sink(kind, message)")
         self.sink = sink
+        self._stats = DeliveryStats()
 
     def send(
         self,
@@ -436,8 +498,25 @@ class CallableSink:
         """Build the record and hand it to the callable (``/import`` credentials given per call,
         in the ``mixpanel`` package's form, are not the sink's business and are ignored)."""
         kind, source = normalize_send_args(kind, message)
-        record = source if isinstance(source, dict) else source.build()
-        self.sink(kind, to_json_value(record, "message"))
+        try:
+            if isinstance(source, bytes):
+                record = decode_record(source)
+            else:
+                record = source if isinstance(source, dict) else source.build()
+            value = to_json_value(record, "message")
+        except InvalidMessageError as exc:
+            self._stats.add_dropped(exc.drop_reason, 1, str(exc))
+            raise
+        try:
+            self.sink(kind, value)
+        except DeliveryError as exc:
+            reason = "retries_exhausted" if exc.retryable else exc.drop_reason
+            self._stats.add_dropped(reason, 1, f"{type(exc).__name__}: {exc}")
+            raise
+        except Exception as exc:
+            self._stats.add_dropped("consumer_error", 1, f"{type(exc).__name__}: {exc}")
+            raise
+        self._stats.add_sent(1)
         return True
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -447,6 +526,10 @@ class CallableSink:
 
     def close(self, timeout: float | None = None) -> None:
         """Nothing to release (the callable's owner closes it)."""
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: records handed to the callable (``sent``) and ``dropped`` by reason."""
+        return self._stats.snapshot()
 
     def __enter__(self) -> CallableSink:
         return self

@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["DROP_REASONS", "DeliveryStats", "logger", "warn"]
+__all__ = ["DROP_REASONS", "DeliveryStats", "logger", "mask_secret", "report_all", "warn"]
 
 #: The named reasons a message can be dropped for.
 DROP_REASONS = (
@@ -29,9 +29,11 @@ DROP_REASONS = (
     "invalid",
     "too_large",
     "rejected_by_server",
+    "tls_error",
     "retries_exhausted",
     "shutdown_timeout",
     "closed",
+    "consumer_error",
 )
 
 logger = logging.getLogger("mp_logbridge")
@@ -51,12 +53,28 @@ def warn(message: str, *args: Any) -> None:
         pass
 
 
+def mask_secret(text: str | None) -> str:
+    """A token or key fit to show: its first four and last two characters (``"abcd…yz"``);
+    short values are hidden completely."""
+    if not text:
+        return ""
+    if len(text) < 12:
+        return "***"
+    return f"{text[:4]}…{text[-2:]}"
+
+
 _all_stats: weakref.WeakSet[DeliveryStats] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
     for stats in list(_all_stats):  # a lock held at fork would stay held in the child
-        stats._lock = threading.Lock()
+        stats._lock = threading.RLock()
+
+
+def report_all() -> None:
+    """Report every loss not reported yet (at exit: the rate limit must not hide any)."""
+    for stats in list(_all_stats):
+        stats.report(force=True)
 
 
 if hasattr(os, "register_at_fork"):
@@ -67,7 +85,9 @@ class DeliveryStats:
     """Thread-safe delivery counters plus the aggregated loss report.
 
     ``report_interval`` bounds how often a loss warning is logged; drops in between are summed
-    into the next one.
+    into the next one, and whatever is left unreported is reported at exit. The lock is
+    re-entrant: a signal handler or a finalizer that counts a loss while its thread is already
+    counting one must not wait for itself.
     """
 
     __slots__ = (
@@ -87,7 +107,7 @@ class DeliveryStats:
     def __init__(
         self, report_interval: float = 10.0, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         _all_stats.add(self)
         self._clock = clock
         self.report_interval = report_interval
@@ -115,10 +135,35 @@ class DeliveryStats:
         if count <= 0:
             return
         with self._lock:
-            self.dropped[reason] += count
+            self.dropped[reason] = self.dropped.get(reason, 0) + count
             self._unreported[reason] = self._unreported.get(reason, 0) + count
             if detail:
                 self._details[reason] = detail
+
+    def reinit(self) -> None:
+        """Start over with zero counters and a fresh lock (a child forked without fork hooks
+        counts its own messages only)."""
+        self._lock = threading.RLock()
+        self.sent = self.batches = self.retries = 0
+        self.dropped = dict.fromkeys(DROP_REASONS, 0)
+        self._unreported = {}
+        self._details = {}
+
+    def recover(self, reason: str, count: int) -> None:
+        """Records counted as dropped for ``reason`` were delivered after all (an answer that
+        came after a close deadline): count them as sent instead."""
+        if count <= 0:
+            return
+        with self._lock:
+            taken = min(count, self.dropped.get(reason, 0))
+            self.dropped[reason] -= taken
+            self.sent += taken
+            self.batches += 1
+
+    def total_dropped(self) -> int:
+        """How many messages were dropped so far, all reasons together."""
+        with self._lock:
+            return sum(self.dropped.values())
 
     def report(self, force: bool = False) -> None:
         """Log one warning summarising drops since the last one, at most once per interval."""

@@ -19,6 +19,7 @@ __all__ = [
     "DeliveryError",
     "InvalidMessageError",
     "MessageTooLargeError",
+    "MessagesDropped",
     "MixpanelConnectionError",
     "MixpanelError",
     "MixpanelServerError",
@@ -26,6 +27,7 @@ __all__ = [
     "PayloadTooLargeError",
     "RateLimitedError",
     "RejectedError",
+    "TLSError",
 ]
 
 
@@ -44,6 +46,9 @@ class InvalidMessageError(MixpanelError, ValueError):
     ``"$set"``), ``reason`` says what is wrong with it.
     """
 
+    #: The drop reason counted when such a message is dropped.
+    drop_reason = "invalid"
+
     def __init__(self, field: str, reason: str) -> None:
         self.field = field
         self.reason = reason
@@ -55,6 +60,8 @@ class InvalidMessageError(MixpanelError, ValueError):
 
 class MessageTooLargeError(InvalidMessageError):
     """An encoded record is over Mixpanel's per-record size limit (1 MB)."""
+
+    drop_reason = "too_large"
 
 
 class DeliveryError(MixpanelError):
@@ -68,6 +75,9 @@ class DeliveryError(MixpanelError):
     """
 
     retryable_default = False
+    #: The drop reason counted when records are refused because of this error (a retryable
+    #: error whose retries run out is counted as ``retries_exhausted`` instead).
+    drop_reason = "rejected_by_server"
 
     def __init__(
         self,
@@ -86,9 +96,19 @@ class DeliveryError(MixpanelError):
 
 
 class MixpanelConnectionError(DeliveryError):
-    """No usable response: connection refused or reset, DNS failure, TLS failure, timeout."""
+    """No usable response: connection refused or reset, DNS failure, timeout."""
 
     retryable_default = True
+
+
+class TLSError(MixpanelConnectionError):
+    """The TLS handshake failed (certificate verification, protocol): not retried.
+
+    The message names the host and the verification error; records are counted as ``tls_error``.
+    """
+
+    retryable_default = False
+    drop_reason = "tls_error"
 
 
 class MixpanelServerError(DeliveryError):
@@ -106,6 +126,19 @@ class RateLimitedError(MixpanelServerError):
 
 class PayloadTooLargeError(MixpanelServerError):
     """HTTP 413: the request body was too large. The batch must be split, not retried as is."""
+
+
+class MessagesDropped(DeliveryError):
+    """Messages were dropped before reaching the server; ``reason`` is the drop reason
+    (``queue_full``, ``shutdown_timeout``, ``closed``, ...)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.drop_reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.reason, str(self)))
 
 
 class RejectedError(DeliveryError):

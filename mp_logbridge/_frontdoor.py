@@ -1,14 +1,15 @@
-"""Plumbing shared by the logging front doors (the stdlib handler and the structlog processor).
+"""Plumbing shared by the front doors: where their messages go, and the caller-thread capture.
 
-* :class:`Delivery`: the consumer a front door sends through — given explicitly, or an
-  :class:`~mp_logbridge.AsyncConsumer` made from delivery options and shared (reference counted)
-  with every other front door configured with the same options, so ten handlers do not mean ten
-  threads and ten connection pools.
-* :class:`Bridge`: one project's way in — token and tag settings, the :class:`Delivery`, the
-  "already sent" mark, the caller-thread part of turning a tag into messages (split it by kind,
-  capture the context once, queue one deferred :class:`~mp_logbridge._tags.TagMessage` per
-  entry), and counting of losses the consumer cannot count itself. The handler and the
-  structlog processor are thin adapters around one.
+* :class:`ConsumerShare`: the consumer a front door sends through — given explicitly, or a
+  :class:`~mp_logbridge.BackgroundConsumer` made from delivery options and shared with every
+  other front door configured the same way (handlers and processors by reference count; Trackers
+  keep theirs for the life of the process), so ten handlers, or a ``Tracker`` made per request,
+  do not mean ten threads and ten connection pools.
+* :class:`Bridge`: one project's way in for tags — token and tag settings, the share, the
+  "already sent" mark, the caller-thread part of turning a tag into messages (snapshot and split
+  it, capture the context once, queue one deferred :class:`~mp_logbridge._tags.TagMessage` per
+  entry), and counting of the losses that happen before a consumer sees a message. The handler
+  and the structlog processor are thin adapters around one.
 """
 
 from __future__ import annotations
@@ -19,23 +20,25 @@ import threading
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
-from ._async import AsyncConsumer
+from ._background import BackgroundConsumer
 from ._consumers import as_consumer
 from ._context import BoundContext, otel_context
-from ._delivery import RetryPolicy
 from ._diagnostics import DeliveryStats, warn
 from ._errors import ConfigurationError, InvalidMessageError, MixpanelError
-from ._tags import BridgeSpec, Capture, TagMessage, names_event, split_tag
+from ._messages import clean_token
+from ._retry import RetryPolicy
+from ._tags import RECORD_OVERHEAD, BridgeSpec, Capture, TagMessage, names_event, split_tag
 from ._transport import Credentials, as_credentials, normalize_region, resolve_endpoints
+from ._values import snapshot_mapping
 
-__all__ = ["DELIVERY_OPTIONS", "SENT_MARK", "Bridge", "Delivery"]
+__all__ = ["DELIVERY_OPTIONS", "SENT_MARK", "Bridge", "ConsumerShare"]
 
 #: Marks log records and event dicts whose tag was sent: a tuple of senders, each a short digest
 #: of a project token and tag name — never the token itself, since the mark travels with
 #: ``extra`` into formatters, copies and pickles.
 SENT_MARK = "_mp_logbridge_sent"
 
-#: Options a front door passes to the AsyncConsumer it makes (all of them decide sharing).
+#: Options a front door passes to the BackgroundConsumer it makes (all of them decide sharing).
 DELIVERY_OPTIONS = (
     "batch_size",
     "max_batch_bytes",
@@ -52,33 +55,43 @@ DELIVERY_OPTIONS = (
 
 
 class _SharedConsumers:
-    """Consumers shared by front doors with identical delivery settings (reference counted)."""
+    """Consumers shared by front doors with identical delivery settings.
+
+    Front doors that release their share (handlers, processors) are counted, and the last one
+    closes the consumer; a share that is never given back (a Tracker's) pins the consumer until
+    the process exits, so Trackers made per request reuse one thread and one connection pool.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._entries: dict[Any, list[Any]] = {}
+        self._entries: dict[Any, list[Any]] = {}  # key -> [consumer, references, pinned]
 
-    def acquire(self, key: Any, factory: Callable[[], AsyncConsumer]) -> AsyncConsumer:
+    def acquire(
+        self, key: Any, factory: Callable[[], BackgroundConsumer], *, pin: bool = False
+    ) -> BackgroundConsumer:
         with self._lock:
             entry = self._entries.get(key)
             if entry is None or entry[0].closed:
-                entry = self._entries[key] = [factory(), 0]
-            entry[1] += 1
-            consumer: AsyncConsumer = entry[0]
+                entry = self._entries[key] = [factory(), 0, False]
+            if pin:
+                entry[2] = True
+            else:
+                entry[1] += 1
+            consumer: BackgroundConsumer = entry[0]
             return consumer
 
-    def release(self, key: Any, consumer: AsyncConsumer) -> AsyncConsumer | None:
-        """Drop one reference to ``consumer``; returns it when that was the last one."""
+    def release(self, key: Any, consumer: BackgroundConsumer) -> BackgroundConsumer | None:
+        """Drop one reference to ``consumer``; returns it when nothing needs it any more."""
         with self._lock:
             entry = self._entries.get(key)
-            shared: AsyncConsumer | None = None if entry is None else entry[0]
-            if entry is None or shared is not consumer:  # replaced since (it had been closed)
+            if entry is None or entry[0] is not consumer:  # replaced since (it had been closed)
                 return None
             entry[1] -= 1
-            if entry[1] > 0:
+            if entry[1] > 0 or entry[2]:
                 return None
             del self._entries[key]
-            return shared
+            released: BackgroundConsumer = entry[0]
+            return released
 
     def reinit_after_fork(self) -> None:
         self._lock = threading.Lock()
@@ -97,8 +110,14 @@ def _freeze(value: Any) -> Any:
     return value
 
 
-class Delivery:
-    """The consumer behind one front door, and whether the front door owns a share of it."""
+class ConsumerShare:
+    """The consumer behind one front door, and whether the front door holds a share of it.
+
+    With ``consumer=`` given, that consumer is used as is (a callable is wrapped in
+    :class:`~mp_logbridge.CallableSink`); delivery options are then an error. Otherwise a shared
+    :class:`~mp_logbridge.BackgroundConsumer` is made from the options (``pin=True``: the share is
+    kept for the life of the process). ``enabled=False`` checks the options and makes nothing.
+    """
 
     __slots__ = ("_key", "consumer")
 
@@ -113,12 +132,16 @@ class Delivery:
         retry: RetryPolicy | Mapping[str, Any] | None = None,
         options: Mapping[str, Any] | None = None,
         enabled: bool = True,
+        pin: bool = False,
         owner: str = "front door",
     ) -> None:
         options = dict(options or {})
         unknown = sorted(set(options) - set(DELIVERY_OPTIONS))
         if unknown:
-            raise ConfigurationError(f"{owner} got unknown option(s): {', '.join(unknown)}")
+            raise ConfigurationError(
+                f"{owner} got unknown option(s): {', '.join(unknown)}; delivery options are "
+                f"{', '.join(DELIVERY_OPTIONS)}"
+            )
         self._key: Any = None
         if region is not None:
             normalize_region(region)  # checked even when api_host overrides it
@@ -139,8 +162,8 @@ class Delivery:
         if retry is not None:
             settings["retry"] = RetryPolicy.from_options(retry)
 
-        def make() -> AsyncConsumer:
-            return AsyncConsumer(
+        def make() -> BackgroundConsumer:
+            return BackgroundConsumer(
                 endpoints.event,
                 endpoints.profile_update,
                 endpoints.group_update,
@@ -153,16 +176,15 @@ class Delivery:
             make().close()  # options are checked even when there is no token to send with
             self.consumer = None
             return
-        self._key = (endpoints, creds, _freeze(settings))
-        self.consumer = _shared.acquire(self._key, make)
-
-    @property
-    def shared(self) -> bool:
-        """Whether the consumer was made here (and is shared by reference count)."""
-        return self._key is not None
+        key = (endpoints, creds, _freeze(settings))
+        self.consumer = _shared.acquire(key, make, pin=pin)
+        self._key = None if pin else key
 
     def release(self) -> None:
-        """Give back this front door's share; the last one closes the consumer. Idempotent."""
+        """Give back this front door's share; the last one closes the consumer. Idempotent.
+
+        A consumer given with ``consumer=`` (or a pinned share) is flushed, not closed.
+        """
         key, self._key = self._key, None
         if key is not None:
             last = _shared.release(key, self.consumer)
@@ -186,15 +208,17 @@ class Bridge:
     """One project's way from tags to a consumer, shared by the handler and the processor.
 
     Resolves the token (``MIXPANEL_TOKEN`` when none is given; without one the bridge is
-    disabled, warns once and counts what it skips), owns the :class:`Delivery`, marks what it
+    disabled, warns once and counts what it skips), owns the :class:`ConsumerShare`, marks what it
     sent so a second front door of the same project skips it, and counts the losses a consumer
-    cannot count itself (one that builds on the caller's thread and refuses a message, a tag that
-    fails before reaching it, a message after ``close()``).
+    cannot count itself (a tag that cannot be captured, a record that fails before reaching it,
+    a message after ``close()``, a consumer of the application's that keeps no counters).
     """
 
     __slots__ = (
         "_counting",
         "_local",
+        "_local_seen",
+        "_overhead",
         "_seen",
         "_send_one",
         "closed",
@@ -227,6 +251,8 @@ class Bridge:
             raise ConfigurationError(f"{owner}: super_properties must be a mapping")
         token = token if token is not None else os.environ.get("MIXPANEL_TOKEN")
         self.enabled = isinstance(token, str) and bool(token.strip())
+        if self.enabled:
+            token = clean_token(token, owner)  # type: ignore[arg-type]
         self.tag = tag
         self.spec = BridgeSpec(
             token if self.enabled else "",  # type: ignore[arg-type]
@@ -238,7 +264,7 @@ class Bridge:
             include_exception=include_exception,
         )
         self._seen = hashlib.blake2b(f"{self.spec.token}|{tag}".encode(), digest_size=8).hexdigest()
-        self.delivery = Delivery(
+        self.delivery = ConsumerShare(
             consumer=consumer,
             region=region,
             api_host=api_host,
@@ -256,11 +282,13 @@ class Bridge:
         self._send_one: Callable[[str, Any], Any] | None
         if consumer_ is None or not self.enabled:
             self._send_one = None
-        elif isinstance(consumer_, AsyncConsumer):
+        elif isinstance(consumer_, BackgroundConsumer):
             self._send_one = consumer_.send
         else:
             self._send_one = self._send_now
         self._local = DeliveryStats()
+        self._local_seen = 0
+        self._overhead = RECORD_OVERHEAD + len(self.spec.token)
         self.skipped = 0
         self.closed = False
         if not self.enabled:
@@ -298,11 +326,17 @@ class Bridge:
     ) -> None:
         """Queue the messages of one tag; on the caller's thread, so only cheap work happens here.
 
-        Takes snapshots of what does not cross threads (the bound context, the OpenTelemetry
-        context) and defers everything else — span ids, baggage, ``$insert_id``, the record
-        itself — to ``TagMessage.build`` on the sender thread. ``message`` is called only when
-        an event takes its name from the log message; ``seed``, when given, makes the messages'
-        ``$insert_id`` values derive from it (an import of the same line gives the same ids).
+        Takes private copies of the tag's values and of ``extra`` as they are now (changing them
+        afterwards does not change what is sent) and snapshots of what does not cross threads
+        (the bound context, the OpenTelemetry context); span ids, baggage, ``$insert_id`` and the
+        record itself are made by ``TagMessage.build`` on the sender thread. ``message`` is called
+        only when an event takes its name from the log message; ``seed``, when given, makes the
+        messages' ``$insert_id`` values derive from it (an import of the same line gives the same
+        ids). Entries of the tag that cannot be used are counted as ``invalid``; the others are
+        still sent.
+
+        Raises:
+            Exception: what ``message`` raised (the caller counts the record as lost).
         """
         if self.closed:
             self.lose("closed", "the front door is closed")
@@ -311,16 +345,27 @@ class Bridge:
         if send is None:
             self.skipped += 1
             return
-        spec = self.spec
-        parts = split_tag(value)
+        parts, problems = split_tag(value)
+        for problem in problems:
+            self.lose("invalid", f"InvalidMessageError: {problem}")
+        if not parts:
+            return
         text = None
-        for kind, item, _op in parts:
+        for kind, item, _op, _size in parts:
             if kind == "event" and not names_event(item):
                 text = message()
                 break
-        capture = Capture(spec, created, text, context, otel_context(), extra, seed)
-        for index, (kind, item, op) in enumerate(parts):
-            send(kind, TagMessage(capture, kind, item, op, index))
+        overhead = self._overhead
+        if extra:
+            try:
+                extra, extra_size = snapshot_mapping(extra, "record")
+            except InvalidMessageError as problem:
+                self.lose("invalid", f"InvalidMessageError: {problem}")
+                return
+            overhead += extra_size
+        capture = Capture(self.spec, created, text, context, otel_context(), extra, seed)
+        for index, (kind, item, op, size) in enumerate(parts):
+            send(kind, TagMessage(capture, kind, item, op, index, size + overhead))
 
     def _send_now(self, kind: str, message: Any) -> None:
         """Send through a consumer that builds on this thread: a bad message spares the rest."""
@@ -340,9 +385,11 @@ class Bridge:
                 reason = "retries_exhausted" if retryable else "rejected_by_server"
                 self.lose(reason, f"{type(error).__name__}: {error}")
         except Exception as error:  # a consumer of the application's that broke
-            self.lose(
-                "invalid", f"the consumer {consumer!r} raised {type(error).__name__}: {error}"
-            )
+            if self._counting:
+                warn("mp_logbridge: the consumer raised %s: %s", type(error).__name__, error)
+            else:
+                detail = f"the consumer {consumer!r} raised {type(error).__name__}: {error}"
+                self.lose("consumer_error", detail)
 
     def lose(self, reason: str, detail: str) -> None:
         """Count a message lost before reaching a consumer able to count it, and report it."""
@@ -350,12 +397,17 @@ class Bridge:
         self._local.report()
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Flush the consumer; ``True`` when everything was delivered (never raises)."""
+        """Flush the consumer; ``True`` when everything was delivered and nothing was lost here
+        since the previous flush (never raises)."""
         try:
-            return self.delivery.flush(timeout)
+            delivered = self.delivery.flush(timeout)
         except Exception as exc:
             warn("mp_logbridge flush failed: %s: %s", type(exc).__name__, exc)
-            return False
+            delivered = False
+        lost = self._local.total_dropped()
+        clean = lost == self._local_seen
+        self._local_seen = lost
+        return delivered and clean
 
     def close(self) -> None:
         """Release the consumer (closed when nothing else shares it). Idempotent, never raises."""

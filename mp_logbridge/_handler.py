@@ -17,10 +17,10 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ._async import is_sender_thread
 from ._context import current_context
 from ._errors import ConfigurationError
 from ._frontdoor import Bridge
+from ._lifecycle import is_sender_thread
 from ._tags import DEFAULT_TAG, exception_properties
 from ._transport import Credentials
 
@@ -166,12 +166,20 @@ class MixpanelHandler(logging.Handler):
     def handle(self, record: logging.LogRecord) -> Any:
         """Select tagged records; reject everything else before any lock is taken.
 
-        The tag is read from the record's attributes, or from ``record.msg`` when that is a
-        dict carrying it (structlog's ``ProcessorFormatter.wrap_for_formatter``). Records of the
-        library's own loggers and records logged on its sender threads are never handled (no
-        feedback loops, no waiting on a lock ``logging.shutdown`` holds). ``emit`` only queues,
-        so it does not need the handler lock either.
+        The handler's filters run first, as the standard library runs them (a filter may add
+        the tag); without filters an untagged record costs one attribute lookup. The tag is read
+        from the record's attributes, or from ``record.msg`` when that is a dict carrying it
+        (structlog's ``ProcessorFormatter.wrap_for_formatter``). Records of the library's own
+        loggers and records logged on its sender threads are never handled (no feedback loops,
+        no waiting on a lock ``logging.shutdown`` holds). ``emit`` only queues, so it does not
+        need the handler lock either.
         """
+        if self.filters:
+            result = self.filter(record)
+            if not result:
+                return False
+            if isinstance(result, logging.LogRecord):
+                record = result
         tag = self.tag
         value = record.__dict__.get(tag)
         if value is None:
@@ -185,17 +193,15 @@ class MixpanelHandler(logging.Handler):
             name.startswith(_OWN_LOGGER) and (name == _OWN_LOGGER or name[_OWN_PREFIX_LEN] == ".")
         ):
             return False
-        if self.filters:
-            result = self.filter(record)
-            if not result:
-                return False
-            if isinstance(result, logging.LogRecord):
-                record = result
         self.emit(record)
         return record
 
     def emit(self, record: logging.LogRecord) -> None:
-        """Capture the tagged record and queue its messages (never raises, never blocks)."""
+        """Capture the tagged record and queue its messages (never raises, never blocks).
+
+        A record that cannot be captured (its message cannot be formatted, its tag breaks while
+        being read) is counted as ``invalid``, reported, and passed to :meth:`handleError`.
+        """
         try:
             holder: dict[str, Any] = record.__dict__
             value = holder.get(self.tag)
@@ -216,7 +222,8 @@ class MixpanelHandler(logging.Handler):
             bridge.send(value, record.created, message, current_context(), extra)
         except RecursionError:  # pragma: no cover - as the stdlib handlers do
             raise
-        except Exception:
+        except Exception as exc:
+            self._bridge.lose("invalid", f"the record could not be captured: {_describe(exc)}")
             self.handleError(record)
 
     def _extra(self, record: logging.LogRecord) -> dict[str, Any] | None:
@@ -255,6 +262,13 @@ class MixpanelHandler(logging.Handler):
         a ``consumer=`` callable refused, records after ``close()``), ``skipped`` (records a
         disabled handler skipped) and ``enabled``."""
         return self._bridge.stats()
+
+
+def _describe(exc: BaseException) -> str:
+    try:
+        return f"{type(exc).__name__}: {exc}"
+    except Exception:
+        return type(exc).__name__
 
 
 def _event_name(event_dict: dict[str, Any]) -> str | None:

@@ -29,8 +29,8 @@ from typing import Any, TextIO
 
 from ._consumers import Consumer
 from ._context import BoundContext
-from ._delivery import MAX_BATCH_RECORDS, MAX_REQUEST_BYTES, Pending, encode_message
 from ._errors import InvalidMessageError, PartialImportError, RejectedError
+from ._records import MAX_BATCH_RECORDS, MAX_REQUEST_BYTES, encode_message
 from ._rules import check_record
 from ._tags import DEFAULT_TAG, BridgeSpec, Capture, TagMessage, split_tag
 
@@ -90,7 +90,7 @@ class _Batch:
     path: str
     first_line: int
     last_line: int
-    items: list[Pending]
+    items: list[bytes]
     origins: dict[str, int]  # $insert_id -> line
 
 
@@ -133,7 +133,10 @@ def records_of_line(line: Any, *, tag: str, spec: BridgeSpec | None) -> list[dic
         )
         capture = Capture(spec, created, message, BoundContext(), seed=_content_id(line))
         records = []
-        for index, (kind, item, op) in enumerate(split_tag(line[tag])):
+        parts, problems = split_tag(line[tag])
+        if problems:
+            raise problems[0]
+        for index, (kind, item, op, _size) in enumerate(parts):
             if kind != "event":
                 raise InvalidMessageError(
                     "line",
@@ -321,7 +324,7 @@ class Importer:
                     batch, size = None, 2
                 if batch is None:
                     batch = _Batch(path, number, number, [], {})
-                batch.items.append(Pending(payload))
+                batch.items.append(payload)
                 batch.origins[str(record["properties"].get("$insert_id"))] = number
                 size += len(payload) + 1
             if batch is None:

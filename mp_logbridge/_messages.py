@@ -25,8 +25,9 @@ from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any, Protocol
 
+from ._diagnostics import warn
 from ._errors import InvalidMessageError
-from ._values import check_shallow, describe
+from ._values import describe, snapshot_mapping
 from ._version import __version__
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "MessageSource",
     "alias_event",
     "charge_transaction",
+    "clean_token",
     "event",
     "event_time_ms",
     "group_update",
@@ -149,6 +151,19 @@ def _is_finite(number: int | float | Decimal) -> bool:
     return isinstance(number, int) or math.isfinite(number)
 
 
+def clean_token(token: str, owner: str) -> str:
+    """``token`` without surrounding whitespace (a newline read from an env file, say): Mixpanel
+    would refuse it as given. Stripping it is reported once, naming ``owner``."""
+    stripped = token.strip()
+    if stripped != token:
+        warn(
+            "%s: the Mixpanel token has surrounding whitespace (a newline from an env file?); "
+            "it is used without it",
+            owner,
+        )
+    return stripped
+
+
 def _check_token(token: Any) -> str:
     if not isinstance(token, str) or not token.strip():
         raise InvalidMessageError(
@@ -182,11 +197,11 @@ def _check_insert_id(value: Any, field: str = "properties.$insert_id") -> None:
         )
 
 
-def _check_mapping(value: Any, field: str) -> Mapping[str, Any]:
+def _check_mapping(value: Any, field: str) -> dict[str, Any]:
+    """A checked private copy of a mapping given by a caller (later changes to it are not sent)."""
     if type(value) is not dict and not isinstance(value, Mapping):
         raise InvalidMessageError(field, f"must be a mapping, got {type(value).__name__}")
-    check_shallow(value, field)
-    return value
+    return snapshot_mapping(value, field)[0]
 
 
 def _check_ip(value: Any, field: str) -> Any:
@@ -230,18 +245,19 @@ def _op_value(op: str, value: Any, allowed: Sequence[str] | frozenset[str]) -> A
                 )
     elif op == "$union":
         for key, items in mapping.items():
-            if not isinstance(items, (list, tuple, set, frozenset)):
+            if not isinstance(items, list):  # the snapshot made every sequence a list
                 raise InvalidMessageError(f"{op}.{key}", f"must be a list, got {describe(items)}")
-    return dict(mapping)
+    return mapping
 
 
 def _apply_params(
     record: dict[str, Any], ip: Any, optional_params: Mapping[str, Any] | None
 ) -> dict[str, Any]:
     if optional_params is not None:
-        record.update(_check_mapping(optional_params, "optional_params"))
-        if "$time" in optional_params:
-            record["$time"] = event_time_ms(optional_params["$time"], "optional_params.$time")
+        params = _check_mapping(optional_params, "optional_params")
+        record.update(params)
+        if "$time" in params:
+            record["$time"] = event_time_ms(params["$time"], "optional_params.$time")
     if ip is not None:
         record["$ip"] = _check_ip(ip, "ip")
     return record
@@ -276,12 +292,12 @@ def event(
     }
     _check_name(name, "event")
     if properties is not None:
-        _check_mapping(properties, "properties")
-        props.update(properties)
-        if "time" in properties:
-            props["time"] = event_time_ms(properties["time"])
-        if "$insert_id" in properties:
-            _check_insert_id(properties["$insert_id"])
+        given = _check_mapping(properties, "properties")
+        props.update(given)
+        if "time" in given:
+            props["time"] = event_time_ms(given["time"])
+        if "$insert_id" in given:
+            _check_insert_id(given["$insert_id"])
     if not props["$insert_id"]:
         if insert_id is None:
             props["$insert_id"] = new_insert_id()
@@ -343,7 +359,7 @@ def charge_transaction(amount: Any, properties: Mapping[str, Any] | None = None)
         raise InvalidMessageError("amount", f"must be a number, got {describe(amount)}")
     if not _is_finite(amount):
         raise InvalidMessageError("amount", f"{describe(amount)} is not a valid amount")
-    transaction = {} if properties is None else dict(_check_mapping(properties, "properties"))
+    transaction = {} if properties is None else _check_mapping(properties, "properties")
     transaction["$amount"] = amount
     return transaction
 

@@ -31,7 +31,7 @@ from typing import Any
 from . import _messages as msg
 from ._context import BoundContext, format_span_ids, resolve_distinct_id, span_ids
 from ._errors import InvalidMessageError
-from ._values import format_datetime
+from ._values import describe, format_datetime, snapshot_mapping
 
 __all__ = [
     "DEFAULT_TAG",
@@ -366,22 +366,31 @@ def _is_mapping(value: Any) -> bool:
     return type(value) is dict or isinstance(value, Mapping)
 
 
-def _split_item(item: Any) -> list[tuple[str, Any, str | None]]:
+#: Bytes a record carries beyond its tag's own values (token, time, ids, library properties).
+RECORD_OVERHEAD = 200
+
+Part = tuple[str, Any, "str | None", int]  # (kind, item, operation, approximate size)
+
+
+def _split_item(item: Any, field: str) -> list[Part]:
     if not _is_mapping(item):
         if item is True:
-            return [("event", {}, None)]
+            return [("event", {}, None, 0)]
         if isinstance(item, str):
-            return [("event", {"event": item}, None)]
-        return [("event", item, None)]
-    kind = msg.infer_kind(item)
+            return [("event", {"event": item}, None, len(item))]
+        raise InvalidMessageError(
+            field, f"must be a mapping, a list of mappings, a string or True, got {describe(item)}"
+        )
+    copy, size = snapshot_mapping(item, field)
+    kind = msg.infer_kind(copy)
     if kind == "event":
-        return [("event", item, None)]
+        return [("event", copy, None, size)]
     # Group items are split on every profile operation too, so that an operation groups do
     # not have (``$add``) is reported by name when the record is built.
-    ops = [key for key in item if key in _PROFILE_OPS]
+    ops = [key for key in copy if key in _PROFILE_OPS]
     if not ops:
-        return [(kind, item, None)]
-    return [(kind, item, op) for op in ops]
+        return [(kind, copy, None, size)]
+    return [(kind, copy, op, size) for op in ops]
 
 
 def names_event(item: Any) -> bool:
@@ -389,24 +398,41 @@ def names_event(item: Any) -> bool:
     return _is_mapping(item) and bool(item.get("event"))
 
 
-def split_tag(value: Any) -> list[tuple[str, Any, str | None]]:
-    """Split a tag into ``(kind, item, operation)`` triples (cheap; on the caller's thread)."""
-    if isinstance(value, (list, tuple)):
-        out: list[tuple[str, Any, str | None]] = []
-        for item in value:
-            out.extend(_split_item(item))
-        return out
-    return _split_item(value)
+def split_tag(value: Any) -> tuple[list[Part], list[InvalidMessageError]]:
+    """Split a tag into ``(kind, item, operation, size)`` parts, each item a private copy taken
+    now (on the caller's thread), and the problems of the entries that cannot be used (each
+    such entry is left out; the others are kept)."""
+    if not isinstance(value, (list, tuple)):
+        try:
+            return _split_item(value, "tag"), []
+        except InvalidMessageError as problem:
+            return [], [problem]
+    parts: list[Part] = []
+    problems: list[InvalidMessageError] = []
+    for index, item in enumerate(value):
+        try:
+            parts.extend(_split_item(item, f"tag[{index}]"))
+        except InvalidMessageError as problem:
+            problems.append(problem)
+    return parts, problems
 
 
 def exception_properties(exc: BaseException) -> dict[str, str]:
-    """``exception_type`` (qualified unless built in) and ``exception_message`` properties."""
+    """``exception_type`` (qualified unless built in) and ``exception_message`` properties.
+
+    An exception whose ``str()`` fails is described as ``<unprintable ...>`` instead: the event
+    is still sent.
+    """
     cls = type(exc)
     module = cls.__module__
     name = (
         cls.__qualname__ if module in ("builtins", "__main__") else f"{module}.{cls.__qualname__}"
     )
-    return {"exception_type": name, "exception_message": str(exc)}
+    try:
+        text = str(exc)
+    except Exception:
+        text = f"<unprintable {cls.__name__}>"
+    return {"exception_type": name, "exception_message": text}
 
 
 class BridgeSpec:
@@ -486,16 +512,30 @@ class Capture:
 
 
 class TagMessage:
-    """One message of a tag, built into a Mixpanel record on the sender thread."""
+    """One message of a tag, built into a Mixpanel record on the sender thread.
 
-    __slots__ = ("capture", "index", "item", "kind", "op")
+    ``weight`` is its approximate encoded size, measured at the call (what it counts for
+    against a consumer's byte budget until it is encoded).
+    """
 
-    def __init__(self, capture: Capture, kind: str, item: Any, op: str | None, index: int) -> None:
+    __slots__ = ("capture", "index", "item", "kind", "op", "weight")
+    checked = True  # built from snapshots: the consumer need not walk the record again
+
+    def __init__(
+        self,
+        capture: Capture,
+        kind: str,
+        item: Any,
+        op: str | None,
+        index: int,
+        weight: int = RECORD_OVERHEAD,
+    ) -> None:
         self.capture = capture
         self.kind = kind
         self.item = item
         self.op = op
         self.index = index
+        self.weight = weight
 
     def __repr__(self) -> str:
         return f"TagMessage({self.kind}, {self.item!r})"
@@ -503,10 +543,6 @@ class TagMessage:
     def build(self) -> dict[str, Any]:
         """The Mixpanel record (raises :class:`~mp_logbridge.InvalidMessageError` if impossible)."""
         item = self.item
-        if not _is_mapping(item):
-            raise InvalidMessageError(
-                "tag", f"must be a mapping, a list of mappings, a string or True, got {item!r}"
-            )
         if self.kind == "event":
             return self._event(item)
         return self._update(item)

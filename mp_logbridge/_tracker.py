@@ -5,7 +5,8 @@ Method for method and argument for argument the Ruby SDK's ``Mixpanel::Tracker``
 ``people.track_charge``, ``groups.set`` and the rest mean on the wire what they mean in Ruby.
 Differences: event and profile times are integer milliseconds everywhere, every event carries a
 ``$insert_id``, ``alias`` goes through the configured consumer (so to the configured region),
-and by default messages are delivered in the background (:class:`~mp_logbridge.AsyncConsumer`).
+and by default messages are delivered in the background (:class:`~mp_logbridge.BackgroundConsumer`,
+shared by every Tracker of the same destination and options).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from types import TracebackType
 from typing import Any
 
 from . import _messages as msg
-from ._async import AsyncConsumer
-from ._consumers import as_consumer
-from ._diagnostics import warn
+from ._consumers import _ConsumerBase, as_consumer
+from ._diagnostics import mask_secret, warn
 from ._errors import ConfigurationError, DeliveryError, InvalidMessageError
+from ._frontdoor import ConsumerShare
+from ._records import EncodedRecord, encode_record
 from ._transport import Credentials
 from ._values import to_json_value
 
@@ -43,6 +45,28 @@ class ErrorHandler:
         return False
 
 
+class _ErrorRelay:
+    """A background consumer's ``on_error`` that tells a Tracker's ``error_handler``; equal for
+    equal handlers, so Trackers with the same handler share one consumer."""
+
+    __slots__ = ("handler",)
+
+    def __init__(self, handler: Callable[[BaseException], object]) -> None:
+        self.handler = handler
+
+    def __call__(self, error: BaseException, messages: list[Any]) -> None:
+        try:
+            self.handler(error)
+        except Exception as exc:
+            warn("mp_logbridge error_handler raised %s: %s", type(exc).__name__, exc)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _ErrorRelay) and other.handler == self.handler
+
+    def __hash__(self) -> int:
+        return hash(self.handler)
+
+
 def _resolve_handler(handler: Any) -> Callable[[BaseException], object] | None:
     if handler is None:
         return None
@@ -59,10 +83,12 @@ class Tracker:
 
     Args:
         token: the project token (default: the ``MIXPANEL_TOKEN`` environment variable).
-        consumer: where messages go — an :class:`~mp_logbridge.AsyncConsumer` (the default, made
-            for you), :class:`~mp_logbridge.Consumer`, :class:`~mp_logbridge.BufferedConsumer`,
-            any object with ``send(kind, message)``, or a ``callable(kind, message)`` (the Ruby
-            SDK's block form).
+        consumer: where messages go — by default a :class:`~mp_logbridge.BackgroundConsumer`
+            made for you and shared with every Tracker configured the same way (so a Tracker
+            made per request costs no thread and no connection); or a
+            :class:`~mp_logbridge.Consumer`, :class:`~mp_logbridge.BufferedConsumer`, any object
+            with ``send(kind, message)``, or a ``callable(kind, message)`` (the Ruby SDK's block
+            form).
         error_handler: ``callable(error)`` or an :class:`ErrorHandler`, told about delivery
             errors. With the default background consumer they arrive later, from its thread.
         credentials, api_secret: ``/import`` credentials for the consumer made for you
@@ -71,10 +97,15 @@ class Tracker:
             or a host/URL such as ``"http://127.0.0.1:8123"``). Default: ``MIXPANEL_API_HOST``,
             ``MIXPANEL_REGION``, then the US.
         super_properties: properties added to every event (an event's own properties win).
+        delivery options (``batch_size``, ``flush_interval``, ``request_timeout``, ...): passed to
+            the background consumer made for you.
 
     Methods return ``True`` when the message was accepted (with the background consumer:
     accepted for delivery) and ``False`` when it was not, after telling ``error_handler``.
-    Invalid arguments raise :class:`~mp_logbridge.InvalidMessageError` naming the field.
+    Everything that can be checked without sending is checked at the call: invalid arguments
+    raise :class:`~mp_logbridge.InvalidMessageError` naming the field and the reason (types,
+    NaN or infinity at any depth, non-string keys, cycles, unpaired surrogates, records over
+    Mixpanel's 1 MB or 255-property limits). What is sent is what the values were at the call.
     """
 
     def __init__(
@@ -88,25 +119,32 @@ class Tracker:
         region: str | None = None,
         api_host: str | None = None,
         super_properties: Properties | None = None,
+        **delivery: Any,
     ) -> None:
         token = token if token is not None else os.environ.get("MIXPANEL_TOKEN")
         if not isinstance(token, str) or not token.strip():
             raise ConfigurationError(
                 "a Mixpanel project token is required: Tracker(token) or MIXPANEL_TOKEN"
             )
-        self.token = token
+        self.token = msg.clean_token(token, "Tracker")
         self._error_handler = _resolve_handler(error_handler)
         if consumer is None:
-            self.consumer: Any = AsyncConsumer(
+            options = dict(delivery)
+            if self._error_handler is not None:
+                options["on_error"] = _ErrorRelay(self._error_handler)
+            share = ConsumerShare(
                 region=region,
                 api_host=api_host,
                 credentials=credentials,
                 api_secret=api_secret,
-                on_error=self._on_delivery_error,
+                options=options,
+                pin=True,
+                owner="Tracker",
             )
+            self.consumer: Any = share.consumer
         else:
             given = {"credentials": credentials, "api_secret": api_secret, "region": region}
-            given["api_host"] = api_host
+            given.update(api_host=api_host, **delivery)
             extra = sorted(name for name, value in given.items() if value is not None)
             if extra:
                 raise ConfigurationError(
@@ -117,16 +155,15 @@ class Tracker:
         if super_properties is not None and not isinstance(super_properties, Mapping):
             raise ConfigurationError("super_properties must be a mapping")
         self.super_properties = dict(super_properties or {})
+        self._shared = consumer is None
+        self._takes_encoded = isinstance(self.consumer, _ConsumerBase)
         self.people = People(self)
         self.groups = Groups(self)
 
     def __repr__(self) -> str:
-        return f"Tracker(token={self.token!r}, consumer={self.consumer!r})"
+        return f"Tracker(token={mask_secret(self.token)!r}, consumer={self.consumer!r})"
 
     # ------------------------------------------------------------------ plumbing
-
-    def _on_delivery_error(self, error: BaseException, messages: list[Any]) -> None:
-        self._handle_error(error)
 
     def _handle_error(self, error: BaseException) -> None:
         handler = self._error_handler
@@ -138,8 +175,11 @@ class Tracker:
             warn("mp_logbridge error_handler raised %s: %s", type(exc).__name__, exc)
 
     def _send(self, kind: str, record: dict[str, Any]) -> bool:
+        # Encoded now: every check is made at the call, and the record is fixed as it is now.
+        payload = EncodedRecord(encode_record(record))
+        consumer = self.consumer
         try:
-            result = self.consumer.send(kind, record)
+            result = consumer.send(kind, payload if self._takes_encoded else record)
         except DeliveryError as error:
             self._handle_error(error)
             return False
@@ -242,9 +282,13 @@ class Tracker:
             return False
 
     def close(self, timeout: float | None = None) -> None:
-        """Flush and close the consumer."""
+        """Flush and close the consumer given with ``consumer=``; the background consumer made
+        for you is shared with other Trackers, so it is flushed here and closed at exit."""
         try:
-            self.consumer.close(timeout)
+            if self._shared:
+                self.consumer.flush(timeout)
+            else:
+                self.consumer.close(timeout)
         except DeliveryError as error:
             self._handle_error(error)
 

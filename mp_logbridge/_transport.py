@@ -10,17 +10,24 @@ from __future__ import annotations
 import base64
 import email.utils
 import gzip
+import heapq
 import hmac
 import json
 import os
+import socket
+import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import requests
+import requests.adapters
+import urllib3
+import urllib3.connection
 
 from ._errors import (
     ConfigurationError,
@@ -30,6 +37,7 @@ from ._errors import (
     PayloadTooLargeError,
     RateLimitedError,
     RejectedError,
+    TLSError,
 )
 from ._version import __version__
 
@@ -41,6 +49,7 @@ except ImportError:  # pragma: no cover - opentelemetry-api is a dependency
     _SUPPRESS_INSTRUMENTATION_KEY = None  # type: ignore[assignment]
 
 __all__ = [
+    "MAX_RESPONSE_BYTES",
     "REGIONS",
     "Credentials",
     "Endpoints",
@@ -50,6 +59,7 @@ __all__ = [
     "as_credentials",
     "parse_retry_after",
     "resolve_endpoints",
+    "safe_url",
 ]
 
 #: Ingestion hosts per data-residency region.
@@ -354,21 +364,195 @@ def _interpret(kind: str, status: int, headers: Mapping[str, str], body: bytes) 
     raise MixpanelServerError(message, status_code=status, retry_after=retry_after, endpoint=kind)
 
 
+# --------------------------------------------------------------------------- deadlines
+
+
+def safe_url(url: str) -> str:
+    """``url`` fit to show: scheme, host, port and path, without credentials or query."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "<invalid URL>"
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+class _Watch:
+    """One request's deadline, and the socket to shut down if it is still running then."""
+
+    __slots__ = ("deadline", "done", "expired", "sock")
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.sock: socket.socket | None = None
+        self.done = False
+        self.expired = False
+
+    def expire(self) -> None:
+        self.expired = True
+        sock = self.sock
+        if sock is not None and not self.done:
+            try:  # the base class's shutdown: an SSLSocket's own would drop its TLS state first
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+_current = threading.local()  # the _Watch of the request this thread is making
+
+
+def _attach(sock: Any) -> None:
+    watch: _Watch | None = getattr(_current, "watch", None)
+    if watch is not None and isinstance(sock, socket.socket):
+        watch.sock = sock
+        if watch.expired:  # the deadline passed while connecting
+            watch.expire()
+
+
+class _Watchdog:
+    """Ends requests that outlive their deadline (one daemon thread per process, made lazily).
+
+    A server can keep a request alive forever by sending one byte now and then: socket timeouts
+    count from the last byte, so they never fire. Registering a request costs an append and a
+    non-blocking release (no lock the requesting thread could be waiting on); at the deadline the
+    watchdog shuts the request's socket down, and the blocked read returns at once.
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._new: deque[_Watch] = deque()
+        self._wake = threading.Lock()
+        self._wake.acquire()
+        self._thread: threading.Thread | None = None
+        self._starting = threading.Lock()
+        self._pid = os.getpid()
+
+    def watch(self, deadline: float) -> _Watch:
+        """Start watching a request that must be over by ``deadline`` (``time.monotonic()``)."""
+        if self._pid != os.getpid():
+            self._reset()
+        watch = _Watch(deadline)
+        self._new.append(watch)
+        if self._thread is None and self._starting.acquire(blocking=False):
+            thread = threading.Thread(target=self._run, name="mp_logbridge-deadlines", daemon=True)
+            try:
+                thread.start()
+                self._thread = thread
+            except RuntimeError:  # at interpreter shutdown: socket timeouts still apply
+                pass
+            finally:
+                self._starting.release()
+        try:
+            self._wake.release()
+        except RuntimeError:  # already awake
+            pass
+        return watch
+
+    def _run(self) -> None:
+        heap: list[tuple[float, int, _Watch]] = []
+        counter = 0
+        new, wake = self._new, self._wake
+        while True:
+            while new:
+                item = new.popleft()
+                counter += 1
+                heapq.heappush(heap, (item.deadline, counter, item))
+            now = time.monotonic()
+            while heap and (heap[0][2].done or heap[0][0] <= now):
+                _deadline, _n, item = heapq.heappop(heap)
+                if not item.done:
+                    item.expire()
+            timeout = heap[0][0] - now if heap else -1
+            wake.acquire(timeout=timeout)
+
+
+_watchdog = _Watchdog()
+
+
+class _Watched:
+    """Connection mixin: tells the watchdog the socket of the request being made."""
+
+    sock: Any
+
+    def _new_conn(self) -> Any:
+        sock = super()._new_conn()  # type: ignore[misc]
+        _attach(sock)
+        return sock
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _attach(self.sock)  # a reused connection
+        super().request(*args, **kwargs)  # type: ignore[misc]
+
+
+class _WatchedHTTPConnection(_Watched, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _WatchedHTTPSConnection(_Watched, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _WatchedHTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+_WATCHED_POOLS = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+
+
+class _WatchedAdapter(requests.adapters.HTTPAdapter):
+    """An adapter whose connections tell the watchdog their socket."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _WATCHED_POOLS
+
+    def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **kwargs)
+        manager.pool_classes_by_scheme = _WATCHED_POOLS
+        return manager
+
+
 # --------------------------------------------------------------------------- transport
 
+#: Response bodies are read up to this many bytes; the connection is dropped beyond it.
+MAX_RESPONSE_BYTES = 64 * 1024
 
-def _safe_url(url: str) -> str:
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+def _tls_problem(exc: BaseException) -> str:
+    """The verification error inside a requests ``SSLError`` (``"certificate verify failed:
+    self-signed certificate"``), found along its chain of causes."""
+    seen: set[int] = set()
+    todo: list[Any] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError):
+            message = current.verify_message or current.reason or str(current)
+            return f"certificate verify failed: {message}"
+        if isinstance(current, ssl.SSLError):
+            return str(current.reason or current)
+        todo.extend(getattr(current, "args", ()))
+        todo.extend((getattr(current, "reason", None), current.__cause__, current.__context__))
+    return _short(exc)
 
 
 class Transport:
     """Posts encoded batches to Mixpanel and classifies the answer.
 
-    One ``requests.Session`` per process (a forked child makes its own), explicit connect and
-    read timeouts, TLS verification on by default, no automatic retries (the consumers decide).
+    One ``requests.Session`` per process (a forked child makes its own), TLS verification on by
+    default, no automatic retries (the consumers decide), and ``timeout`` as a **total** deadline
+    per request: connecting, sending and reading the whole answer (a server that drips bytes is
+    cut off). Answers are read up to :data:`MAX_RESPONSE_BYTES`; a longer body is not read and
+    its connection is closed.
     """
 
     def __init__(
@@ -381,8 +565,16 @@ class Transport:
         gzip_level: int = 6,
         gzip_min_bytes: int = 1024,
     ) -> None:
-        if not (isinstance(timeout, (int, float)) and timeout > 0):
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not 0 < timeout < float("inf")
+        ):
             raise ConfigurationError(f"request_timeout must be a positive number, got {timeout!r}")
+        if not isinstance(verify, (bool, str)):
+            raise ConfigurationError(
+                f"verify must be True, False or a CA bundle path, got {verify!r}"
+            )
         self.endpoints = endpoints
         self.credentials = credentials
         self.timeout = float(timeout)
@@ -394,7 +586,9 @@ class Transport:
         self._session_lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"Transport(track={_safe_url(self.endpoints.event)!r}, credentials={self.credentials!r})"
+        return (
+            f"Transport(track={safe_url(self.endpoints.event)!r}, credentials={self.credentials!r})"
+        )
 
     def session(self) -> requests.Session:
         """This process's session (created on first use, again after a fork)."""
@@ -404,9 +598,7 @@ class Transport:
             with self._session_lock:
                 if self._session is None or self._session_pid != pid:
                     session = requests.Session()
-                    adapter = requests.adapters.HTTPAdapter(
-                        pool_connections=4, pool_maxsize=16, max_retries=0
-                    )
+                    adapter = _WatchedAdapter(pool_connections=4, pool_maxsize=16, max_retries=0)
                     session.mount("http://", adapter)
                     session.mount("https://", adapter)
                     default_agent = str(session.headers.get("User-Agent", "python-requests"))
@@ -440,7 +632,7 @@ class Transport:
         """POST one JSON-array ``body`` of ``kind`` records.
 
         ``credentials`` overrides the transport's own for this request (``/import`` only);
-        ``timeout`` lowers the connect/read timeout for this request (used near a deadline).
+        ``timeout`` lowers the request's total deadline (used near a close deadline).
 
         Returns:
             the number of records the server says it imported, when it says (``/import``).
@@ -466,6 +658,8 @@ class Transport:
             body = gzip.compress(body, compresslevel=self.gzip_level, mtime=0)
             headers["Content-Encoding"] = "gzip"
         limit = self.timeout if timeout is None else max(0.05, min(self.timeout, timeout))
+        watch = _watchdog.watch(time.monotonic() + limit)
+        _current.watch = watch
         token = None
         if _otel_context is not None:
             token = _otel_context.attach(
@@ -480,27 +674,81 @@ class Transport:
                 timeout=(limit, limit),
                 verify=self.verify,
                 allow_redirects=False,
+                stream=True,
             )
-            content = response.content
+            try:
+                content, complete = _read_capped(response)
+            finally:
+                response.close()
         except requests.exceptions.SSLError as exc:
-            raise MixpanelConnectionError(
-                f"TLS error talking to {_safe_url(url)}: {type(exc).__name__}",
-                retryable=False,
-                endpoint=kind,
-            ) from None
+            raise TLSError(
+                f"TLS error talking to {safe_url(url)}: {_tls_problem(exc)}", endpoint=kind
+            ) from exc
         except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema) as exc:
             raise MixpanelConnectionError(
-                f"invalid URL {_safe_url(url)}: {exc}", retryable=False, endpoint=kind
-            ) from None
-        except requests.exceptions.RequestException as exc:
+                f"invalid URL {safe_url(url)}: {_short(exc)}", retryable=False, endpoint=kind
+            ) from exc
+        except (requests.exceptions.RequestException, OSError) as exc:
+            if watch.expired:
+                raise MixpanelConnectionError(
+                    f"no complete answer from {safe_url(url)} within {limit:.3g} s", endpoint=kind
+                ) from exc
             raise MixpanelConnectionError(
-                f"could not deliver to {_safe_url(url)}: {type(exc).__name__}: {_short(exc)}",
+                f"could not deliver to {safe_url(url)}: {_describe_network_error(exc)}",
                 endpoint=kind,
-            ) from None
+            ) from exc
         finally:
+            watch.done = True
+            _current.watch = None
             if token is not None:
                 _otel_context.detach(token)
+        if not complete:
+            raise MixpanelServerError(
+                f"Mixpanel's answer on {_PATHS[kind]} (HTTP {response.status_code}) is longer than "
+                f"{MAX_RESPONSE_BYTES} bytes; it was not read, so whether the records were accepted "
+                "is unknown",
+                status_code=response.status_code,
+                endpoint=kind,
+            )
         return _interpret(kind, response.status_code, response.headers, content)
+
+
+def _read_capped(response: requests.Response) -> tuple[bytes, bool]:
+    """The body and whether it was read whole: at most :data:`MAX_RESPONSE_BYTES` are read (the
+    connection is then closed, not reused)."""
+    declared = response.headers.get("Content-Length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_RESPONSE_BYTES:
+        return b"", False
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_content(chunk_size=16 * 1024):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_RESPONSE_BYTES:
+            return b"", False
+    return b"".join(chunks), True
+
+
+def _describe_network_error(exc: BaseException) -> str:
+    """A short cause for a network failure: ``connection refused``, ``name resolution failed``..."""
+    seen: set[int] = set()
+    todo: list[Any] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen or not isinstance(current, BaseException):
+            continue
+        seen.add(id(current))
+        if isinstance(current, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(current, socket.gaierror):
+            return f"name resolution failed ({current.strerror or current})"
+        if isinstance(current, ConnectionResetError):
+            return "connection reset by the server"
+        if isinstance(current, (socket.timeout, TimeoutError)):
+            return "timed out"
+        todo.extend(arg for arg in getattr(current, "args", ()) if isinstance(arg, BaseException))
+        todo.extend((getattr(current, "reason", None), current.__cause__, current.__context__))
+    return f"{type(exc).__name__}: {_short(exc)}"
 
 
 def _short(exc: BaseException) -> str:

@@ -2,16 +2,21 @@
 
 The one place that knows how a Python value becomes a Mixpanel property value:
 
-* ``datetime`` → ``"%Y-%m-%dT%H:%M:%S"`` (timezone-aware values are converted to UTC first, as the
-  Ruby SDK does for profile properties; naive values are taken as they are),
+* ``datetime`` → ``"%Y-%m-%dT%H:%M:%S"`` in UTC: timezone-aware values are converted, and naive
+  values are read as local time and converted too (the Ruby SDK's rule), so the same instant
+  gives the same text whatever ``TZ`` the process runs under;
 * ``date`` → ``"YYYY-MM-DD"``, ``Decimal`` → number, ``UUID`` → string, ``Enum`` → its value,
-  ``set``/``frozenset``/``tuple`` → list, mappings and sequences converted recursively,
-* ``NaN``/``Infinity``, non-string keys and values of any other type are bad input.
+  ``set``/``frozenset``/``tuple`` → list, mappings and sequences converted recursively;
+* ``NaN``/``Infinity``, strings with unpaired surrogates, values of any other type, nesting deeper
+  than 32 levels (or cycles) and **property names that are not strings, at any depth**, are bad
+  input (refused, never converted: ``{1: "a", "1": "b"}`` would otherwise send one key twice).
 
-Two entry points with different costs:
+Entry points with different costs:
 
-* :func:`check_shallow` runs on the caller's thread: a type check of the top-level values only.
-* :func:`encode` runs on the sender thread: one C-speed ``json.dumps`` pass that converts and
+* :func:`snapshot` runs on the caller's thread: a private copy of the containers of a value as
+  they are at the call (so that mutating them afterwards does not change what is sent), checked
+  for the structural rules above, with its approximate encoded size.
+* :func:`encode` runs where a record is encoded: one C-speed ``json.dumps`` pass that converts and
   validates everything; only when it fails is the slower :func:`find_invalid` walk used, to name
   the offending field in the error.
 """
@@ -30,27 +35,20 @@ from typing import Any
 
 from ._errors import InvalidMessageError
 
-__all__ = ["check_shallow", "describe", "encode", "find_invalid", "to_json_value"]
+__all__ = [
+    "describe",
+    "encode",
+    "find_invalid",
+    "format_datetime",
+    "snapshot",
+    "snapshot_mapping",
+    "to_json_value",
+]
 
 _DATETIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
 _MAX_DEPTH = 32
 # Python refuses to write longer integers as text (``sys.get_int_max_str_digits``).
 _MAX_INT_DIGITS = 4300
-
-# Values whose JSON form needs no conversion and no check.
-_PLAIN = frozenset({str, int, bool, type(None)})
-# Containers and convertible types accepted by the shallow check (their content is checked later).
-_ACCEPTED = (
-    Mapping,
-    list,
-    tuple,
-    set,
-    frozenset,
-    _dt.date,  # datetime is a subclass
-    decimal.Decimal,
-    uuid.UUID,
-    enum.Enum,
-)
 
 
 def describe(value: Any, limit: int = 80) -> str:
@@ -67,9 +65,11 @@ def describe(value: Any, limit: int = 80) -> str:
 
 
 def format_datetime(value: _dt.datetime) -> str:
-    """Mixpanel's datetime form; aware values are converted to UTC first."""
-    if value.tzinfo is not None and value.utcoffset() is not None:
+    """Mixpanel's datetime form, in UTC: naive values are read as local time."""
+    try:
         value = value.astimezone(_dt.timezone.utc)
+    except (OverflowError, ValueError, OSError):  # out of range in local time: taken as UTC
+        pass
     return value.strftime(_DATETIME_FORMAT)
 
 
@@ -96,30 +96,95 @@ def _convert(value: Any) -> Any:
     raise TypeError(f"values of type {type(value).__name__} cannot be sent")
 
 
-_CONTAINERS = frozenset({dict, list, tuple})
-_ACCEPTED_ANY = (*_ACCEPTED, int, float, str)
+_IMMUTABLE = frozenset(
+    {str, int, bool, type(None), _dt.datetime, _dt.date, decimal.Decimal, uuid.UUID}
+)
+_SEQUENCES = (list, tuple, set, frozenset)
 
 
-def check_shallow(properties: Mapping[str, Any], field: str) -> None:
-    """Cheap caller-thread check of a property mapping: string keys, known top-level value types.
+def snapshot_mapping(
+    mapping: Mapping[Any, Any], field: str, depth: int = 0
+) -> tuple[dict[str, Any], int]:
+    """A private copy of a property mapping as it is now, and about how many bytes it encodes to.
+
+    Containers are copied (at any depth), immutable values are shared. Checks the structural
+    rules: string keys, finite floats, nesting depth.
 
     Raises:
-        InvalidMessageError: naming ``field.key`` for the first bad entry.
+        InvalidMessageError: naming the offending ``field.key``.
     """
-    for key, value in properties.items():
+    if depth > _MAX_DEPTH:
+        raise InvalidMessageError(field, f"nested deeper than {_MAX_DEPTH} levels (or cyclic)")
+    copy: dict[str, Any] = {}
+    size = 2
+    for key, value in mapping.items():
         if type(key) is not str:
-            raise InvalidMessageError(field, f"property names must be strings, got {describe(key)}")
+            if not isinstance(key, str):
+                raise InvalidMessageError(
+                    field, f"property names must be strings, got {describe(key)}"
+                )
+            key = str(key)
         kind = type(value)
-        if kind in _PLAIN:
-            continue
-        if kind is float:
+        if kind is str:
+            size += len(key) + len(value) + 6
+        elif kind in _IMMUTABLE:
+            size += len(key) + 24
+        elif kind is float:
             if value != value or value in (math.inf, -math.inf):
                 raise InvalidMessageError(f"{field}.{key}", f"{value!r} is not a valid JSON number")
-            continue
-        if kind not in _CONTAINERS and not isinstance(value, _ACCEPTED_ANY):
-            raise InvalidMessageError(
-                f"{field}.{key}", f"values of type {kind.__name__} cannot be sent"
-            )
+            size += len(key) + 24
+        else:
+            value, extra = _snapshot_value(value, f"{field}.{key}", depth + 1)
+            size += len(key) + 4 + extra
+        copy[key] = value
+    return copy, size
+
+
+def _snapshot_value(value: Any, field: str, depth: int) -> tuple[Any, int]:
+    kind = type(value)
+    if kind is str:
+        return value, len(value) + 2
+    if kind in _IMMUTABLE:
+        return value, 24
+    if kind is float:
+        if value != value or value in (math.inf, -math.inf):
+            raise InvalidMessageError(field, f"{value!r} is not a valid JSON number")
+        return value, 24
+    if isinstance(value, Mapping):
+        return snapshot_mapping(value, field, depth)
+    if isinstance(value, _SEQUENCES):
+        if depth > _MAX_DEPTH:
+            raise InvalidMessageError(field, f"nested deeper than {_MAX_DEPTH} levels (or cyclic)")
+        items = []
+        size = 2
+        for index, item in enumerate(value):
+            item, extra = _snapshot_value(item, f"{field}[{index}]", depth + 1)
+            items.append(item)
+            size += extra + 1
+        return items, size
+    if isinstance(value, enum.Enum):
+        return _snapshot_value(value.value, field, depth)
+    if isinstance(value, (str, int, float)):  # subclasses of the plain types
+        return _snapshot_value(_plain_of(value), field, depth)
+    if isinstance(value, (_dt.date, decimal.Decimal, uuid.UUID)):
+        return value, 24
+    raise InvalidMessageError(field, f"values of type {kind.__name__} cannot be sent")
+
+
+def _plain_of(value: Any) -> Any:
+    for plain in (bool, int, float, str):
+        if isinstance(value, plain):
+            return plain(value)
+    return value  # pragma: no cover
+
+
+def snapshot(value: Any, field: str) -> tuple[Any, int]:
+    """A private copy of any property value (mapping, sequence, scalar) and its approximate size.
+
+    Raises:
+        InvalidMessageError: naming ``field`` (or the part of it) that breaks a rule.
+    """
+    return _snapshot_value(value, field, 0)
 
 
 def find_invalid(value: Any, field: str, depth: int = 0) -> InvalidMessageError | None:

@@ -17,7 +17,9 @@ accepted::
 
 It can be told to misbehave for the next requests: :meth:`MixpanelServer.fail_next` (a status,
 with or without ``Retry-After``), :meth:`~MixpanelServer.delay_next`,
-:meth:`~MixpanelServer.drop_next` (close the connection without answering), or a constant
+:meth:`~MixpanelServer.drop_next` (close the connection without answering), and like a hostile
+proxy: :meth:`~MixpanelServer.stall_next` (never answer), :meth:`~MixpanelServer.drip_next` (one
+byte every few seconds), :meth:`~MixpanelServer.huge_next` (a huge answer); or a constant
 ``latency``. With pytest, the ``mixpanel_server`` fixture (installed with this package) gives a
 started server per test.
 """
@@ -78,13 +80,14 @@ class ReceivedRequest:
 
 @dataclass
 class _Fault:
-    action: str  # "status", "delay", "drop"
+    action: str  # "status", "delay", "drop", "stall", "drip", "huge"
     remaining: int
     endpoint: str | None
     status: int = 503
     retry_after: str | None = None
     body: bytes | None = None
     seconds: float = 0.0
+    size: int = 0
 
 
 class _Reject(Exception):
@@ -144,6 +147,7 @@ class MixpanelServer:
         self._requests: list[ReceivedRequest] = []
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -151,6 +155,7 @@ class MixpanelServer:
         """Start listening (in a daemon thread). Returns ``self``."""
         if self._httpd is not None:
             return self
+        self._stopped.clear()
         server = self
 
         class Handler(_RequestHandler):
@@ -172,6 +177,7 @@ class MixpanelServer:
     def stop(self) -> None:
         """Stop listening and close the socket."""
         httpd, self._httpd = self._httpd, None
+        self._stopped.set()  # releases stalled and dripping requests
         if httpd is not None:
             httpd.shutdown()
             httpd.server_close()
@@ -304,6 +310,27 @@ class MixpanelServer:
     def drop_next(self, count: int = 1, *, endpoint: str | None = None) -> None:
         """Close the connection of the next ``count`` requests without answering."""
         self._add_fault(_Fault("drop", count, endpoint))
+
+    def stall_next(
+        self, count: int = 1, seconds: float = 3600.0, *, endpoint: str | None = None
+    ) -> None:
+        """Read each of the next ``count`` requests and then neither answer nor close for
+        ``seconds`` (or until the server stops): a stuck proxy. Nothing is accepted."""
+        self._add_fault(_Fault("stall", count, endpoint, seconds=seconds))
+
+    def drip_next(
+        self, count: int = 1, interval: float = 5.0, *, endpoint: str | None = None
+    ) -> None:
+        """Answer each of the next ``count`` requests one byte every ``interval`` seconds, so
+        that no socket timeout ever fires. Nothing is accepted."""
+        self._add_fault(_Fault("drip", count, endpoint, seconds=interval))
+
+    def huge_next(
+        self, count: int = 1, size: int = 512 * 1024 * 1024, *, endpoint: str | None = None
+    ) -> None:
+        """Accept each of the next ``count`` requests, then answer ``200`` with a body of ``size``
+        bytes (streamed, never held in memory here)."""
+        self._add_fault(_Fault("huge", count, endpoint, size=size))
 
     def _add_fault(self, fault: _Fault) -> None:
         with self._lock:
@@ -558,6 +585,10 @@ class _RequestHandler(BaseHTTPRequestHandler):
         if fault is not None and fault.action == "delay":
             time.sleep(fault.seconds)
             fault = None
+        if fault is not None and fault.action in ("stall", "drip"):
+            owner._record(ReceivedRequest(method, path, query, headers, raw, 0))
+            self._misbehave(fault)
+            return
         if fault is not None and fault.action == "drop":
             owner._record(ReceivedRequest(method, path, query, headers, raw, 0))
             self.close_connection = True
@@ -566,7 +597,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
             except OSError:
                 pass
             return
-        if fault is not None:
+        if fault is not None and fault.action == "status":
             body = fault.body
             if body is None:
                 body = json.dumps(
@@ -578,7 +609,47 @@ class _RequestHandler(BaseHTTPRequestHandler):
             return
         status, response_headers, body, request = owner._handle(method, path, query, headers, raw)
         owner._record(request)
+        if fault is not None and fault.action == "huge":
+            self._respond_huge(fault.size)
+            return
         self._respond(status, response_headers, body)
+
+    def _misbehave(self, fault: _Fault) -> None:
+        """Stall without answering, or drip an answer one byte at a time."""
+        self.close_connection = True
+        stopped = self.owner._stopped
+        if fault.action == "stall":
+            stopped.wait(fault.seconds)
+            return
+        answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 28\r\n\r\n"
+        answer += b'{"status": 1, "error": null}'
+        try:
+            for byte in answer:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                if stopped.wait(fault.seconds):
+                    return
+        except OSError:  # the client gave up
+            return
+
+    def _respond_huge(self, size: int) -> None:
+        self.close_connection = True
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        chunk = b" " * 65536
+        head = b'{"status": 1, "error": null, "padding": "'
+        try:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(head), head))
+            left = size
+            while left > 0 and not self.owner._stopped.is_set():
+                part = chunk[: min(left, len(chunk))]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+                left -= len(part)
+            self.wfile.write(b'2\r\n"}\r\n0\r\n\r\n')
+        except OSError:  # the client stopped reading
+            return
 
     def _respond(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
         self.send_response(status)

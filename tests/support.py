@@ -154,3 +154,15 @@ class Errors:
         """Every message reported so far, in order."""
         with self._lock:
             return [record for _exc, records in self.calls for record in records]
+
+
+class Deferred:
+    """A message built where it is encoded (the consumer's sender thread), like the front doors'
+    tag messages: values that cannot be sent are dropped and counted there, not raised at the
+    call, as they are for a record dict."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.record = record
+
+    def build(self) -> dict[str, Any]:
+        return self.record

@@ -47,17 +47,17 @@ class VirtualClock:
     def monotonic(self) -> float:
         return self.now
 
-    def wait(self, condition: threading.Condition, timeout: float | None) -> None:
+    def wait(self, wakeup: threading.Lock, timeout: float | None) -> None:
         self.waits.append(timeout)
-        if timeout is None:  # idle until notified: a real wait
-            condition.wait(0.5)
+        if timeout is None:  # idle until woken: a real wait
+            wakeup.acquire(timeout=0.5)
             return
         if self.manual:
             while self.manual and not self._steps.acquire(blocking=False):
-                if condition.wait(0.002):
-                    return  # notified (a flush, a close): woken early, no time passed
+                if wakeup.acquire(timeout=0.002):
+                    return  # woken (a flush, a close): early, no time passed
         else:
-            condition.wait(0.001)
+            wakeup.acquire(timeout=0.001)
         self.now += timeout
 
     def step(self) -> None:

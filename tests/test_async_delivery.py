@@ -17,7 +17,7 @@ from typing import Any
 
 import mixpanel
 import pytest
-from support import Errors, event_record, wait_until
+from support import Deferred, Errors, event_record, wait_until
 
 from mp_logbridge import (
     AsyncConsumer,
@@ -27,16 +27,11 @@ from mp_logbridge import (
     RejectedError,
     Tracker,
 )
-from mp_logbridge._delivery import (
-    Pending,
-    encode_message,
-    normalize_send_args,
-    take_batch,
-)
+from mp_logbridge._records import encode_message, normalize_send_args, take_batch
 from mp_logbridge.testing import MixpanelServer
 
 TOKEN = "test-token"
-SENDER = "mp_logbridge-sender"
+SENDER = "mp_logbridge-dispatcher"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -91,7 +86,9 @@ def gated_server(gate: Gate) -> Iterator[MixpanelServer]:
 
 
 def sender_threads(exclude: set[threading.Thread]) -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == SENDER and t not in exclude]
+    return [
+        t for t in threading.enumerate() if t.name.startswith("mp_logbridge-") and t not in exclude
+    ]
 
 
 def hold_sender(consumer: AsyncConsumer, gate: Gate, record: dict[str, Any]) -> None:
@@ -201,7 +198,7 @@ def test_flush_false_on_timeout_then_true(gated_server, gate, consumers):
 def test_flush_false_when_something_was_dropped(server, consumers):
     consumer = consumers(api_host=server.url, flush_interval=60)
     consumer.send("event", event(0))
-    consumer.send("event", event(1, bad=float("nan")))
+    consumer.send("event", Deferred(event(1, bad=float("nan"))))
     assert consumer.flush(10) is False
     # A later flush covers only later messages.
     consumer.send("event", event(2))
@@ -211,7 +208,7 @@ def test_flush_false_when_something_was_dropped(server, consumers):
 
 def test_flush_reports_a_drop_that_happened_before_the_call(server, consumers):
     consumer = consumers(api_host=server.url, flush_interval=60)
-    consumer.send("event", event(0, bad=float("nan")))
+    consumer.send("event", Deferred(event(0, bad=float("nan"))))
     wait_until(lambda: consumer.stats()["dropped"]["invalid"] == 1)  # dropped, nothing pending
     assert consumer.flush(10) is False
     assert consumer.flush(10) is True  # reported once
@@ -227,15 +224,14 @@ def test_close_is_idempotent_and_bounded(gated_server, gate, consumers):
     assert time.monotonic() - started < 5  # hang guard: the request is still held
 
     stats = consumer.stats()
-    assert stats["dropped"]["shutdown_timeout"] == 1
+    assert stats["dropped"]["shutdown_timeout"] == 1  # unconfirmed at the deadline
     gate.opened.set()
-    # The abandoned request completes later; it must not be counted twice.
-    thread = consumer._thread
-    assert thread is not None
-    thread.join(10)
-    assert not thread.is_alive()
+    # The server accepts it after all: it is counted as sent, and not also as lost.
+    gated_server.wait_for(1)
+    wait_until(lambda: consumer.stats()["sent"] == 1)
     final = consumer.stats()
-    assert final["sent"] + final["dropped_total"] == 1
+    assert final["dropped_total"] == 0
+    assert final["sent"] == 1
 
 
 def test_close_delivers_what_is_queued(server, consumers):
@@ -274,17 +270,22 @@ def test_sender_thread_starts_lazily_and_stops_on_close(server, consumers):
     assert sender_threads(before) == []
 
     consumer.send("event", event(0))
+    wait_until(lambda: len(sender_threads(before)) == 2)
     started = sender_threads(before)
-    assert len(started) == 1 and started[0].daemon
+    assert all(thread.daemon for thread in started)  # the dispatcher and the /track sender
+    assert sorted(thread.name for thread in started) == [SENDER, "mp_logbridge-event"]
 
     for n in range(1, 50):
         consumer.send("event", event(n))
+    consumer.send("profile_update", profile(0))
     assert consumer.flush(10)
-    assert sender_threads(before) == started  # one thread, however many messages
+    # One more thread for the other endpoint, however many messages.
+    assert len(sender_threads(before)) == 3
 
     consumer.close(timeout=5)
-    started[0].join(5)
-    assert not started[0].is_alive()
+    for thread in sender_threads(before):
+        thread.join(5)
+    assert sender_threads(before) == []
 
 
 def test_closing_an_unused_consumer_starts_no_thread(server, consumers):
@@ -363,9 +364,9 @@ def test_invalid_message_is_dropped_alone(server, consumers):
     # The five good ones make one full batch: sent without a flush, which could cut it short.
     consumer = consumers(api_host=server.url, on_error=errors, batch_size=5, flush_interval=60)
     good = [event(n) for n in range(5)]
-    nan_deep = event(100, deep={"list": [1, {"x": float("nan")}]})
-    unknown_type = event(101, deep={"items": [1, object()]})
-    too_large = event(102, blob="x" * 1_000_001)
+    nan_deep = Deferred(event(100, deep={"list": [1, {"x": float("nan")}]}))
+    unknown_type = Deferred(event(101, deep={"items": [1, object()]}))
+    too_large = Deferred(event(102, blob="x" * 1_000_001))
 
     consumer.send("event", good[0])
     consumer.send("event", nan_deep)
@@ -409,17 +410,19 @@ def test_queue_full_drop_newest(gated_server, gate, consumers):
     consumer = consumers(
         api_host=gated_server.url, max_queue_size=5, flush_interval=60, on_error=errors
     )
-    hold_sender(consumer, gate, event(0))
+    hold_sender(consumer, gate, event(0))  # in flight: it counts, it is held in memory
 
     results = [consumer.send("event", event(n)) for n in range(1, 11)]
-    assert results == [True] * 5 + [False] * 5
-    assert consumer.stats()["dropped"]["queue_full"] == 5
+    assert results == [True] * 4 + [False] * 6
+    assert consumer.stats()["dropped"]["queue_full"] == 6
     assert all(isinstance(exc, MessagesDropped) for exc, _ in errors.calls)
-    assert ids(errors.records()) == Counter(f"ins-{n}" for n in range(6, 11))
+    assert ids(errors.records()) == Counter(f"ins-{n}" for n in range(5, 11))
 
     gate.opened.set()
-    assert consumer.flush(10)
-    assert ids(gated_server.events) == Counter(f"ins-{n}" for n in range(6))
+    assert consumer.flush(10) is False  # some of what was queued before it was dropped
+    assert ids(gated_server.events) == Counter(f"ins-{n}" for n in range(5))
+    assert consumer.send("event", event(11))
+    assert consumer.flush(10) is True
 
 
 def test_queue_full_drop_oldest(gated_server, gate, consumers):
@@ -431,25 +434,17 @@ def test_queue_full_drop_oldest(gated_server, gate, consumers):
         flush_interval=60,
         on_error=errors,
     )
-    hold_sender(consumer, gate, event(0))
-    for n in range(1, 6):
-        assert consumer.send("event", event(n))
-
-    # A flush waiting for messages 1-5 learns that some of them were evicted.
-    outcome: list[bool] = []
-    flusher = threading.Thread(target=lambda: outcome.append(consumer.flush(10)))
-    flusher.start()
-    wait_until(lambda: consumer._waiters)
-    for n in range(6, 11):
+    hold_sender(consumer, gate, event(0))  # in flight: it cannot be taken back
+    for n in range(1, 11):
         assert consumer.send("event", event(n))  # accepted; the oldest waiting one goes
+    wait_until(lambda: consumer.stats()["dropped"]["queue_full"] == 6)
+    assert consumer.stats()["queue_depth"] == 5
 
-    assert consumer.stats()["dropped"]["queue_full"] == 5
-    assert ids(errors.records()) == Counter(f"ins-{n}" for n in range(1, 6))
+    assert ids(errors.records()) == Counter(f"ins-{n}" for n in range(1, 7))
     gate.opened.set()
-    flusher.join(15)
-    assert outcome == [False]
-    assert consumer.flush(10)
-    assert ids(gated_server.events) == Counter(["ins-0", *(f"ins-{n}" for n in range(6, 11))])
+    assert consumer.flush(10) is False  # evictions since the last flush
+    assert ids(gated_server.events) == Counter(["ins-0", *(f"ins-{n}" for n in range(7, 11))])
+    assert consumer.flush(10) is True
 
 
 def test_queue_bytes_bounded_while_server_is_down(down_url, consumers):
@@ -482,6 +477,17 @@ def test_queue_bytes_bounded_while_server_is_down(down_url, consumers):
     assert len(errors.records()) == total
 
 
+def reported(library_warnings: Any, reason: str) -> int:
+    """How many losses of ``reason`` the library's warnings added up to so far."""
+    import re
+
+    return sum(
+        int(n)
+        for record in library_warnings.records
+        for n in re.findall(rf"{reason}: (\d+)", record.getMessage())
+    )
+
+
 def test_losses_are_reported_in_one_rate_limited_warning(
     gated_server, gate, consumers, library_warnings
 ):
@@ -492,25 +498,23 @@ def test_losses_are_reported_in_one_rate_limited_warning(
     for n in range(1, 201):
         consumer.send("event", event(n))
     gate.opened.set()
-    assert consumer.flush(10)
+    assert consumer.flush(10) is False
+    assert consumer.stats()["dropped"]["queue_full"] == 196  # 1 in flight + 4 waiting were held
 
-    warnings = [r for r in library_warnings.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1
-    text = warnings[0].getMessage()
-    assert "195" in text and "queue_full" in text
-
-    # More losses inside the interval are summed, not logged one by one...
+    # The first loss is reported at once; the rest inside the interval are summed...
     for n in range(300, 330, 5):  # in fives: the queue holds five
         for m in range(n, n + 5):
-            assert consumer.send("event", event(m, bad=float("inf")))
+            assert consumer.send("event", Deferred(event(m, bad=float("inf"))))
         assert consumer.flush(10) is False
     assert consumer.stats()["dropped"]["invalid"] == 30
     assert len([r for r in library_warnings.records if r.levelno == logging.WARNING]) == 1
-    # ...and reported, in one line, when the consumer closes.
+    # ...and reported, with the true counts per reason, when the consumer closes.
     consumer.close(timeout=5)
     warnings = [r for r in library_warnings.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2
-    assert "30" in warnings[1].getMessage() and "invalid" in warnings[1].getMessage()
+    assert reported(library_warnings, "queue_full") == 196
+    assert reported(library_warnings, "invalid") == 30
+    assert "inf" in warnings[1].getMessage()  # the latest message of each reason is shown
 
 
 def test_close_under_the_logging_lock_hands_over_and_still_reports(
@@ -518,23 +522,21 @@ def test_close_under_the_logging_lock_hands_over_and_still_reports(
 ):
     """dictConfig closes handlers holding logging's lock: close must not wait, nor lose the report."""
     consumer = consumers(api_host=server.url, flush_interval=60, report_interval=60)
-    consumer.send("event", event(0, bad=float("nan")))
+    consumer.send("event", Deferred(event(0, bad=float("nan"))))
     assert consumer.flush(10) is False  # dropped and reported at once (the first report)
-    consumer.send("event", event(1, bad=float("nan")))  # inside the report interval
+    consumer.send("event", Deferred(event(1, bad=float("nan"))))  # inside the report interval
     consumer.send("event", event(2))
-    thread = consumer._thread
-    assert thread is not None
+    before = set(threading.enumerate())
 
     with logging._lock:  # what dictConfig holds while it closes the old handlers
         started = time.monotonic()
         consumer.close()
         assert time.monotonic() - started < 1.0  # hang guard: it does not wait
-    thread.join(10)
-    assert not thread.is_alive()
 
+    server.wait_for(1)
     assert ids(server.events) == Counter({"ins-2": 1})  # delivered after the hand-over
-    texts = [r.getMessage() for r in library_warnings.records if r.levelno == logging.WARNING]
-    assert len(texts) == 2 and "invalid: 1" in texts[1]  # the last loss is reported too
+    wait_until(lambda: not [t for t in threading.enumerate() if t.name == SENDER and t in before])
+    assert reported(library_warnings, "invalid") == 2  # the last loss is reported too
 
 
 # --------------------------------------------------------------------------- front doors
@@ -588,12 +590,13 @@ def test_tracker_uses_it_by_default_and_reports_errors_later(server):
 
 
 def test_take_batch_cuts_by_count_and_bytes():
-    pending = deque(Pending(b'{"n":%d}' % n, n) for n in range(10))  # 7 bytes each
-    assert [p.seq for p in take_batch(pending, 4, 10_000)] == [0, 1, 2, 3]
+    pending = deque(b'{"n":%d}' % n for n in range(10))  # 7 bytes each
+    seq = lambda batch: [int(p[5:-1]) for p in batch]  # noqa: E731
+    assert seq(take_batch(pending, 4, 10_000)) == [0, 1, 2, 3]
     # 2 brackets + 3 x (7 + 1 comma) = 26 bytes fit in 26, not a fourth.
-    assert [p.seq for p in take_batch(pending, 100, 26)] == [4, 5, 6]
-    assert [p.seq for p in take_batch(pending, 100, 1)] == [7]  # one record always goes
-    assert [p.seq for p in take_batch(pending, 100, 10_000)] == [8, 9]
+    assert seq(take_batch(pending, 100, 26)) == [4, 5, 6]
+    assert seq(take_batch(pending, 100, 1)) == [7]  # one record always goes
+    assert seq(take_batch(pending, 100, 10_000)) == [8, 9]
     assert take_batch(pending, 100, 10_000) == []
 
 

@@ -1054,7 +1054,7 @@ def test_raising_handlers_never_change_the_call(
         failing.removeHandler(exploding)
         failing.addHandler(refusing)
         assert compute(3) == 9  # MixpanelHandler counts its consumer's error itself
-        assert refusing.stats()["dropped"]["invalid"] == 1
+        assert refusing.stats()["dropped"]["consumer_error"] == 1
         assert dropped_invalid() == before + 2  # not an instrumentation failure
     finally:
         failing.removeHandler(exploding)

@@ -474,7 +474,7 @@ def test_nested_error_through_a_consumer_names_the_path(server: MixpanelServer) 
 
 def test_callable_sink_gets_the_nested_error_at_the_call() -> None:
     sink = CallableSink(lambda kind, message: None)
-    record = msg.event(TOKEN, "u", "e", {"a": [{"b": math.inf}]})
+    record = {"event": "e", "properties": {"token": TOKEN, "a": [{"b": math.inf}]}}
     with pytest.raises(InvalidMessageError) as info:
         sink.send("event", record)
     assert info.value.field == "message.properties.a[0].b"

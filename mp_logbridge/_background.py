@@ -1,0 +1,252 @@
+"""The background consumer: ``send`` queues, a worker delivers — batched, retried, bounded.
+
+:class:`BackgroundConsumer` is the consumer API (``send``/``flush``/``close``/``stats``, the
+official ``mixpanel`` package's ``send`` form included) over a
+:class:`~mp_logbridge._worker.BatchWorker` posting through an
+:class:`~mp_logbridge._export.HttpExporter`. It is threads, not asyncio: ``send`` never waits on
+the network, so it is safe from any thread, a signal handler or a finalizer.
+"""
+
+from __future__ import annotations
+
+import random
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+from ._consumers import ErrorCallback, _ConsumerBase, positive_int, positive_number
+from ._errors import ConfigurationError
+from ._export import Exporter
+from ._messages import KINDS
+from ._records import (
+    MAX_BATCH_RECORDS,
+    MAX_REQUEST_BYTES,
+    EncodedRecord,
+    JsonText,
+    normalize_send_args,
+)
+from ._retry import RetryPolicy
+from ._worker import BatchWorker
+
+__all__ = ["DEFAULT_WEIGHT", "OVERFLOW_POLICIES", "BackgroundConsumer"]
+
+_KIND_SET = frozenset(KINDS)
+#: What the consumer's ``overflow`` option accepts.
+OVERFLOW_POLICIES = ("drop_newest", "drop_oldest")
+#: Bytes a deferred message that does not say its ``weight`` counts for until it is encoded.
+DEFAULT_WEIGHT = 1024
+
+
+class _Setting:
+    """A setting kept by the worker, read through the consumer."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        return getattr(instance._worker, self.name)
+
+
+class BackgroundConsumer(_ConsumerBase):
+    """Delivers messages from background threads; ``send`` never blocks on the network.
+
+    Positional arguments are the events, people, groups and import URLs (as for
+    :class:`~mp_logbridge.Consumer`); usually ``region=`` or ``api_host=`` is enough.
+
+    Batching: each endpoint has its own lane, sent when it holds ``batch_size`` records (at most
+    2000), ``max_batch_bytes`` of encoded records (a request stays under it), or when its oldest
+    record has waited ``flush_interval`` seconds. Each lane has at most one request in flight, on
+    its own thread, so a slow endpoint never delays the others. gzip is used on ``/track`` and
+    ``/import``.
+
+    Deadlines: ``request_timeout`` (default 10 s) bounds each request as a whole — connecting,
+    sending and reading the answer — even against a server that drips bytes; answers over 64 KB
+    are not read.
+
+    Retries: network errors, 408, 429 and 5xx are retried per ``retry`` (a
+    :class:`~mp_logbridge.RetryPolicy` or a mapping of its fields: 2 s doubling to 60 s plus 1-5 s
+    of jitter, ``Retry-After`` as a lower bound, at most 10 attempts and 600 s per batch by
+    default); other 4xx and TLS failures are not; a 413 splits the batch; a strict ``/import``
+    400 drops exactly the records the server listed. A flush or close cuts a backoff short. The
+    first failure of an outage is reported at once on the ``mp_logbridge`` logger, and the
+    recovery too.
+
+    Bounds: at most ``max_queue_size`` messages wait, and they take at most ``max_queue_bytes``
+    — counted in encoded bytes, batches in flight included; a message not encoded yet counts for
+    the size its front door measured at the call. When full, ``overflow`` decides:
+    ``"drop_newest"`` (default: the new message is refused) or ``"drop_oldest"``. Every loss is
+    counted under a reason in :meth:`stats`, reported to ``on_error(exc, messages)`` and summed
+    into one rate-limited warning on the ``mp_logbridge`` logger.
+
+    ``send`` returning ``True`` means "accepted for delivery"; failures found later reach
+    ``on_error``. A record dict is encoded at the call, so what is sent is what the values were
+    then, and a record that cannot be sent raises :class:`~mp_logbridge.InvalidMessageError`
+    at once. :meth:`flush` and :meth:`close` are bounded (``flush_timeout``). Every exit that
+    still runs Python code delivers within ``exit_timeout``: interpreter exit, ``multiprocessing``
+    children, and SIGTERM with :func:`~mp_logbridge.deliver_on_signal`. A forked child starts
+    with an empty queue of its own and never sends its parent's messages. A consumer nobody
+    references any more delivers what it holds and stops its threads.
+
+    ``exporter=`` replaces the HTTP exporter (the seam the durable spool and broker streams use);
+    ``transport=`` replaces the HTTP transport under it.
+
+    Usable as the ``consumer=`` of the official ``mixpanel`` package, too:
+    ``Mixpanel(token, consumer=BackgroundConsumer())``.
+    """
+
+    def __init__(
+        self,
+        events_url: str | None = None,
+        people_url: str | None = None,
+        groups_url: str | None = None,
+        import_url: str | None = None,
+        *,
+        batch_size: int = MAX_BATCH_RECORDS,
+        max_batch_bytes: int = MAX_REQUEST_BYTES,
+        flush_interval: float = 1.0,
+        max_queue_size: int = 10_000,
+        max_queue_bytes: int = 64 * 1024 * 1024,
+        overflow: str = "drop_newest",
+        flush_timeout: float = 5.0,
+        exit_timeout: float = 5.0,
+        on_error: ErrorCallback | None = None,
+        retry: RetryPolicy | Mapping[str, Any] | None = None,
+        exporter: Exporter | None = None,
+        rng: random.Random | None = None,
+        clock: Any = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(
+            events_url,
+            people_url,
+            groups_url,
+            import_url,
+            on_error=on_error,
+            retry=retry,
+            **options,
+        )
+        if overflow not in OVERFLOW_POLICIES:
+            raise ConfigurationError(
+                f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}, got {overflow!r}"
+            )
+        if exporter is not None:
+            self.exporter = exporter
+        self._worker = BatchWorker(
+            self.exporter,
+            batch_size=positive_int(batch_size, "batch_size", MAX_BATCH_RECORDS),
+            max_batch_bytes=positive_int(max_batch_bytes, "max_batch_bytes"),
+            flush_interval=positive_number(flush_interval, "flush_interval"),
+            max_queue_size=positive_int(max_queue_size, "max_queue_size"),
+            max_queue_bytes=positive_int(max_queue_bytes, "max_queue_bytes"),
+            overflow=overflow,
+            flush_timeout=positive_number(flush_timeout, "flush_timeout"),
+            exit_timeout=positive_number(exit_timeout, "exit_timeout"),
+            retry=self.retry,
+            on_error=self.on_error,
+            stats=self._stats,
+            clock=clock,
+            rng=rng,
+        )
+        # Nobody refers to the consumer any more: deliver what it holds, then stop the threads
+        # (they refer to the worker only, so the consumer itself can be collected).
+        self._finalizer = weakref.finalize(self, _release, self._worker)
+        self._finalizer.atexit = False
+
+    batch_size = _Setting()
+    max_batch_bytes = _Setting()
+    flush_interval = _Setting()
+    max_queue_size = _Setting()
+    max_queue_bytes = _Setting()
+    flush_timeout = _Setting()
+    exit_timeout = _Setting()
+
+    @property
+    def overflow(self) -> str:
+        """``"drop_newest"`` or ``"drop_oldest"``."""
+        return "drop_oldest" if self._worker.drop_oldest else "drop_newest"
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (the consumer accepts no more messages)."""
+        return self._worker.closed
+
+    def send(self, kind: str, message: Any, api_key: Any = None, api_secret: Any = None) -> bool:
+        """Queue one message for delivery; never blocks on the network.
+
+        ``message`` is a record dict (encoded now), JSON text (the official package's form,
+        decoded on the worker) or a deferred message with ``build()`` (built on the worker;
+        its ``weight`` attribute, when present, is its size in bytes until then).
+
+        Returns:
+            ``True`` when the message was accepted, ``False`` when it was dropped (queue full,
+            consumer closed) — the drop is counted and reported to ``on_error``.
+
+        Raises:
+            InvalidMessageError: for an unknown ``kind``, a message of an unusable type, or a
+                record dict that cannot be sent (too large, NaN, values of other types, ...).
+        """
+        if api_key is None and api_secret is None and kind in _KIND_SET:
+            if type(message) is EncodedRecord:  # a Tracker's: encoded and checked already
+                return self._worker.put(kind, message, None, len(message))
+            if type(message) is dict:
+                payload = self._encode(message)
+                return self._worker.put(kind, payload, None, len(payload))
+            weight = getattr(message, "weight", None)
+            if weight is not None:
+                return self._worker.put(kind, message, None, weight)
+        return self._send_checked(kind, message, api_key, api_secret)
+
+    def _send_checked(self, kind: Any, message: Any, api_key: Any, api_secret: Any) -> bool:
+        """``send`` off the common path: other forms of arguments and messages."""
+        if type(message) is EncodedRecord:
+            name, _ = normalize_send_args(kind, {})
+            credentials = self._message_credentials(api_key, api_secret)
+            return self._worker.put(name, message, credentials, len(message))
+        if isinstance(message, (str, bytes)):  # the mixpanel package's form: decoded later
+            message = JsonText(message)
+            name, _ = normalize_send_args(kind, {})
+        else:
+            name, message = normalize_send_args(kind, message)
+        credentials = self._message_credentials(api_key, api_secret)
+        if type(message) is dict:
+            payload = self._encode(message)
+            return self._worker.put(name, payload, credentials, len(payload))
+        weight = getattr(message, "weight", None)
+        size = weight if isinstance(weight, int) and weight > 0 else DEFAULT_WEIGHT
+        return self._worker.put(name, message, credentials, size)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Deliver everything queued before this call, waiting at most ``timeout`` seconds
+        (default ``flush_timeout``).
+
+        Returns:
+            ``True`` when all of it was delivered; ``False`` on timeout, or when anything was
+            dropped since the previous flush. Called on a sender thread or while the logging
+            module's lock is held (as ``dictConfig`` does), it starts the delivery and returns
+            ``False`` at once instead of waiting.
+        """
+        return self._worker.flush(timeout)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop accepting messages, deliver what is queued within ``timeout``, stop the threads.
+
+        Idempotent. What cannot be delivered in time is dropped and counted as
+        ``shutdown_timeout`` (records whose request was still in flight are counted as sent if
+        the server's answer comes later). Called while the logging module's lock is held
+        (``dictConfig`` reconfiguring), it does not wait: delivery goes on for up to
+        ``exit_timeout`` seconds, and the exit hook waits for it.
+        """
+        self._worker.close(timeout)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: ``sent``, ``batches``, ``retries``, ``dropped`` by reason, ``dropped_total``,
+        ``queue_depth`` and ``queue_bytes`` (messages waiting and their size) and ``in_flight``."""
+        return self._worker.stats()
+
+
+def _release(worker: BatchWorker) -> None:
+    """A consumer was collected: deliver in the background, within its ``exit_timeout``."""
+    if worker.running():
+        worker.begin_close(worker._clock.monotonic() + worker.exit_timeout)
