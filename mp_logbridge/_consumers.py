@@ -28,6 +28,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 from ._diagnostics import DeliveryStats, warn
 from ._errors import ConfigurationError, DeliveryError, InvalidMessageError, MessagesDropped
 from ._export import Batch, Exporter, HttpExporter
+from ._lifecycle import delivery_callback
 from ._messages import MessageSource
 from ._records import (
     MAX_BATCH_RECORDS,
@@ -222,7 +223,8 @@ class _ConsumerBase:
         callback = self.on_error
         if callback is not None:
             try:
-                callback(error, messages() if callable(messages) else messages)
+                with delivery_callback():
+                    callback(error, messages() if callable(messages) else messages)
             except Exception as exc:  # the application's callback must not break delivery
                 warn("mp_logbridge on_error callback raised %s: %s", type(exc).__name__, exc)
 

@@ -34,6 +34,7 @@ DROP_REASONS = (
     "shutdown_timeout",
     "closed",
     "consumer_error",
+    "feedback_loop",
 )
 
 logger = logging.getLogger("mp_logbridge")

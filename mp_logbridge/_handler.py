@@ -20,7 +20,7 @@ from typing import Any
 from ._context import current_context
 from ._errors import ConfigurationError
 from ._frontdoor import Bridge
-from ._lifecycle import is_sender_thread
+from ._lifecycle import in_delivery_callback
 from ._tags import DEFAULT_TAG, exception_properties
 from ._transport import Credentials
 
@@ -170,8 +170,8 @@ class MixpanelHandler(logging.Handler):
         the tag); without filters an untagged record costs one attribute lookup. The tag is read
         from the record's attributes, or from ``record.msg`` when that is a dict carrying it
         (structlog's ``ProcessorFormatter.wrap_for_formatter``). Records of the library's own
-        loggers and records logged on its sender threads are never handled (no feedback loops,
-        no waiting on a lock ``logging.shutdown`` holds). ``emit`` only queues, so it does not
+        loggers and tagged records logged from an ``on_error`` callback are not sent (no feedback
+        loops; the latter are counted as ``feedback_loop``). ``emit`` only queues, so it does not
         need the handler lock either.
         """
         if self.filters:
@@ -189,9 +189,11 @@ class MixpanelHandler(logging.Handler):
         elif value is False:
             return False
         name = record.name
-        if is_sender_thread() or (
-            name.startswith(_OWN_LOGGER) and (name == _OWN_LOGGER or name[_OWN_PREFIX_LEN] == ".")
-        ):
+        if name.startswith(_OWN_LOGGER) and (name == _OWN_LOGGER or name[_OWN_PREFIX_LEN] == "."):
+            return False
+        if in_delivery_callback():
+            # Logged from an on_error callback: if it failed too, it would call it again.
+            self._bridge.lose("feedback_loop", "a tagged record logged from an on_error callback")
             return False
         self.emit(record)
         return record

@@ -29,7 +29,8 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any, Protocol
 
@@ -39,6 +40,7 @@ __all__ = [
     "deliver_on_signal",
     "exiting",
     "flush_all",
+    "in_delivery_callback",
     "is_sender_thread",
     "register",
     "register_sender_thread",
@@ -90,6 +92,26 @@ def register_sender_thread() -> None:
 def unregister_sender_thread() -> None:
     """The current sender thread is ending."""
     _sender_idents.pop(threading.get_ident(), None)
+
+
+_callback_idents: set[int] = set()  # threads running an ``on_error`` callback now
+
+
+@contextmanager
+def delivery_callback() -> Iterator[None]:
+    """Mark the current thread as running an application callback about delivery."""
+    ident = threading.get_ident()
+    _callback_idents.add(ident)
+    try:
+        yield
+    finally:
+        _callback_idents.discard(ident)
+
+
+def in_delivery_callback() -> bool:
+    """Whether this thread runs a delivery callback (``on_error``): a tagged record logged from
+    there could fail and call it again, without end."""
+    return bool(_callback_idents) and threading.get_ident() in _callback_idents
 
 
 def is_sender_thread() -> bool:

@@ -97,8 +97,8 @@ class Tracker:
             or a host/URL such as ``"http://127.0.0.1:8123"``). Default: ``MIXPANEL_API_HOST``,
             ``MIXPANEL_REGION``, then the US.
         super_properties: properties added to every event (an event's own properties win).
-        delivery options (``batch_size``, ``flush_interval``, ``request_timeout``, ...): passed to
-            the background consumer made for you.
+        delivery options (``batch_size``, ``flush_interval``, ``request_timeout``, ``retry``,
+            ...): passed to the background consumer made for you.
 
     Methods return ``True`` when the message was accepted (with the background consumer:
     accepted for delivery) and ``False`` when it was not, after telling ``error_handler``.
@@ -130,6 +130,7 @@ class Tracker:
         self._error_handler = _resolve_handler(error_handler)
         if consumer is None:
             options = dict(delivery)
+            retry = options.pop("retry", None)
             if self._error_handler is not None:
                 options["on_error"] = _ErrorRelay(self._error_handler)
             share = ConsumerShare(
@@ -137,6 +138,7 @@ class Tracker:
                 api_host=api_host,
                 credentials=credentials,
                 api_secret=api_secret,
+                retry=retry,
                 options=options,
                 pin=True,
                 owner="Tracker",

@@ -445,7 +445,8 @@ class BatchWorker:
         callback = self.on_error
         if callback is not None:
             try:
-                callback(error, records() if callable(records) else records)
+                with _lifecycle.delivery_callback():
+                    callback(error, records() if callable(records) else records)
             except Exception as exc:  # the application's callback must not break delivery
                 warn("mp_logbridge on_error callback raised %s: %s", type(exc).__name__, exc)
 
@@ -461,8 +462,8 @@ class BatchWorker:
                 pass
         finally:
             self._stop_senders()
+            self._stats.report(force=True)  # before waiters of close() see the end
             self._finished.set()
-            self._stats.report(force=True)
             _lifecycle.unregister_sender_thread()
 
     def _drain_inline(self, deadline: float) -> None:

@@ -148,6 +148,9 @@ class MixpanelServer:
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
+        #: For each :meth:`huge_next` answer, how many body bytes were written before the client
+        #: stopped reading (or all of them).
+        self.huge_bytes_written: list[int] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -633,6 +636,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
             return
 
     def _respond_huge(self, size: int) -> None:
+        """A 200 with a ``size``-byte body, written until done or the client stops reading; the
+        bytes written are added to :attr:`MixpanelServer.huge_bytes_written`."""
         self.close_connection = True
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -640,16 +645,21 @@ class _RequestHandler(BaseHTTPRequestHandler):
         self.end_headers()
         chunk = b" " * 65536
         head = b'{"status": 1, "error": null, "padding": "'
+        written = 0
         try:
             self.wfile.write(b"%x\r\n%s\r\n" % (len(head), head))
             left = size
             while left > 0 and not self.owner._stopped.is_set():
                 part = chunk[: min(left, len(chunk))]
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+                written += len(part)
                 left -= len(part)
             self.wfile.write(b'2\r\n"}\r\n0\r\n\r\n')
         except OSError:  # the client stopped reading
-            return
+            pass
+        finally:
+            with self.owner._lock:
+                self.owner.huge_bytes_written.append(written)
 
     def _respond(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
         self.send_response(status)

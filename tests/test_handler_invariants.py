@@ -139,7 +139,7 @@ class _Unbuildable:
         raise InvalidMessageError("message", "cannot be built")
 
 
-def test_records_logged_on_a_sender_thread_are_rejected_before_any_lock(
+def test_records_logged_from_an_on_error_callback_are_counted_not_sent(
     mixpanel_server: MixpanelServer, make_handler, make_logger
 ) -> None:
     handler = make_handler()
@@ -161,6 +161,8 @@ def test_records_logged_on_a_sender_thread_are_rejected_before_any_lock(
         reporter.close()
     assert len(callback_threads) == 1 and callback_threads[0].startswith("mp_logbridge-")
     assert handler.emitted == []
+    assert handler.stats()["dropped"]["feedback_loop"] == 1  # no loop, and never silent
+    assert handler.flush(10) is False
     log.info("app thread", extra=tag.track("App Thread", distinct_id="u1"))
     assert handler.flush(10)
     assert [e["event"] for e in mixpanel_server.wait_for(1)] == ["App Thread"]
