@@ -345,8 +345,7 @@ def test_queue_bytes_count_real_sizes_while_the_server_is_stuck(server, make_log
         for n in range(1000):  # measured at the call, encoded on the worker
             log.info("big", extra=tag.track("Big", distinct_id="u", blob=big + str(n)))
         for front_door in (consumer, handler):
-            settled = front_door.stats  # the worker may be admitting the last few
-            wait_until(lambda: settled()["queue_depth"] + settled()["dropped_total"] == 1000)
+            wait_until(lambda door=front_door: _settled(door, 1000))  # may still be admitting
             stats = front_door.stats()
             assert stats["queue_bytes"] <= bound
             held = stats["queue_depth"]
@@ -356,6 +355,11 @@ def test_queue_bytes_count_real_sizes_while_the_server_is_stuck(server, make_log
     finally:
         consumer.close(timeout=0.2)
         handler.close()
+
+
+def _settled(front_door: Any, total: int) -> bool:
+    stats = front_door.stats()
+    return bool(stats["queue_depth"] + stats["dropped_total"] == total)
 
 
 def test_a_huge_answer_is_not_read(server) -> None:
