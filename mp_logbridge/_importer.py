@@ -357,7 +357,8 @@ class _Progress:
 
     def start(self, total: int | None) -> None:
         self.total, self.started = total, time.monotonic()
-        self.draw(force=True)
+        if total != 0:
+            self.draw(force=True)
 
     def advance(self, count: int) -> None:
         self.done += count
