@@ -2,7 +2,7 @@
 
 * ``demo`` — the library end to end against an embedded local receiver; no account needed.
 * ``serve`` — run the local receiver in the foreground, printing what arrives.
-* ``import`` — bulk-import historical events from JSON-lines files into ``/import``.
+* ``import`` — bulk-import historical events from JSON-lines or JSON-array files into ``/import``.
 
 Errors are one line naming what to fix (exit code 2), never a traceback.
 """
@@ -10,7 +10,6 @@ Errors are one line naming what to fix (exit code 2), never a traceback.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import signal
@@ -20,11 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from ._consumers import Consumer
 from ._errors import MixpanelError
 from ._records import MAX_BATCH_RECORDS
 from ._retry import RetryPolicy
-from ._transport import REGIONS, Credentials, ServiceAccount, as_credentials
+from ._transport import REGIONS, Credentials, ServiceAccount, as_credentials, resolve_endpoints
 from ._version import __version__
 
 __all__ = ["main"]
@@ -78,13 +76,17 @@ def _parser() -> argparse.ArgumentParser:
 
     imp = commands.add_parser(
         "import",
-        help="import historical events from JSON-lines files into /import",
-        description="Import events from JSON-lines files (one Mixpanel event, or one JSON log line "
-        "carrying the tag, per line) with service-account credentials. Interrupted runs resume "
-        "where they stopped when started again with the same arguments. Exit codes: 0 all "
-        "imported, 1 some records rejected or not delivered, 2 usage error, 130 interrupted.",
+        help="import historical events from JSON-lines or JSON-array files into /import",
+        description="Import events from files (one Mixpanel event, or one JSON log line carrying "
+        "the tag, per line; or one JSON array of them; plain or gzipped; '-' reads standard "
+        "input) with service-account credentials. What was imported is kept in a progress file: "
+        "running the same command again sends only what was not (refused, undelivered, changed "
+        "or new lines). Exit codes: 0 all imported, 1 some lines rejected or records not "
+        "delivered, 2 usage or credentials error, 130 interrupted.",
     )
-    imp.add_argument("files", nargs="+", metavar="FILE", help="JSON-lines files")
+    imp.add_argument(
+        "files", nargs="+", metavar="FILE", help="JSON-lines or JSON-array files, or - for stdin"
+    )
     where = imp.add_mutually_exclusive_group()
     where.add_argument(
         "--region",
@@ -126,20 +128,25 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument(
         "--state",
         metavar="FILE",
-        help="progress file used to resume (default: derived from the files)",
+        help="progress file (default: one per destination and set of files under "
+        "$XDG_STATE_HOME/mp-logbridge/import, ~/.local/state by default)",
     )
     imp.add_argument(
-        "--restart", action="store_true", help="ignore saved progress and import everything again"
+        "--no-resume",
+        "--restart",
+        dest="no_resume",
+        action="store_true",
+        help="ignore the saved progress and send everything again (the progress is replaced)",
     )
     imp.add_argument(
         "--rejects",
         metavar="FILE",
-        help="write every rejected record's file, line and reason to FILE",
+        help="write every rejected line's file, line and reason to FILE (JSON lines)",
     )
     imp.add_argument(
         "--dry-run",
         action="store_true",
-        help="check every record with the server's rules; send nothing",
+        help="check every record with the server's rules; send nothing, keep no progress",
     )
     return parser
 
@@ -211,18 +218,20 @@ def _env_or(value: str | None, name: str) -> str | None:
     return value if value is not None else (os.environ.get(name) or None)
 
 
-def _import(args: argparse.Namespace, out: TextIO) -> int:
-    from ._importer import Importer, ImportOptions
-
-    for name in args.files:
-        if not Path(name).is_file():
+def _check_inputs(names: Sequence[str]) -> None:
+    seen: set[str] = set()
+    for name in names:
+        key = name if name == "-" else os.path.realpath(name)
+        if key in seen:
+            raise _UsageError(f"{'standard input (-)' if name == '-' else name} is given twice")
+        seen.add(key)
+        if name != "-" and not Path(name).exists():
             raise _UsageError(f"no such file: {name}")
-    if not 1 <= args.batch_size <= MAX_BATCH_RECORDS:
-        raise _UsageError(f"--batch-size must be between 1 and {MAX_BATCH_RECORDS}")
-    if not 1 <= args.workers <= 20:
-        raise _UsageError(
-            "--workers must be between 1 and 20 (Mixpanel suggests at most 10-20 concurrent clients)"
-        )
+        if name != "-" and Path(name).is_dir():
+            raise _UsageError(f"{name} is a directory")
+
+
+def _import_credentials(args: argparse.Namespace) -> Credentials | None:
     username = _env_or(args.username, "MIXPANEL_SERVICE_ACCOUNT_USERNAME")
     secret = _env_or(args.secret, "MIXPANEL_SERVICE_ACCOUNT_SECRET")
     project = _env_or(args.project_id, "MIXPANEL_PROJECT_ID")
@@ -248,72 +257,96 @@ def _import(args: argparse.Namespace, out: TextIO) -> int:
         raise _UsageError(
             "importing needs credentials: --username/--secret/--project-id (a service account) or --api-secret"
         )
-    files = [str(Path(name)) for name in args.files]
-    state = args.state or _default_state(files)
-    if args.restart and Path(state).exists():
-        Path(state).unlink()
+    return credentials
+
+
+def _import(args: argparse.Namespace, out: TextIO) -> int:
+    from ._importer import Importer, ImportOptions, Rejected
+
+    _check_inputs(args.files)
+    if not 1 <= args.batch_size <= MAX_BATCH_RECORDS:
+        raise _UsageError(f"--batch-size must be between 1 and {MAX_BATCH_RECORDS}")
+    if not 1 <= args.workers <= 20:
+        raise _UsageError(
+            "--workers must be between 1 and 20 (Mixpanel suggests at most 10-20 concurrent clients)"
+        )
+    if not args.timeout > 0:
+        raise _UsageError("--timeout must be a positive number of seconds")
+    credentials = _import_credentials(args)
     options = ImportOptions(
-        files=files,
+        files=list(args.files),
+        endpoints=resolve_endpoints(region=args.region, api_host=args.api_host),
+        credentials=credentials,
+        request_timeout=args.timeout,
+        retry=RetryPolicy(),  # the background consumer's rules
         batch_size=args.batch_size,
         workers=args.workers,
         dry_run=args.dry_run,
-        state_path=state,
+        state_path=args.state,
+        resume=not args.no_resume,
         tag=args.tag,
         token=_env_or(args.token, "MIXPANEL_TOKEN"),
     )
+    rejects = open(args.rejects, "w", encoding="utf-8") if args.rejects else None  # noqa: SIM115
 
-    def consumer() -> Consumer:
-        return Consumer(
-            region=args.region,
-            api_host=args.api_host,
-            credentials=credentials,
-            request_timeout=args.timeout,
-            retry=RetryPolicy(),  # the background consumer's rules
-        )
+    def write_reject(item: Rejected) -> None:
+        if rejects is not None:
+            record = {"file": item.path, "line": item.line, "reason": item.reason}
+            rejects.write(json.dumps(record) + "\n")
 
-    if not args.dry_run:
-        consumer().close()  # configuration errors surface here, before any work
-    importer = Importer(options, None if args.dry_run else consumer)
-    summary = importer.run()
-    verb = "valid" if args.dry_run else "imported"
-    rate = summary.imported / summary.elapsed if summary.elapsed > 0 else 0.0
-    out.write(f"{verb} {summary.imported:,} record(s) in {summary.elapsed:.1f} s ({rate:,.0f}/s)")
-    if summary.resumed_lines:
-        out.write(f"; skipped {summary.resumed_lines:,} line(s) accepted by an earlier run")
-    out.write("\n")
-    if summary.rejected:
-        out.write(f"rejected {len(summary.rejected):,} record(s):\n")
-        for item in summary.rejected[:20]:
-            out.write(f"  {item}\n")
-        if len(summary.rejected) > 20:
-            hint = (
-                f" (all in {args.rejects})" if args.rejects else " (use --rejects FILE to list all)"
-            )
-            out.write(f"  ... and {len(summary.rejected) - 20:,} more{hint}\n")
-    if args.rejects:
-        with open(args.rejects, "w", encoding="utf-8") as handle:
-            for item in summary.rejected:
-                handle.write(
-                    json.dumps({"file": item.path, "line": item.line, "reason": item.reason}) + "\n"
-                )
-    if summary.undelivered and not summary.fatal:
-        out.write(
-            f"not delivered (server errors, retries exhausted): {summary.undelivered:,}; run again to retry them\n"
-        )
+    try:
+        summary = Importer(options, on_reject=write_reject).run()
+    finally:
+        if rejects is not None:
+            rejects.close()
+    _print_import_summary(args, summary, out)
     if summary.fatal:
         sys.stderr.write(f"mp-logbridge: error: {summary.fatal}\n")
         return EXIT_USAGE
     if summary.interrupted:
-        out.write(
-            f"interrupted; run the same command again to resume (progress saved in {state})\n"
-        )
         return EXIT_INTERRUPTED
     return EXIT_OK if summary.ok else EXIT_INCOMPLETE
 
 
-def _default_state(files: Sequence[str]) -> str:
-    key = hashlib.sha256("\0".join(str(Path(f).resolve()) for f in files).encode()).hexdigest()[:12]
-    return f".mp-logbridge-import-{key}.json"
+def _print_import_summary(args: argparse.Namespace, summary: Any, out: TextIO) -> None:
+    if summary.rejected:
+        out.write("rejected:\n")
+        for item in summary.rejected[:20]:
+            out.write(f"  {item}\n")
+        if summary.rejected_count > 20:
+            hint = (
+                f" (all in {args.rejects})" if args.rejects else " (use --rejects FILE to list all)"
+            )
+            out.write(f"  ... and {summary.rejected_count - 20:,} more{hint}\n")
+    verb = "valid" if args.dry_run else "imported"
+    rate = summary.lines / summary.elapsed if summary.elapsed > 0 else 0.0
+    parts = [
+        f"{verb} {summary.imported:,} record(s) from {summary.lines:,} line(s) "
+        f"in {summary.elapsed:.1f} s ({rate:,.0f} lines/s)"
+    ]
+    if summary.rejected_count:
+        parts.append(f"{summary.rejected_count:,} rejected")
+    if summary.undelivered:
+        parts.append(f"{summary.undelivered:,} record(s) not delivered")
+    if summary.skipped_lines:
+        parts.append(f"{summary.skipped_lines:,} line(s) skipped, imported by an earlier run")
+    out.write("; ".join(parts) + "\n")
+    if not summary.lines and summary.skipped_lines and summary.ok:
+        out.write(
+            "nothing to import: every line was imported by an earlier run "
+            "(--no-resume sends them again)\n"
+        )
+    if summary.undelivered and not summary.fatal and not summary.interrupted:
+        why = f" ({summary.gave_up})" if summary.gave_up else ""
+        out.write(
+            f"not delivered after retrying{why}; run the same command again later to send them\n"
+        )
+    if summary.interrupted:
+        out.write("interrupted; run the same command again to resume\n")
+    if summary.progress_error:
+        out.write(f"warning: {summary.progress_error}\n")
+    elif summary.progress_path and not args.dry_run:
+        out.write(f"progress saved in {summary.progress_path}\n")
 
 
 # --------------------------------------------------------------------------- entry point

@@ -21,7 +21,7 @@ from ._errors import (
     PartialImportError,
     PayloadTooLargeError,
 )
-from ._records import join
+from ._records import decode_record, join
 from ._transport import Credentials, Transport
 
 __all__ = ["Batch", "Exporter", "HttpExporter", "Outcome", "classify"]
@@ -80,7 +80,7 @@ def classify(batch: list[bytes], error: DeliveryError | None) -> Outcome:
     if error is None:
         outcome.delivered = batch
     elif isinstance(error, PartialImportError):
-        failed = error.failed_indexes
+        failed = _refused_positions(batch, error)
         outcome.delivered = [item for index, item in enumerate(batch) if index not in failed]
         refused = [item for index, item in enumerate(batch) if index in failed]
         if refused:
@@ -96,6 +96,28 @@ def classify(batch: list[bytes], error: DeliveryError | None) -> Outcome:
     else:
         outcome.dropped.append((error.drop_reason, batch, error))
     return outcome
+
+
+def _refused_positions(batch: list[bytes], error: PartialImportError) -> set[int]:
+    """Which records of ``batch`` a strict ``/import`` refused: by ``index`` when the server
+    gives one, else by ``$insert_id``; when it names none it can be matched with, all of them
+    (none is counted as delivered on a guess)."""
+    failed = {index for index in error.failed_indexes if 0 <= index < len(batch)}
+    if failed or not error.failed_records:
+        return failed
+    named = {
+        str(entry.get("insert_id") or entry.get("$insert_id"))
+        for entry in error.failed_records
+        if isinstance(entry, dict)
+    }
+    for index, payload in enumerate(batch):
+        try:
+            insert_id = decode_record(payload)["properties"]["$insert_id"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if str(insert_id) in named:
+            failed.add(index)
+    return failed or set(range(len(batch)))
 
 
 class HttpExporter:

@@ -1,97 +1,152 @@
-"""Bulk import of historical events from JSON-lines files into ``/import``.
+"""Bulk import of historical events into ``/import`` (``mp-logbridge import``).
 
-Each line is a Mixpanel event (``{"event": ..., "properties": {...}}``) or a JSON log line that
-carries the tag (``{"message": ..., "created": ..., "mixpanel": {...}}``, as a JSON formatter or
-structlog's ``JSONRenderer`` writes it). Lines are read in order, cut into batches of up to 2000
-records (and under the request byte budget), and posted by a few worker threads with the same
-retry rules as the background consumer; gzip is used.
+The input (read by :mod:`._import_input`) is JSON lines or one JSON array, plain or gzipped, from
+files or standard input. Each entry is a Mixpanel event (``{"event": ..., "properties": {...}}``)
+or a JSON log line that carries the tag (``{"message": ..., "created": ..., "mixpanel": {...}}``,
+as a JSON formatter or structlog's ``JSONRenderer`` writes it). Entries are cut into batches of up
+to 2000 records and under the request byte budget (an entry's records stay together) and posted
+by a few worker threads; :func:`send_import_batch` is the one place that talks to the server.
 
-Events without a ``$insert_id`` get one derived from their content, so importing the same file
-twice cannot duplicate them. Progress is saved to a state file after every batch: an
-interrupted run, started again with the same arguments, skips the lines already accepted.
+Events without a ``$insert_id`` get one derived from their content, so sending the same entry
+twice cannot duplicate it. What was imported is kept in a progress file (:mod:`._import_state`)
+so that a later run sends only what was not: entries refused, not delivered, changed or new.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
+import http.client
 import json
 import os
 import queue
+import socket
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from ._consumers import Consumer
 from ._context import BoundContext
-from ._errors import InvalidMessageError, PartialImportError, RejectedError
+from ._errors import (
+    ConfigurationError,
+    DeliveryError,
+    InvalidMessageError,
+    PartialImportError,
+    PayloadTooLargeError,
+)
+from ._export import Batch, HttpExporter
+from ._import_input import READ_ERRORS, STDIN, Entry, entries, is_regular_file, open_source
+from ._import_state import (
+    ProgressFile,
+    Ranges,
+    Scan,
+    SegmentDigests,
+    SourceProgress,
+    default_progress_path,
+    destination_of,
+    scan_entries,
+    segment_of,
+)
 from ._records import MAX_BATCH_RECORDS, MAX_REQUEST_BYTES, encode_message
+from ._retry import RetryPolicy, next_attempt
 from ._rules import check_record
 from ._tags import DEFAULT_TAG, BridgeSpec, Capture, TagMessage, split_tag
+from ._transport import Credentials, Endpoints, Transport
 
-__all__ = ["ImportOptions", "ImportSummary", "Importer", "Rejected"]
+__all__ = [
+    "BatchResult",
+    "ImportOptions",
+    "ImportSummary",
+    "Importer",
+    "Rejected",
+    "describe_failure",
+    "records_of_line",
+    "send_import_batch",
+]
 
 _TIME_KEYS = ("created", "timestamp", "time", "asctime", "@timestamp")
 _MESSAGE_KEYS = ("message", "msg", "event")
+_KEPT_REJECTS = 1000  # examples kept in the summary (all of them go to ``on_reject``)
+_EMPTY_BATCH = 1000  # entries without records are accounted for this many at a time
 
 
 @dataclass(frozen=True)
 class Rejected:
-    """A record that will not be imported, and where it came from."""
+    """An entry (or one of its records) that was not imported, where it is, and why."""
 
     path: str
     line: int
     reason: str
 
     def __str__(self) -> str:
-        return f"{self.path}:{self.line}: {self.reason}"
+        return (
+            f"{self.path}:{self.line}: {self.reason}"
+            if self.line
+            else f"{self.path}: {self.reason}"
+        )
 
 
 @dataclass
 class ImportSummary:
     """What an import run did."""
 
-    imported: int = 0
-    rejected: list[Rejected] = field(default_factory=list)
-    undelivered: int = 0
-    skipped_lines: int = 0
-    resumed_lines: int = 0
+    imported: int = 0  # records the server accepted (or, in a dry run, found valid)
+    lines: int = 0  # non-blank entries read and handled this run
+    rejected: list[Rejected] = field(default_factory=list)  # the first ones
+    rejected_count: int = 0
+    undelivered: int = 0  # records the server could not be made to take (retries ran out)
+    skipped_lines: int = 0  # entries done by an earlier run, not read again
     interrupted: bool = False
-    fatal: str | None = None
+    stopped_at_once: bool = False  # a second interrupt: requests in flight were abandoned
+    fatal: str | None = None  # the server refused the requests themselves (credentials, ...)
+    gave_up: str | None = None  # why sending stopped after a batch ran out of retries
+    progress_path: str | None = None
+    progress_error: str | None = None
     elapsed: float = 0.0
 
     @property
     def ok(self) -> bool:
-        """Whether every record was imported."""
-        return not (self.rejected or self.undelivered or self.interrupted or self.fatal)
+        """Whether everything read was imported."""
+        return not (
+            self.rejected_count
+            or self.undelivered
+            or self.interrupted
+            or self.fatal
+            or self.gave_up
+        )
 
 
 @dataclass
 class ImportOptions:
-    """Settings of one import run (see ``mp-logbridge import --help``)."""
+    """Settings of one import run (see ``mp-logbridge import --help``).
+
+    ``state_path`` is the progress file (``None``: the default place, see
+    :func:`~mp_logbridge._import_state.default_progress_path`); ``keep_progress=False`` keeps
+    none; ``resume=False`` ignores what it holds and replaces it.
+    """
 
     files: Sequence[str]
+    endpoints: Endpoints | None = None
+    credentials: Credentials | None = None
+    request_timeout: float = 30.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
     batch_size: int = MAX_BATCH_RECORDS
     max_batch_bytes: int = MAX_REQUEST_BYTES
     workers: int = 4
     dry_run: bool = False
     state_path: str | None = None
+    keep_progress: bool = True
+    resume: bool = True
     tag: str = DEFAULT_TAG
     token: str | None = None
+    interrupt_grace: float = 10.0
 
 
-@dataclass
-class _Batch:
-    path: str
-    first_line: int
-    last_line: int
-    items: list[bytes]
-    origins: dict[str, int]  # $insert_id -> line
+# --------------------------------------------------------------------------- entries to records
 
 
 def _line_time(line: Mapping[str, Any]) -> float | None:
@@ -154,323 +209,700 @@ def records_of_line(line: Any, *, tag: str, spec: BridgeSpec | None) -> list[dic
     )
 
 
-class _State:
-    """Lines already accepted, per file, saved atomically after every batch."""
+# --------------------------------------------------------------------------- sending
 
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self.done: dict[str, list[list[int]]] = {}
-        if path is not None and path.exists():
-            try:
-                loaded = json.loads(path.read_text(encoding="utf-8"))
-                self.done = {
-                    str(k): [list(r) for r in v] for k, v in loaded.get("done", {}).items()
-                }
-            except (OSError, ValueError, AttributeError, TypeError):
-                self.done = {}
 
-    def is_done(self, path: str, line: int) -> bool:
-        return any(start <= line <= end for start, end in self.done.get(path, ()))
+@dataclass
+class BatchResult:
+    """What became of one batch sent to ``/import``; numbers are indexes in the batch."""
 
-    def mark(self, path: str, first: int, last: int) -> None:
-        with self._lock:
-            ranges = sorted([*self.done.get(path, []), [first, last]])
-            merged: list[list[int]] = []
-            for start, end in ranges:
-                if merged and start <= merged[-1][1] + 1:
-                    merged[-1][1] = max(merged[-1][1], end)
+    accepted: list[int] = field(default_factory=list)
+    refused: list[tuple[int, str]] = field(default_factory=list)  # (index, the server's reason)
+    undelivered: list[int] = field(default_factory=list)  # retries ran out, or sending stopped
+    retry_cause: str | None = None  # the last reason a request had to be tried again
+    fatal: str | None = None  # the request as such was refused: every other one would be too
+
+
+_CAUSE_TYPES: tuple[tuple[type[BaseException], str], ...] = (
+    (http.client.RemoteDisconnected, "connection closed by the server"),
+    (ConnectionRefusedError, "connection refused"),
+    (ConnectionResetError, "connection reset"),
+    (ConnectionAbortedError, "connection aborted"),
+    (socket.gaierror, "host name not found"),
+    (TimeoutError, "timed out"),
+)
+_CAUSE_WORDS = (
+    ("connection refused", "connection refused"),
+    ("remotedisconnected", "connection closed by the server"),
+    ("connection reset", "connection reset"),
+    ("timed out", "timed out"),
+    ("name or service not known", "host name not found"),
+    ("failed to resolve", "host name not found"),
+)
+
+
+def describe_failure(error: BaseException) -> str:
+    """A few words on why a request failed: ``HTTP 503``, ``connection refused``, ``timed out``."""
+    status = getattr(error, "status_code", None)
+    if isinstance(status, int):
+        return f"HTTP {status}" + (" (rate limited)" if status == 429 else "")
+    seen: set[int] = set()
+    todo: deque[BaseException] = deque([error])
+    while todo:  # the network error under the library's, and under requests' and urllib3's
+        exc = todo.popleft()
+        if id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        for kind, words in _CAUSE_TYPES:
+            if isinstance(exc, kind):
+                return words
+        linked = (exc.__cause__, exc.__context__, getattr(exc, "reason", None), *exc.args)
+        todo.extend(item for item in linked if isinstance(item, BaseException))
+    text = str(error)
+    lowered = text.lower()
+    return next((words for needle, words in _CAUSE_WORDS if needle in lowered), text[:120])
+
+
+def _refusal_reasons(error: DeliveryError, sent: list[bytes]) -> dict[int, str]:
+    """What the server said about each refused record, by its position in ``sent``."""
+    reasons: dict[int, str] = {}
+    if isinstance(error, PartialImportError):
+        for entry in error.failed_records:
+            index = entry.get("index")
+            if isinstance(index, int) and 0 <= index < len(sent):
+                words = f"{entry.get('field') or ''}: {entry.get('message') or ''}".strip(": ")
+                reasons[index] = words or str(error)
+    return reasons
+
+
+def send_import_batch(
+    transport: Transport,
+    payloads: Sequence[bytes],
+    policy: RetryPolicy,
+    *,
+    stop: threading.Event,
+    on_retry: Callable[[str], None] | None = None,
+) -> BatchResult:
+    """Post encoded records to ``/import``, retrying as ``policy`` says; never raises.
+
+    A 413 splits the batch; a strict 400 refuses exactly the records it lists; a request refused
+    as a whole (401, 403, another 400, a TLS or URL error) sets ``fatal``. ``stop`` cuts a wait
+    between attempts short (what was not delivered is then ``undelivered``); ``on_retry`` hears
+    each retry as it is scheduled (``retrying: connection refused (attempt 3, next in 9 s)``).
+    """
+    result = BatchResult()
+    exporter = HttpExporter(transport)
+    records = [bytes(payload) for payload in payloads]  # distinct objects: found by identity
+    position = {id(record): index for index, record in enumerate(records)}
+    work = deque([records])
+
+    def leave(items: list[bytes]) -> BatchResult:
+        result.undelivered.extend(position[id(item)] for item in items)
+        result.undelivered.extend(position[id(item)] for rest in work for item in rest)
+        return result
+
+    while work:
+        current = work.popleft()
+        attempts, started = 0, time.monotonic()
+        while current:
+            outcome = exporter.export(
+                Batch("import", current), time.monotonic() + exporter.timeout
+            )
+            attempts += 1
+            result.accepted.extend(position[id(item)] for item in outcome.delivered)
+            for _reason, items, error in outcome.dropped:
+                if isinstance(error, PartialImportError) or (
+                    isinstance(error, PayloadTooLargeError) and len(items) == 1
+                ):
+                    reasons = {
+                        position[id(current[index])]: words
+                        for index, words in _refusal_reasons(error, current).items()
+                    }
+                    result.refused.extend(
+                        (position[id(item)], reasons.get(position[id(item)], str(error)))
+                        for item in items
+                    )
                 else:
-                    merged.append([start, end])
-            self.done[path] = merged
-            self._save()
+                    result.fatal = str(error)
+                    return leave(items)
+            if outcome.split:
+                work.extendleft(reversed(outcome.split))
+                break
+            if not outcome.retry:
+                break
+            assert outcome.error is not None
+            result.retry_cause = describe_failure(outcome.error)
+            now = time.monotonic()
+            decision = next_attempt(policy, outcome.error, attempts, started, now)
+            if stop.is_set() or decision.retry_at is None:
+                return leave(outcome.retry)
+            delay = decision.retry_at - now
+            if on_retry is not None:
+                on_retry(
+                    f"retrying: {result.retry_cause} (attempt {attempts}, next in {delay:.0f} s)"
+                )
+            if stop.wait(delay):
+                return leave(outcome.retry)
+            current = outcome.retry
+    return result
 
-    def _save(self) -> None:
-        if self.path is None:
-            return
-        temp = self.path.with_name(self.path.name + ".tmp")
-        temp.write_text(json.dumps({"version": 1, "done": self.done}), encoding="utf-8")
-        os.replace(temp, self.path)
 
-    def discard(self) -> None:
-        if self.path is not None:
-            with contextlib.suppress(OSError):
-                self.path.unlink()
+# --------------------------------------------------------------------------- progress display
 
 
 class _Progress:
-    """A progress bar on a terminal, plain periodic lines otherwise."""
+    """A progress bar on a terminal, plain periodic lines otherwise (main thread only)."""
 
-    def __init__(self, stream: TextIO, total: int, interval: float = 5.0) -> None:
+    def __init__(self, stream: TextIO, interval: float = 5.0) -> None:
         self.stream = stream
-        self.total = max(total, 1)
-        self.tty = stream.isatty()
+        try:
+            self.tty = stream.isatty()
+        except (AttributeError, ValueError):
+            self.tty = False
         self.interval = 0.2 if self.tty else interval
-        self.started = time.monotonic()
-        self._last = 0.0
+        self.total: int | None = None
         self.done = 0
+        self.started = time.monotonic()
+        self._note: str | None = None
+        self._last = 0.0
+        self._drawn = False
 
-    def update(self, done: int, force: bool = False) -> None:
-        self.done = done
+    def start(self, total: int | None) -> None:
+        self.total, self.started = total, time.monotonic()
+        if total != 0:
+            self.draw(force=True)
+
+    def advance(self, count: int) -> None:
+        self.done += count
+        self.draw()
+
+    def note(self, text: str | None) -> None:
+        """Show ``text`` (why requests are being retried) beside the counts; ``None`` clears it."""
+        if text != self._note:
+            self._note = text
+            self.draw(force=text is not None)
+
+    def message(self, text: str) -> None:
+        """A line of its own (the bar, if any, is drawn again after it)."""
+        if self.tty and self._drawn:
+            self.stream.write("\r\x1b[K")
+        self.stream.write(text + "\n")
+        self.stream.flush()
+        self._drawn = False
+
+    def draw(self, force: bool = False) -> None:
         now = time.monotonic()
         if not force and now - self._last < self.interval:
             return
         self._last = now
-        elapsed = max(now - self.started, 1e-6)
-        rate = done / elapsed
-        remaining = (self.total - done) / rate if rate > 0 else float("inf")
-        eta = (
-            "--:--" if remaining == float("inf") else time.strftime("%M:%S", time.gmtime(remaining))
-        )
-        if self.tty:
-            width = 30
-            filled = int(width * min(done / self.total, 1.0))
-            bar = "#" * filled + "." * (width - filled)
-            self.stream.write(
-                f"\r[{bar}] {done:,}/{self.total:,} records  {rate:,.0f}/s  ETA {eta} "
-            )
+        done, total = self.done, self.total
+        rate = done / max(now - self.started, 1e-6)
+        note = f"  {self._note}" if self._note else ""
+        if total is None:
+            counts, eta = f"{done:,} lines", ""
         else:
-            percent = 100 * done / self.total
-            self.stream.write(
-                f"processed {done:,}/{self.total:,} records ({percent:.0f}%), {rate:,.0f}/s, ETA {eta}\n"
+            left = max(total - done, 0)
+            eta = (
+                "--:--"
+                if rate <= 0 and left
+                else time.strftime("%M:%S", time.gmtime(left / rate if left else 0))
             )
+            counts = f"{done:,}/{total:,} lines"
+        if self.tty:
+            bar = ""
+            if total is not None:
+                filled = int(30 * min(done / total, 1.0)) if total else 30
+                bar = "[" + "#" * filled + "." * (30 - filled) + "] "
+            timing = f"  ETA {eta}" if eta else ""
+            self.stream.write(f"\r{bar}{counts}  {rate:,.0f}/s{timing}{note}\x1b[K")
+            self._drawn = True
+        else:
+            share = f" ({100 * done / total:.0f}%)" if total else ""
+            timing = f", ETA {eta}" if eta else ""
+            self.stream.write(f"processed {counts}{share}, {rate:,.0f}/s{timing}{note}\n")
         self.stream.flush()
 
     def finish(self) -> None:
-        self.update(self.done, force=True)
+        self._note = None
+        self.draw(force=True)
         if self.tty:
             self.stream.write("\n")
             self.stream.flush()
 
 
-class Importer:
-    """Runs one import: read, batch, post with retries, record progress, summarise.
+# --------------------------------------------------------------------------- the run
 
-    ``consumer_factory`` makes the synchronous :class:`~mp_logbridge.Consumer` each worker
-    thread posts with (one per thread: its own connection pool and error reports).
+
+@dataclass
+class _Plan:
+    """One input of the run."""
+
+    name: str  # as given
+    key: str  # absolute path (the progress file's key), or "-"
+    regular: bool  # a regular file: read twice, resumable
+    scan: Scan | None = None
+    live: SourceProgress | None = None  # its progress, when kept
+
+
+class _Batch:
+    """Records of consecutive entries of one input, sent as one request."""
+
+    __slots__ = ("clean", "entries", "lines", "origin", "payloads", "plan", "segment", "size")
+
+    def __init__(self, plan: _Plan, segment: int) -> None:
+        self.plan = plan
+        self.segment = segment  # batches never span segments (see SourceProgress)
+        self.payloads: list[bytes] = []
+        self.origin: list[int] = []  # the entry position of each payload
+        self.lines: dict[int, int] = {}  # entry position -> line it starts on
+        self.clean: list[int] = []  # entries done without a record: blank, or none to send
+        self.entries = 0  # non-blank entries handled (what the progress counts)
+        self.size = 2  # the request body's brackets
+
+    def take(self, entry: Entry, payloads: list[bytes] | None) -> None:
+        """Account for a non-blank entry: its records, none (done as is) or ``None`` (refused)."""
+        self.entries += 1
+        if payloads is None:
+            return
+        if not payloads:
+            self.clean.append(entry.position)
+            return
+        self.payloads.extend(payloads)
+        self.origin.extend([entry.position] * len(payloads))
+        self.lines[entry.position] = entry.line
+        self.size += sum(len(payload) + 1 for payload in payloads)
+
+
+class Importer:
+    """Runs one import: read, batch, post with retries, keep progress, summarise.
+
+    ``progress`` is where the progress line and notices go (standard error by default);
+    ``on_reject`` hears of every entry or record not imported, as it happens.
     """
 
     def __init__(
         self,
         options: ImportOptions,
-        consumer_factory: Callable[[], Consumer] | None,
         *,
         progress: TextIO | None = None,
         now: Callable[[], float] = time.time,
-        interrupt_grace: float = 10.0,
+        on_reject: Callable[[Rejected], None] | None = None,
     ) -> None:
+        if options.endpoints is None and not options.dry_run:
+            raise ConfigurationError("importing needs the endpoints to send to")
         self.options = options
-        self.consumer_factory = consumer_factory
-        self.progress_stream = progress or sys.stderr
         self.now = now
-        self.interrupt_grace = interrupt_grace
+        self.on_reject = on_reject
         self.summary = ImportSummary()
-        self._lock = threading.Lock()
+        self.progress = _Progress(progress or sys.stderr)
+        self.progress_file: ProgressFile | None = None
         self._spec = BridgeSpec(options.token) if options.token else None
-        state = options.state_path
-        self.state = _State(Path(state) if state and not options.dry_run else None)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._notes: dict[int, str] = {}  # worker -> why it is retrying
+        self._gave_up: str | None = None  # why a batch ran out of retries
+        self._in_flight = 0
+        self._plans = [
+            _Plan(name, STDIN if name == STDIN else os.path.realpath(name), is_regular_file(name))
+            for name in options.files
+        ]
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> ImportSummary:
+        """Import every input; returns the summary.
+
+        A first ``KeyboardInterrupt`` stops reading, waits up to ``interrupt_grace`` seconds for
+        the requests in flight and saves the progress; a second one stops at once (the progress
+        is saved all the same).
+
+        Raises:
+            ConfigurationError: the progress file cannot be written.
+        """
+        started = time.monotonic()
+        sending = False
+        try:
+            self._prepare()
+            self.progress.start(self._total())
+            sending = True
+            if self.options.dry_run:
+                self._check_all()
+            else:
+                self._post_all()
+        except KeyboardInterrupt:  # while reading the files first: nothing was sent
+            self.summary.interrupted = True
+        finally:
+            if sending:
+                self._save(final=True)
+                self.progress.finish()
+            self.summary.elapsed = time.monotonic() - started
+        return self.summary
+
+    def _notice(self, text: str) -> None:
+        self.progress.message(text)
+
+    def _prepare(self) -> None:
+        """Read each regular file once: its size, and what an earlier run already imported."""
+        options = self.options
+        regular = [plan for plan in self._plans if plan.regular]
+        if options.keep_progress and not options.dry_run and regular:
+            assert options.endpoints is not None
+            destination = destination_of(
+                options.endpoints.import_, options.credentials, options.token, options.tag
+            )
+            path = (
+                Path(options.state_path)
+                if options.state_path
+                else default_progress_path(destination, (plan.key for plan in regular))
+            )
+            self.progress_file = progress = ProgressFile(path, destination)
+            if options.resume:
+                why = progress.load()
+                if why:
+                    self._notice(why)
+                elif progress.saved_at is not None:
+                    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(progress.saved_at))
+                    self._notice(f"resuming with the progress saved in {path} at {when}")
+            elif path.exists():
+                self._notice(f"--no-resume: the progress in {path} is not used; it is replaced")
+        files = self.progress_file.sources if self.progress_file else {}
+        for plan in regular:
+            earlier = files.get(plan.key)
+            try:
+                with open_source(plan.name) as opened:
+                    plan.scan = scan_entries(entries(opened, parse=False), opened.identity, earlier)
+                    identity = opened.identity
+            except READ_ERRORS:
+                continue  # reported when it is read for sending
+            if self.progress_file is not None:
+                plan.live = SourceProgress(identity, plan.scan.skip, plan.scan.verified)
+                self.progress_file.live[plan.key] = plan.live
+            self._report_scan(plan, plan.scan, earlier is not None)
+        if self.progress_file is not None:
+            try:
+                self.progress_file.save()
+                self.summary.progress_path = str(self.progress_file.path)
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"cannot write the progress file {self.progress_file.path}: "
+                    f"{exc.strerror or exc} (choose another with --state)"
+                ) from exc
+
+    def _report_scan(self, plan: _Plan, scan: Scan, known: bool) -> None:
+        if not known:
+            return
+        if scan.change or scan.stale:
+            what = f"was {scan.change}" if scan.change else "has changed"
+            again = (
+                f"; {scan.stale:,} line(s) imported then are not the same now and are sent again"
+                if scan.stale
+                else ""
+            )
+            self._notice(f"{plan.name} {what} since the earlier run{again}")
+        if scan.skip_nonblank:
+            self._notice(
+                f"{plan.name}: {scan.skip_nonblank:,} of {scan.nonblank:,} line(s) were imported "
+                "by an earlier run and are skipped"
+            )
+
+    def _total(self) -> int | None:
+        if any(plan.scan is None for plan in self._plans):
+            return None  # standard input or a pipe: read once, length unknown
+        return sum(p.scan.nonblank - p.scan.skip_nonblank for p in self._plans if p.scan)
+
+    def _save(self, final: bool = False) -> None:
+        progress = self.progress_file
+        if progress is None or self.summary.progress_error:
+            return
+        try:
+            progress.save(every=0.0 if final else 1.0)
+        except OSError as exc:
+            self.summary.progress_error = f"cannot save the progress in {progress.path}: {exc}"
+            self._notice(f"warning: {self.summary.progress_error}")
+
+    def _reject(self, path: str, line: int, reason: str) -> None:
+        item = Rejected(path, line, reason)
+        with self._lock:
+            self.summary.rejected_count += 1
+            if len(self.summary.rejected) < _KEPT_REJECTS:
+                self.summary.rejected.append(item)
+        if self.on_reject is not None:
+            self.on_reject(item)
 
     # ------------------------------------------------------------------ reading
 
-    def _lines(self) -> Iterator[tuple[str, int, str]]:
-        for name in self.options.files:
-            with open(name, encoding="utf-8") as handle:
-                for number, text in enumerate(handle, start=1):
-                    yield name, number, text
+    def _read(self, plan: _Plan) -> Iterator[Entry]:
+        """The entries of one input, checked against what the first reading saw."""
+        scan = plan.scan
+        expected = {last: digest for _first, last, digest in scan.content} if scan else {}
+        digests = SegmentDigests()
+        try:
+            with open_source(plan.name) as opened:
+                for entry in entries(opened):
+                    if scan is not None:
+                        if entry.position > scan.entries:
+                            self._notice(
+                                f"{plan.name} grew while it was being imported; what was added "
+                                "is left for the next run"
+                            )
+                            return
+                        digests.add(entry.position, entry.digest)
+                        if expected.get(entry.position, digests.current()) != digests.current():
+                            self._changed_while_read(plan, digests.first, entry.line)
+                            return
+                    yield entry
+                    if entry.final:
+                        return
+        except READ_ERRORS as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            self._reject(plan.name, 0, f"cannot read: {reason}")
+            return
+        if scan is not None and digests.last < scan.entries:
+            self._changed_while_read(plan, digests.first, digests.last)
 
-    def _count(self) -> int:
-        total = 0
-        for name in self.options.files:
-            with open(name, "rb") as handle:
-                total += sum(1 for raw in handle if raw.strip())
-        return total
+    def _changed_while_read(self, plan: _Plan, first: int, line: int) -> None:
+        """The file is not what was read first: keep only the progress before ``first``."""
+        self._reject(
+            plan.name,
+            line,
+            "the file changed while it was being imported; the rest is left for the next run",
+        )
+        if plan.live is not None:
+            plan.live.truncate(first)
 
-    def _reject(self, path: str, line: int, reason: str) -> None:
-        with self._lock:
-            self.summary.rejected.append(Rejected(path, line, reason))
+    def _records(self, plan: _Plan, entry: Entry) -> list[bytes] | None:
+        """The encoded records of an entry, or ``None`` (reported) if it cannot be imported.
+
+        All or nothing: if one record of an entry is refused, none of them is sent.
+        """
+        problem = entry.problem
+        payloads = []
+        if problem is None:
+            try:
+                for record in records_of_line(entry.value, tag=self.options.tag, spec=self._spec):
+                    payload = encode_message(record)
+                    found = check_record("/import", record, now=self.now())
+                    if found is not None:
+                        problem = f"{found[0] or 'record'}: {found[1]}"
+                        break
+                    payloads.append(payload)
+            except InvalidMessageError as exc:
+                problem = str(exc)
+            except (ValueError, TypeError, RecursionError) as exc:
+                problem = f"cannot be imported: {type(exc).__name__}: {exc}"
+        if problem is None and len(payloads) > MAX_BATCH_RECORDS:
+            problem = f"holds {len(payloads):,} events; one request takes at most 2000"
+        if problem is not None:
+            self._reject(plan.name, entry.line, problem)
+            return None
+        return payloads
 
     def _batches(self) -> Iterator[_Batch]:
         options = self.options
-        batch: _Batch | None = None
-        size = 2
-        for path, number, text in self._lines():
-            if not text.strip():
-                continue
-            if self.state.is_done(path, number):
-                self.summary.resumed_lines += 1
-                continue
-            if batch is not None and batch.path != path:
-                yield batch
-                batch, size = None, 2
-            try:
-                records = records_of_line(json.loads(text), tag=options.tag, spec=self._spec)
-                encoded = [encode_message(record) for record in records]
-            except ValueError as exc:  # JSON errors and InvalidMessageError
-                reason = (
-                    str(exc) if isinstance(exc, InvalidMessageError) else f"not valid JSON: {exc}"
-                )
-                self._reject(path, number, reason)
-                records, encoded = [], []
-            for record, payload in zip(records, encoded, strict=True):
-                problem = check_record("/import", record, now=self.now())
-                if problem is not None:
-                    self._reject(path, number, f"{problem[0] or 'record'}: {problem[1]}")
+        for plan in self._plans:
+            skip, live = plan.scan.skip if plan.scan else Ranges(), plan.live
+            batch = _Batch(plan, 0)
+            for entry in self._read(plan):
+                if self._stop.is_set():
+                    return
+                segment = segment_of(entry.position)
+                if segment != batch.segment:
+                    if batch.entries or batch.clean:
+                        yield self._dispatch(batch)
+                    batch = _Batch(plan, segment)
+                if live is not None:
+                    live.read(entry.position, entry.digest)
+                if entry.position in skip:
+                    self.summary.skipped_lines += int(not entry.blank)
                     continue
-                if batch is not None and (
-                    len(batch.items) >= options.batch_size
-                    or size + len(payload) + 1 > options.max_batch_bytes
-                ):
-                    yield batch
-                    batch, size = None, 2
-                if batch is None:
-                    batch = _Batch(path, number, number, [], {})
-                batch.items.append(payload)
-                batch.origins[str(record["properties"].get("$insert_id"))] = number
-                size += len(payload) + 1
-            if batch is None:
-                batch = _Batch(path, number, number, [], {})
-            batch.last_line = number
-        if batch is not None:
-            yield batch
+                if entry.blank:
+                    batch.clean.append(entry.position)
+                else:
+                    self.summary.lines += 1
+                    payloads = self._records(plan, entry)
+                    if payloads and batch.payloads:
+                        size = sum(len(payload) + 1 for payload in payloads)
+                        if (
+                            len(batch.payloads) + len(payloads) > options.batch_size
+                            or batch.size + size > options.max_batch_bytes
+                        ):
+                            yield self._dispatch(batch)
+                            batch = _Batch(plan, segment)
+                    batch.take(entry, payloads)
+                if not batch.payloads and batch.entries + len(batch.clean) >= _EMPTY_BATCH:
+                    yield self._dispatch(batch)  # entries without records, a few at a time
+                    batch = _Batch(plan, segment)
+            if batch.entries or batch.clean:
+                yield self._dispatch(batch)
+            if live is not None:
+                live.end()
+
+    @staticmethod
+    def _dispatch(batch: _Batch) -> _Batch:
+        if batch.plan.live is not None:
+            batch.plan.live.begin(batch.segment)
+        return batch
+
+    # ------------------------------------------------------------------ dry run
+
+    def _check_all(self) -> None:
+        for batch in self._batches():
+            self.summary.imported += len(batch.payloads)
+            self.progress.advance(batch.entries)
 
     # ------------------------------------------------------------------ sending
 
-    def _send(
-        self, consumer: Consumer, failures: list[tuple[BaseException, list[Any]]], batch: _Batch
-    ) -> tuple[int, int]:
-        """Post one batch with retries; returns ``(imported, undelivered)``."""
-        if not batch.items:
-            return 0, 0
-        failures.clear()
-        before = consumer.stats()["sent"]
-        left, _error = consumer._deliver("import", batch.items, None)
-        imported = consumer.stats()["sent"] - before
-        for exc, records in failures:  # refused for good (retries that ran out are in ``left``)
-            if isinstance(exc, RejectedError) and exc.status_code in (401, 403):
-                self.summary.fatal = str(
-                    exc
-                )  # bad credentials: every batch would fail the same way
-                return imported, len(batch.items) - imported
-            details = {}
-            if isinstance(exc, PartialImportError):
-                for entry in exc.failed_records:
-                    key = entry.get("insert_id") or entry.get("$insert_id")
-                    details[str(key)] = (
-                        f"{entry.get('field', '')}: {entry.get('message', '')}".strip(": ")
-                    )
-            for record in records:
-                props = record.get("properties", {}) if isinstance(record, dict) else {}
-                insert_id = str(props.get("$insert_id"))
-                line = batch.origins.get(insert_id, batch.first_line)
-                self._reject(batch.path, line, details.get(insert_id) or str(exc))
-        return imported, len(left)
+    def _post_all(self) -> None:
+        workers = max(1, self.options.workers)
+        work: queue.Queue[_Batch | None] = queue.Queue(maxsize=workers * 2)
+        results: queue.Queue[tuple[_Batch, BatchResult]] = queue.Queue()
+        threads = [
+            threading.Thread(
+                target=self._worker, args=(index, work, results), name="mp-import", daemon=True
+            )
+            for index in range(workers)
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            try:
+                for batch in self._batches():
+                    if not batch.payloads:
+                        self._complete(batch, BatchResult())
+                        continue
+                    while True:
+                        try:
+                            work.put(batch, timeout=0.2)
+                            break
+                        except queue.Full:
+                            self._collect(results, 0)
+                    self._in_flight += 1
+                    while self._collect(results, 0):
+                        pass
+                    if self._stop.is_set():
+                        break
+                while self._in_flight:
+                    self._collect(results, 0.2)
+            except KeyboardInterrupt:
+                try:
+                    self._wind_down(work, results)
+                except KeyboardInterrupt:
+                    self.summary.stopped_at_once = True
+                    self._notice("stopped; requests still in flight are sent again by the next run")
+        finally:
+            self._stop.set()
+            self._unqueue(work)
+            for _ in threads:
+                work.put_nowait(None)
+
+    def _unqueue(self, work: queue.Queue[_Batch | None]) -> None:
+        """Take back the batches no worker has started (they are left for the next run)."""
+        while True:
+            try:
+                if work.get_nowait() is not None:
+                    self._in_flight -= 1
+            except queue.Empty:
+                return
+
+    def _wind_down(
+        self, work: queue.Queue[_Batch | None], results: queue.Queue[tuple[_Batch, BatchResult]]
+    ) -> None:
+        """After a first interrupt: send nothing new, give the requests in flight a moment."""
+        self.summary.interrupted = True
+        self._stop.set()
+        self._unqueue(work)
+        grace = self.options.interrupt_grace
+        if self._in_flight:
+            self._notice(
+                f"interrupted: waiting up to {grace:g} s for {self._in_flight} request(s) in "
+                "flight; press Ctrl-C again to stop at once"
+            )
+        else:
+            self._notice("interrupted: no request in flight; stopping")
+        deadline = time.monotonic() + grace
+        while self._in_flight and time.monotonic() < deadline:
+            self._collect(results, min(0.2, max(0.0, deadline - time.monotonic())))
+
+    def _collect(self, results: queue.Queue[tuple[_Batch, BatchResult]], wait: float) -> bool:
+        """Take one finished batch, waiting up to ``wait`` seconds; refresh the display."""
+        try:
+            batch, result = results.get(timeout=wait) if wait > 0 else results.get_nowait()
+        except queue.Empty:
+            with self._lock:
+                note = next(iter(self._notes.values()), None)
+            self.progress.note(note)
+            self.progress.draw()
+            return False
+        self._in_flight -= 1
+        self._complete(batch, result)
+        return True
+
+    def _complete(self, batch: _Batch, result: BatchResult) -> None:
+        summary, plan = self.summary, batch.plan
+        summary.imported += len(result.accepted)
+        summary.undelivered += len(result.undelivered)
+        for index, reason in result.refused:
+            position = batch.origin[index]
+            self._reject(plan.name, batch.lines[position], reason)
+        if plan.live is not None:  # an entry is done once every record of it was accepted
+            accepted = set(result.accepted)
+            left = {p for index, p in enumerate(batch.origin) if index not in accepted}
+            done = set(batch.origin) - left
+            plan.live.finish(batch.segment, [*done, *batch.clean])
+            self._save()
+        if result.fatal and not summary.fatal:
+            summary.fatal = result.fatal
+        if self._gave_up and not summary.gave_up:
+            summary.gave_up = self._gave_up
+            self._notice(
+                f"giving up after retrying for a while ({summary.gave_up}); "
+                "nothing more is sent this run"
+            )
+        self.progress.advance(batch.entries)
 
     def _worker(
-        self, work: queue.Queue[_Batch | None], results: queue.Queue[tuple[_Batch, int, int]]
+        self,
+        index: int,
+        work: queue.Queue[_Batch | None],
+        results: queue.Queue[tuple[_Batch, BatchResult]],
     ) -> None:
-        assert self.consumer_factory is not None
-        consumer = self.consumer_factory()
-        failures: list[tuple[BaseException, list[Any]]] = []
-        consumer.on_error = lambda exc, records: failures.append((exc, records))
+        options = self.options
+        assert options.endpoints is not None
+        transport = Transport(
+            options.endpoints, credentials=options.credentials, timeout=options.request_timeout
+        )
+
+        def on_retry(text: str) -> None:
+            with self._lock:
+                self._notes[index] = text
+
         try:
             while True:
                 batch = work.get()
                 if batch is None:
                     return
-                if self.summary.fatal:  # credentials were refused: do not send more batches
-                    results.put((batch, 0, len(batch.items)))
-                    continue
-                try:
-                    imported, undelivered = self._send(consumer, failures, batch)
-                except (
-                    Exception
-                ) as exc:  # a bug must not hang the run: count the batch as undelivered
-                    self._reject(batch.path, batch.first_line, f"{type(exc).__name__}: {exc}")
-                    imported, undelivered = 0, len(batch.items)
-                results.put((batch, imported, undelivered))
-        finally:
-            consumer.close()
-
-    def run(self) -> ImportSummary:
-        """Import every file; returns the summary.
-
-        ``KeyboardInterrupt`` stops reading, waits up to ``interrupt_grace`` seconds for the
-        batches in flight, saves the progress and returns with ``interrupted`` set.
-        """
-        started = time.monotonic()
-        progress = _Progress(self.progress_stream, self._count())
-        try:
-            if self.options.dry_run:
-                for batch in self._batches():
-                    self.summary.imported += len(batch.items)
-                    progress.update(self.summary.imported)
-                return self.summary
-            self._post_all(progress)
-            if self.summary.ok:
-                self.state.discard()
-            return self.summary
-        finally:
-            progress.finish()
-            self.summary.elapsed = time.monotonic() - started
-
-    def _post_all(self, progress: _Progress) -> None:
-        workers = max(1, self.options.workers)
-        work: queue.Queue[_Batch | None] = queue.Queue(maxsize=workers * 2)
-        results: queue.Queue[tuple[_Batch, int, int]] = queue.Queue()
-        threads = [
-            threading.Thread(
-                target=self._worker, args=(work, results), name="mp-import", daemon=True
-            )
-            for _ in range(workers)
-        ]
-        for thread in threads:
-            thread.start()
-        in_flight = 0
-        done = 0
-
-        def collect(block: bool, timeout: float | None = None) -> bool:
-            nonlocal in_flight, done
-            try:
-                batch, imported, undelivered = results.get(block=block, timeout=timeout)
-            except queue.Empty:
-                return False
-            in_flight -= 1
-            self.summary.imported += imported
-            self.summary.undelivered += undelivered
-            if not undelivered:
-                self.state.mark(batch.path, batch.first_line, batch.last_line)
-            done += len(batch.items)
-            progress.update(done)
-            return True
-
-        try:
-            for batch in self._batches():
-                if self.summary.fatal:
-                    break
-                while True:
+                if self._stop.is_set():
+                    result = BatchResult()  # not sent: left for the next run, not counted
+                else:
                     try:
-                        work.put(batch, timeout=0.2)
-                        break
-                    except queue.Full:
-                        collect(block=False)
-                in_flight += 1
-                while collect(block=False):
-                    pass
-            if self.summary.fatal:
-                with contextlib.suppress(queue.Empty):
-                    while True:  # batches not started yet are not sent
-                        if work.get_nowait() is not None:
-                            in_flight -= 1
-            for _ in threads:
-                work.put(None)
-            while in_flight:
-                collect(block=True)
-        except KeyboardInterrupt:
-            self.summary.interrupted = True
-            with contextlib.suppress(queue.Empty):
-                while True:  # batches not started yet are simply not sent
-                    if work.get_nowait() is not None:
-                        in_flight -= 1
-            deadline = time.monotonic() + self.interrupt_grace
-            while in_flight and time.monotonic() < deadline:
-                collect(block=True, timeout=max(0.0, deadline - time.monotonic()))
+                        result = send_import_batch(
+                            transport,
+                            batch.payloads,
+                            options.retry,
+                            stop=self._stop,
+                            on_retry=on_retry,
+                        )
+                    except Exception as exc:  # a bug must not hang the run
+                        result = BatchResult(
+                            undelivered=list(range(len(batch.payloads))),
+                            fatal=f"unexpected error while sending: {type(exc).__name__}: {exc}",
+                        )
+                with self._lock:
+                    self._notes.pop(index, None)
+                    if result.undelivered and not result.fatal and not self._stop.is_set():
+                        self._gave_up = result.retry_cause or "the server kept failing"
+                if result.fatal or self._gave_up:
+                    self._stop.set()  # before this worker or another takes the next batch
+                results.put((batch, result))
+        finally:
+            transport.close()

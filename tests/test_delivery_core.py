@@ -761,3 +761,22 @@ def test_logging_at_warning_during_exit_is_not_reentrant(run_python) -> None:
     assert "connection refused" in result.stderr  # reported on stderr, counted
     assert result.stderr.count("mp_logbridge dropped") == 1  # and not fed back into logging
     assert logging.getLogger("mp_logbridge").propagate is False
+
+
+def test_a_partial_import_without_indexes_is_matched_by_insert_id() -> None:
+    from mp_logbridge._errors import PartialImportError
+    from mp_logbridge._export import classify
+    from mp_logbridge._records import encode_record
+
+    batch = [encode_record(event_record(f"pi-{n}")) for n in range(4)]
+    named = PartialImportError(
+        "HTTP 400", failed_records=[{"insert_id": "pi-2", "field": "time"}], num_records_imported=3
+    )
+    outcome = classify(batch, named)
+    assert [r for r in outcome.delivered] == [batch[0], batch[1], batch[3]]
+    [(reason, refused, _error)] = outcome.dropped
+    assert reason == "rejected_by_server" and refused == [batch[2]]
+    # The server says records failed but names none we can match: none counts as delivered.
+    vague = PartialImportError("HTTP 400", failed_records=[{"message": "?"}], num_records_imported=2)
+    outcome = classify(batch, vague)
+    assert outcome.delivered == [] and outcome.dropped[0][1] == batch
