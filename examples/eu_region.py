@@ -11,15 +11,17 @@ Run it: ``python examples/eu_region.py`` (it resolves the real EU endpoints but 
 local receiver standing in for them).
 """
 
-from mp_logbridge import AsyncConsumer, Consumer, Tracker, resolve_endpoints
+from mp_logbridge import Consumer, Tracker
+from mp_logbridge.consumers import BackgroundConsumer
 from mp_logbridge.testing import MixpanelServer
+from mp_logbridge.transport import resolve_endpoints
 
 
 def main() -> None:
     # 1. A region name: every endpoint moves to the region's host.
     endpoints = resolve_endpoints(region="eu")
     print("region='eu' sends events to", endpoints.event, "and profiles to", endpoints.profile_update)
-    production = AsyncConsumer(region="eu")  # what you would use in production (not used here)
+    production = BackgroundConsumer(region="eu")  # what you would use in production (not used here)
     production.close()
 
     with MixpanelServer() as receiver:

@@ -21,7 +21,7 @@ import math
 import os
 import re
 import time as _time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any, Protocol
 
@@ -40,6 +40,10 @@ __all__ = [
     "MessageSource",
     "alias_event",
     "charge_transaction",
+    "check_distinct_id",
+    "check_ip",
+    "check_name",
+    "checked_mapping",
     "clean_token",
     "event",
     "event_time_ms",
@@ -48,6 +52,7 @@ __all__ = [
     "merge_event",
     "new_insert_id",
     "now_ms",
+    "operation_value",
     "profile_update",
 ]
 
@@ -164,7 +169,7 @@ def clean_token(token: str, owner: str) -> str:
     return stripped
 
 
-def _check_token(token: Any) -> str:
+def check_token(token: Any) -> str:
     if not isinstance(token, str) or not token.strip():
         raise InvalidMessageError(
             "token", "a Mixpanel project token (non-empty string) is required"
@@ -172,7 +177,7 @@ def _check_token(token: Any) -> str:
     return token
 
 
-def _check_distinct_id(value: Any, field: str) -> Any:
+def check_distinct_id(value: Any, field: str) -> Any:
     if type(value) is str and value:
         return value
     if isinstance(value, bool) or not isinstance(value, (str, int)):
@@ -182,13 +187,13 @@ def _check_distinct_id(value: Any, field: str) -> Any:
     return value
 
 
-def _check_name(value: Any, field: str) -> str:
+def check_name(value: Any, field: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise InvalidMessageError(field, f"must be a non-empty string, got {describe(value)}")
     return value
 
 
-def _check_insert_id(value: Any, field: str = "properties.$insert_id") -> None:
+def check_insert_id(value: Any, field: str = "properties.$insert_id") -> None:
     if type(value) is str and len(value) <= 36 and value.isascii() and value.isalnum():
         return  # the common case (hex ids) without the regular expression
     if not isinstance(value, str) or _INSERT_ID.fullmatch(value) is None:
@@ -197,14 +202,14 @@ def _check_insert_id(value: Any, field: str = "properties.$insert_id") -> None:
         )
 
 
-def _check_mapping(value: Any, field: str) -> dict[str, Any]:
+def checked_mapping(value: Any, field: str) -> dict[str, Any]:
     """A checked private copy of a mapping given by a caller (later changes to it are not sent)."""
     if type(value) is not dict and not isinstance(value, Mapping):
         raise InvalidMessageError(field, f"must be a mapping, got {type(value).__name__}")
     return snapshot_mapping(value, field)[0]
 
 
-def _check_ip(value: Any, field: str) -> Any:
+def check_ip(value: Any, field: str) -> Any:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise InvalidMessageError(
             field, f"must be an IP address string or 0, got {describe(value)}"
@@ -212,7 +217,7 @@ def _check_ip(value: Any, field: str) -> Any:
     return value
 
 
-def _check_count(record_properties: Mapping[str, Any], field: str) -> None:
+def check_count(record_properties: Mapping[str, Any], field: str) -> None:
     if len(record_properties) >= MAX_PROPERTIES:
         raise InvalidMessageError(
             field,
@@ -220,8 +225,14 @@ def _check_count(record_properties: Mapping[str, Any], field: str) -> None:
         )
 
 
-def _op_value(op: str, value: Any, allowed: Sequence[str] | frozenset[str]) -> Any:
-    """Check the value of one profile/group operation and return a private copy of it."""
+def operation_value(op: str, value: Any, kind: str = "profile_update") -> Any:
+    """Check the value of one profile (or, with ``kind="group_update"``, group) operation and
+    return a private copy of it.
+
+    Raises:
+        InvalidMessageError: naming the operation (and the property) and why.
+    """
+    allowed = GROUP_OPS if kind == "group_update" else PROFILE_OPS
     if op not in allowed:
         raise InvalidMessageError(op, f"unknown operation; expected one of {', '.join(allowed)}")
     if op == "$delete":
@@ -236,7 +247,7 @@ def _op_value(op: str, value: Any, allowed: Sequence[str] | frozenset[str]) -> A
                     op, f"property names must be strings, got {describe(name)}"
                 )
         return list(names)
-    mapping = _check_mapping(value, op)
+    mapping = checked_mapping(value, op)
     if op == "$add":
         for key, number in mapping.items():
             if isinstance(number, bool) or not isinstance(number, (int, float, Decimal)):
@@ -254,12 +265,12 @@ def _apply_params(
     record: dict[str, Any], ip: Any, optional_params: Mapping[str, Any] | None
 ) -> dict[str, Any]:
     if optional_params is not None:
-        params = _check_mapping(optional_params, "optional_params")
+        params = checked_mapping(optional_params, "optional_params")
         record.update(params)
         if "$time" in params:
             record["$time"] = event_time_ms(params["$time"], "optional_params.$time")
     if ip is not None:
-        record["$ip"] = _check_ip(ip, "ip")
+        record["$ip"] = check_ip(ip, "ip")
     return record
 
 
@@ -283,31 +294,31 @@ def event(
     geolocate" and is kept).
     """
     props: dict[str, Any] = {
-        "token": _check_token(token),
+        "token": check_token(token),
         "distinct_id": distinct_id,
         "time": now_ms() if time_ms is None else time_ms,
         "$insert_id": "",
         "mp_lib": LIB_NAME,
         "$lib_version": __version__,
     }
-    _check_name(name, "event")
+    check_name(name, "event")
     if properties is not None:
-        given = _check_mapping(properties, "properties")
+        given = checked_mapping(properties, "properties")
         props.update(given)
         if "time" in given:
             props["time"] = event_time_ms(given["time"])
         if "$insert_id" in given:
-            _check_insert_id(given["$insert_id"])
+            check_insert_id(given["$insert_id"])
     if not props["$insert_id"]:
         if insert_id is None:
             props["$insert_id"] = new_insert_id()
         else:
-            _check_insert_id(insert_id, "$insert_id")
+            check_insert_id(insert_id, "$insert_id")
             props["$insert_id"] = insert_id
-    _check_distinct_id(props["distinct_id"], "distinct_id")
+    check_distinct_id(props["distinct_id"], "distinct_id")
     if ip is not None:
-        props["ip"] = _check_ip(ip, "ip")
-    _check_count(props, "properties")
+        props["ip"] = check_ip(ip, "ip")
+    check_count(props, "properties")
     return {"event": name, "properties": props}
 
 
@@ -323,10 +334,10 @@ def profile_update(
 ) -> dict[str, Any]:
     """Build a user-profile update record (for ``/engage``)."""
     record: dict[str, Any] = {
-        "$token": _check_token(token),
+        "$token": check_token(token),
         "$time": now_ms() if time_ms is None else time_ms,
-        "$distinct_id": _check_distinct_id(distinct_id, "distinct_id"),
-        op: _op_value(op, value, _PROFILE_OP_SET),
+        "$distinct_id": check_distinct_id(distinct_id, "distinct_id"),
+        op: operation_value(op, value, "profile_update"),
     }
     return _apply_params(record, ip, optional_params)
 
@@ -344,11 +355,11 @@ def group_update(
 ) -> dict[str, Any]:
     """Build a group-profile update record (for ``/groups``)."""
     record: dict[str, Any] = {
-        "$token": _check_token(token),
+        "$token": check_token(token),
         "$time": now_ms() if time_ms is None else time_ms,
-        "$group_key": _check_name(group_key, "group_key"),
-        "$group_id": _check_distinct_id(group_id, "group_id"),
-        op: _op_value(op, value, GROUP_OPS),
+        "$group_key": check_name(group_key, "group_key"),
+        "$group_id": check_distinct_id(group_id, "group_id"),
+        op: operation_value(op, value, "group_update"),
     }
     return _apply_params(record, ip, optional_params)
 
@@ -359,7 +370,7 @@ def charge_transaction(amount: Any, properties: Mapping[str, Any] | None = None)
         raise InvalidMessageError("amount", f"must be a number, got {describe(amount)}")
     if not _is_finite(amount):
         raise InvalidMessageError("amount", f"{describe(amount)} is not a valid amount")
-    transaction = {} if properties is None else _check_mapping(properties, "properties")
+    transaction = {} if properties is None else checked_mapping(properties, "properties")
     transaction["$amount"] = amount
     return transaction
 
@@ -369,9 +380,9 @@ def alias_event(token: str, alias_id: str | int, real_id: str | int) -> dict[str
     return {
         "event": "$create_alias",
         "properties": {
-            "distinct_id": _check_distinct_id(real_id, "real_id"),
-            "alias": _check_distinct_id(alias_id, "alias_id"),
-            "token": _check_token(token),
+            "distinct_id": check_distinct_id(real_id, "real_id"),
+            "alias": check_distinct_id(alias_id, "alias_id"),
+            "token": check_token(token),
         },
     }
 
@@ -382,10 +393,10 @@ def merge_event(token: str, distinct_id1: str | int, distinct_id2: str | int) ->
         "event": "$merge",
         "properties": {
             "$distinct_ids": [
-                _check_distinct_id(distinct_id1, "distinct_id1"),
-                _check_distinct_id(distinct_id2, "distinct_id2"),
+                check_distinct_id(distinct_id1, "distinct_id1"),
+                check_distinct_id(distinct_id2, "distinct_id2"),
             ],
-            "token": _check_token(token),
+            "token": check_token(token),
         },
     }
 

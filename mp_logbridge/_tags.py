@@ -15,7 +15,8 @@ or a list of them, each written in Mixpanel's own record shape minus what the li
 * charge: ``{"$distinct_id": "u1", "$append": {"$transactions": {"$amount": 9.99}}}``.
 
 :data:`tag` builds these in the Tracker's vocabulary (``tag.track``, ``tag.people.set``,
-``tag.charge``, ``tag.groups.set``, ...); ``+`` puts several messages on one record.
+``tag.charge``, ``tag.groups.set``, ...), checking the arguments as the Tracker does; ``+``
+puts several messages on one record.
 
 This module also turns a tag into records: the caller's thread splits it by kind and captures
 the context (:class:`Capture`), and each :class:`TagMessage` is built into a record on the
@@ -30,16 +31,17 @@ from typing import Any
 
 from . import _messages as msg
 from ._context import BoundContext, format_span_ids, resolve_distinct_id, span_ids
-from ._errors import InvalidMessageError
+from ._errors import ConfigurationError, InvalidMessageError
 from ._values import describe, format_datetime, snapshot_mapping
+from ._vocabulary import GROUPS, PEOPLE, Operation
 
 __all__ = [
     "DEFAULT_TAG",
     "BridgeSpec",
     "Capture",
-    "Tag",
+    "TagBuilder",
+    "TagExtra",
     "TagMessage",
-    "Tags",
     "exception_properties",
     "split_tag",
     "tag",
@@ -56,13 +58,14 @@ _EVENT_KEYS = frozenset({"event", "properties"})
 # --------------------------------------------------------------------------- helpers
 
 
-class Tag(dict[str, Any]):
-    """The ``extra=`` mapping carrying Mixpanel messages; ``a + b`` carries both."""
+class TagExtra(dict[str, Any]):
+    """The ``extra=`` mapping carrying Mixpanel messages (what ``tag.*`` returns); ``a + b``
+    carries both."""
 
-    def __add__(self, other: Mapping[str, Any]) -> Tag:
+    def __add__(self, other: Mapping[str, Any]) -> TagExtra:
         if not isinstance(other, Mapping):
             return NotImplemented
-        combined = Tag(self)
+        combined = TagExtra(self)
         for key, value in other.items():
             if key in combined:
                 combined[key] = _as_list(combined[key]) + _as_list(value)
@@ -70,124 +73,145 @@ class Tag(dict[str, Any]):
                 combined[key] = value
         return combined
 
-    def __radd__(self, other: Mapping[str, Any]) -> Tag:
+    def __radd__(self, other: Mapping[str, Any]) -> TagExtra:
         if not isinstance(other, Mapping):
             return NotImplemented
-        return Tag(other) + self  # ``{...} + tag``: the left operand's messages come first
+        return TagExtra(other) + self  # ``{...} + tag``: the left operand's messages come first
 
 
 def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _with_params(
-    record: dict[str, Any], ip: Any, optional_params: Mapping[str, Any] | None
+def _update_tag(
+    record: dict[str, Any],
+    operation: Operation,
+    scope: str,
+    args: tuple[Any, ...],
+    ip: Any,
+    optional_params: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
-    if optional_params:
-        record.update(optional_params)
+    """A profile or group update in the tag's form, checked as the Tracker checks it."""
+    op, value = operation.apply(args, scope)
+    if optional_params is not None:
+        record.update(msg.checked_mapping(optional_params, "optional_params"))
+    record[op] = value
     if ip is not None:
-        record["$ip"] = ip
+        record["$ip"] = msg.check_ip(ip, "ip")
     return record
 
 
 class _PeopleTags:
-    """Profile-update tags (``tag.people.set(...)``), the Tracker's ``people`` vocabulary with an
-    optional keyword ``distinct_id`` (the bound user when omitted)."""
+    """Profile-update tags (``tag.people.set(...)``): the Tracker's ``people`` vocabulary
+    (:data:`~mp_logbridge._vocabulary.PEOPLE`), with the user as an optional keyword
+    ``distinct_id`` (the bound user when omitted). Arguments are checked at the call, as the
+    Tracker checks them."""
 
-    def __init__(self, tags: Tags) -> None:
+    def __init__(self, tags: TagBuilder) -> None:
         self._tags = tags
 
-    def _op(
+    def _do(
         self,
-        op: str,
-        value: Any,
+        name: str,
+        args: tuple[Any, ...],
         distinct_id: str | int | None,
         ip: Any = None,
         optional_params: Mapping[str, Any] | None = None,
-    ) -> Tag:
-        record: dict[str, Any] = {} if distinct_id is None else {"$distinct_id": distinct_id}
-        record[op] = value
-        return self._tags.message(_with_params(record, ip, optional_params))
+    ) -> TagExtra:
+        record: dict[str, Any] = {}
+        if distinct_id is not None:
+            record["$distinct_id"] = msg.check_distinct_id(distinct_id, "distinct_id")
+        return self._tags.message(
+            _update_tag(record, PEOPLE[name], "people", args, ip, optional_params)
+        )
 
     def set(
         self,
         properties: Mapping[str, Any],
         *,
         distinct_id: str | int | None = None,
-        ip: Any = None,
+        ip: str | int | None = None,
         optional_params: Mapping[str, Any] | None = None,
-    ) -> Tag:
+    ) -> TagExtra:
         """``$set`` profile properties."""
-        return self._op("$set", dict(properties), distinct_id, ip, optional_params)
+        return self._do("set", (properties,), distinct_id, ip, optional_params)
 
     def set_once(
         self,
         properties: Mapping[str, Any],
         *,
         distinct_id: str | int | None = None,
-        ip: Any = None,
+        ip: str | int | None = None,
         optional_params: Mapping[str, Any] | None = None,
-    ) -> Tag:
+    ) -> TagExtra:
         """``$set_once`` profile properties."""
-        return self._op("$set_once", dict(properties), distinct_id, ip, optional_params)
+        return self._do("set_once", (properties,), distinct_id, ip, optional_params)
 
     def increment(
         self,
         properties: Mapping[str, float],
         *,
         distinct_id: str | int | None = None,
-        ip: Any = None,
+        ip: str | int | None = None,
         optional_params: Mapping[str, Any] | None = None,
-    ) -> Tag:
+    ) -> TagExtra:
         """``$add`` to numeric profile properties."""
-        return self._op("$add", dict(properties), distinct_id, ip, optional_params)
+        return self._do("increment", (properties,), distinct_id, ip, optional_params)
+
+    def plus_one(
+        self,
+        property_name: str,
+        *,
+        distinct_id: str | int | None = None,
+        ip: str | int | None = None,
+        optional_params: Mapping[str, Any] | None = None,
+    ) -> TagExtra:
+        """``$add`` 1 to one numeric profile property."""
+        return self._do("plus_one", (property_name,), distinct_id, ip, optional_params)
 
     def append(
         self,
         properties: Mapping[str, Any],
         *,
         distinct_id: str | int | None = None,
-        ip: Any = None,
+        ip: str | int | None = None,
         optional_params: Mapping[str, Any] | None = None,
-    ) -> Tag:
+    ) -> TagExtra:
         """``$append`` to list properties."""
-        return self._op("$append", dict(properties), distinct_id, ip, optional_params)
+        return self._do("append", (properties,), distinct_id, ip, optional_params)
 
     def union(
         self,
         properties: Mapping[str, Sequence[Any]],
         *,
         distinct_id: str | int | None = None,
-        ip: Any = None,
+        ip: str | int | None = None,
         optional_params: Mapping[str, Any] | None = None,
-    ) -> Tag:
+    ) -> TagExtra:
         """``$union`` into list properties."""
-        return self._op(
-            "$union", {k: list(v) for k, v in properties.items()}, distinct_id, ip, optional_params
-        )
+        return self._do("union", (properties,), distinct_id, ip, optional_params)
 
     def remove(
         self,
         properties: Mapping[str, Any],
         *,
         distinct_id: str | int | None = None,
-        ip: Any = None,
+        ip: str | int | None = None,
         optional_params: Mapping[str, Any] | None = None,
-    ) -> Tag:
+    ) -> TagExtra:
         """``$remove`` from list properties."""
-        return self._op("$remove", dict(properties), distinct_id, ip, optional_params)
+        return self._do("remove", (properties,), distinct_id, ip, optional_params)
 
     def unset(
         self,
         properties: str | Sequence[str],
         *,
         distinct_id: str | int | None = None,
-        ip: Any = None,
+        ip: str | int | None = None,
         optional_params: Mapping[str, Any] | None = None,
-    ) -> Tag:
+    ) -> TagExtra:
         """``$unset`` profile properties (one name or a list)."""
-        names = [properties] if isinstance(properties, str) else list(properties)
-        return self._op("$unset", names, distinct_id, ip, optional_params)
+        return self._do("unset", (properties,), distinct_id, ip, optional_params)
 
     def track_charge(
         self,
@@ -195,133 +219,143 @@ class _PeopleTags:
         properties: Mapping[str, Any] | None = None,
         *,
         distinct_id: str | int | None = None,
-        ip: Any = None,
+        ip: str | int | None = None,
         optional_params: Mapping[str, Any] | None = None,
-    ) -> Tag:
+    ) -> TagExtra:
         """A revenue charge (``$append`` to ``$transactions``); its ``$time`` defaults to the
         time of the log record."""
-        transaction = {**(properties or {}), "$amount": amount}
-        return self._op("$append", {"$transactions": transaction}, distinct_id, ip, optional_params)
+        return self._do("track_charge", (amount, properties), distinct_id, ip, optional_params)
 
     def clear_charges(
         self,
         *,
         distinct_id: str | int | None = None,
-        ip: Any = None,
+        ip: str | int | None = None,
         optional_params: Mapping[str, Any] | None = None,
-    ) -> Tag:
+    ) -> TagExtra:
         """Remove all charges of the user."""
-        return self._op("$unset", ["$transactions"], distinct_id, ip, optional_params)
+        return self._do("clear_charges", (), distinct_id, ip, optional_params)
 
     def delete_user(
         self,
         *,
         distinct_id: str | int | None = None,
         optional_params: Mapping[str, Any] | None = None,
-    ) -> Tag:
+    ) -> TagExtra:
         """Delete the user's profile."""
-        return self._op("$delete", "", distinct_id, None, optional_params)
+        return self._do("delete_user", (), distinct_id, None, optional_params)
 
 
 class _GroupTags:
-    """Group-update tags (``tag.groups.set("Company", "Acme", {...})``)."""
+    """Group-update tags (``tag.groups.set("Company", "Acme", {...})``): the Tracker's
+    ``groups`` vocabulary (:data:`~mp_logbridge._vocabulary.GROUPS`), same arguments."""
 
-    def __init__(self, tags: Tags) -> None:
+    def __init__(self, tags: TagBuilder) -> None:
         self._tags = tags
 
-    def _op(
+    def _do(
         self,
+        name: str,
         group_key: str,
         group_id: str | int,
-        op: str,
-        value: Any,
+        args: tuple[Any, ...],
+        ip: Any = None,
         optional_params: Mapping[str, Any] | None = None,
-    ) -> Tag:
-        record = {"$group_key": group_key, "$group_id": group_id, op: value}
-        return self._tags.message(_with_params(record, None, optional_params))
+    ) -> TagExtra:
+        record = {
+            "$group_key": msg.check_name(group_key, "group_key"),
+            "$group_id": msg.check_distinct_id(group_id, "group_id"),
+        }
+        return self._tags.message(
+            _update_tag(record, GROUPS[name], "groups", args, ip, optional_params)
+        )
 
     def set(
         self,
         group_key: str,
         group_id: str | int,
         properties: Mapping[str, Any],
+        ip: str | int | None = None,
         optional_params: Mapping[str, Any] | None = None,
-    ) -> Tag:
+    ) -> TagExtra:
         """``$set`` group properties."""
-        return self._op(group_key, group_id, "$set", dict(properties), optional_params)
+        return self._do("set", group_key, group_id, (properties,), ip, optional_params)
 
     def set_once(
         self,
         group_key: str,
         group_id: str | int,
         properties: Mapping[str, Any],
+        ip: str | int | None = None,
         optional_params: Mapping[str, Any] | None = None,
-    ) -> Tag:
+    ) -> TagExtra:
         """``$set_once`` group properties."""
-        return self._op(group_key, group_id, "$set_once", dict(properties), optional_params)
-
-    def union(
-        self,
-        group_key: str,
-        group_id: str | int,
-        properties: Mapping[str, Sequence[Any]],
-        optional_params: Mapping[str, Any] | None = None,
-    ) -> Tag:
-        """``$union`` into group list properties."""
-        return self._op(
-            group_key,
-            group_id,
-            "$union",
-            {k: list(v) for k, v in properties.items()},
-            optional_params,
-        )
+        return self._do("set_once", group_key, group_id, (properties,), ip, optional_params)
 
     def remove(
         self,
         group_key: str,
         group_id: str | int,
         properties: Mapping[str, Any],
+        ip: str | int | None = None,
         optional_params: Mapping[str, Any] | None = None,
-    ) -> Tag:
+    ) -> TagExtra:
         """``$remove`` from group list properties."""
-        return self._op(group_key, group_id, "$remove", dict(properties), optional_params)
+        return self._do("remove", group_key, group_id, (properties,), ip, optional_params)
+
+    def union(
+        self,
+        group_key: str,
+        group_id: str | int,
+        properties: Mapping[str, Sequence[Any]],
+        ip: str | int | None = None,
+        optional_params: Mapping[str, Any] | None = None,
+    ) -> TagExtra:
+        """``$union`` into group list properties."""
+        return self._do("union", group_key, group_id, (properties,), ip, optional_params)
 
     def unset(
         self,
         group_key: str,
         group_id: str | int,
         properties: str | Sequence[str],
+        ip: str | int | None = None,
         optional_params: Mapping[str, Any] | None = None,
-    ) -> Tag:
+    ) -> TagExtra:
         """``$unset`` group properties."""
-        names = [properties] if isinstance(properties, str) else list(properties)
-        return self._op(group_key, group_id, "$unset", names, optional_params)
+        return self._do("unset", group_key, group_id, (properties,), ip, optional_params)
 
     def delete_group(
-        self, group_key: str, group_id: str | int, optional_params: Mapping[str, Any] | None = None
-    ) -> Tag:
+        self,
+        group_key: str,
+        group_id: str | int,
+        optional_params: Mapping[str, Any] | None = None,
+    ) -> TagExtra:
         """Delete the group profile."""
-        return self._op(group_key, group_id, "$delete", "", optional_params)
+        return self._do("delete_group", group_key, group_id, (), None, optional_params)
 
 
-class Tags:
+class TagBuilder:
     """Builds tags for ``extra=`` (or structlog keyword arguments) under one attribute name.
 
-    ``tag = Tags()`` uses the default name ``"mixpanel"``; make a ``Tags("other")`` when the
-    handler is configured with another ``tag=``. Helpers never raise on values: the handler
-    checks them and counts what it cannot send.
+    :data:`tag` uses the default name ``"mixpanel"``; make a ``TagBuilder("other")`` when the
+    handler is configured with another ``tag=``. The builders check their arguments at the call
+    as the :class:`~mp_logbridge.Tracker` does, and raise
+    :class:`~mp_logbridge.InvalidMessageError` (with the same messages) for what it refuses.
     """
 
     def __init__(self, key: str = DEFAULT_TAG) -> None:
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ConfigurationError(f"a tag name must be an identifier, got {key!r}")
         self.key = key
         self.people = _PeopleTags(self)
         self.groups = _GroupTags(self)
 
-    def message(self, *messages: Any) -> Tag:
-        """A tag carrying messages written in Mixpanel's record shape."""
+    def message(self, *messages: Any) -> TagExtra:
+        """A tag carrying messages written in Mixpanel's record shape (checked when sent)."""
         if len(messages) == 1:
-            return Tag({self.key: messages[0]})
-        return Tag({self.key: list(messages)})
+            return TagExtra({self.key: messages[0]})
+        return TagExtra({self.key: list(messages)})
 
     def track(
         self,
@@ -330,16 +364,22 @@ class Tags:
         *,
         distinct_id: str | int | None = None,
         **more: Any,
-    ) -> Tag:
+    ) -> TagExtra:
         """An event; the name defaults to the log message, the user to the bound one.
 
         ``tag.track("Signed Up", distinct_id=uid, plan="pro")`` gives
         ``{"mixpanel": {"event": "Signed Up", "properties": {"distinct_id": uid, "plan": "pro"}}}``.
         """
-        props: dict[str, Any] = {} if distinct_id is None else {"distinct_id": distinct_id}
-        props.update(properties or {})
-        props.update(more)
-        record: dict[str, Any] = {} if event is None else {"event": event}
+        props: dict[str, Any] = {}
+        if distinct_id is not None:
+            props["distinct_id"] = msg.check_distinct_id(distinct_id, "distinct_id")
+        if properties is not None:
+            props.update(msg.checked_mapping(properties, "properties"))
+        if more:
+            props.update(msg.checked_mapping(more, "properties"))
+        record: dict[str, Any] = {}
+        if event is not None:
+            record["event"] = msg.check_name(event, "event")
         if props:
             record["properties"] = props
         return self.message(record)
@@ -350,13 +390,13 @@ class Tags:
         properties: Mapping[str, Any] | None = None,
         *,
         distinct_id: str | int | None = None,
-    ) -> Tag:
+    ) -> TagExtra:
         """A revenue charge (same as ``tag.people.track_charge``)."""
         return self.people.track_charge(amount, properties, distinct_id=distinct_id)
 
 
 #: Tag builder for the default attribute name ``"mixpanel"``.
-tag = Tags()
+tag = TagBuilder()
 
 
 # --------------------------------------------------------------------------- from tag to records

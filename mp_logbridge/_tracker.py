@@ -26,6 +26,7 @@ from ._frontdoor import ConsumerShare
 from ._records import EncodedRecord, encode_record
 from ._transport import Credentials
 from ._values import to_json_value
+from ._vocabulary import GROUPS, PEOPLE
 
 __all__ = ["ErrorHandler", "Groups", "People", "Tracker"]
 
@@ -316,21 +317,23 @@ class People:
 
     Every method takes the user's ``distinct_id`` first; ``ip`` is the ``$ip`` to geolocate
     with (``0``: do not geolocate) and ``optional_params`` adds top-level fields such as
-    ``{"$ignore_time": True}`` or a ``$time`` override.
+    ``{"$ignore_time": True}`` or a ``$time`` override. The operations are those of
+    ``mp_logbridge._vocabulary.PEOPLE``, shared with ``tag.people``.
     """
 
     def __init__(self, tracker: Tracker) -> None:
         self._tracker = tracker
 
-    def _update(
+    def _do(
         self,
+        name: str,
         distinct_id: str | int,
-        op: str,
-        value: Any,
+        args: tuple[Any, ...],
         ip: str | int | None = None,
         optional_params: Properties | None = None,
     ) -> bool:
         tracker = self._tracker
+        op, value = PEOPLE[name].apply(args, "people", check=False)
         record = msg.profile_update(
             tracker.token, distinct_id, op, value, ip=ip, optional_params=optional_params
         )
@@ -344,7 +347,7 @@ class People:
         optional_params: Properties | None = None,
     ) -> bool:
         """Set profile properties, overwriting existing values (``$set``)."""
-        return self._update(distinct_id, "$set", properties, ip, optional_params)
+        return self._do("set", distinct_id, (properties,), ip, optional_params)
 
     def set_once(
         self,
@@ -354,7 +357,7 @@ class People:
         optional_params: Properties | None = None,
     ) -> bool:
         """Set profile properties that are not set yet (``$set_once``)."""
-        return self._update(distinct_id, "$set_once", properties, ip, optional_params)
+        return self._do("set_once", distinct_id, (properties,), ip, optional_params)
 
     def increment(
         self,
@@ -364,7 +367,7 @@ class People:
         optional_params: Properties | None = None,
     ) -> bool:
         """Add to numeric properties; negative numbers subtract (``$add``)."""
-        return self._update(distinct_id, "$add", properties, ip, optional_params)
+        return self._do("increment", distinct_id, (properties,), ip, optional_params)
 
     def plus_one(
         self,
@@ -373,8 +376,8 @@ class People:
         ip: str | int | None = None,
         optional_params: Properties | None = None,
     ) -> bool:
-        """Add 1 to one numeric property."""
-        return self._update(distinct_id, "$add", {property_name: 1}, ip, optional_params)
+        """Add 1 to one numeric property (``$add``)."""
+        return self._do("plus_one", distinct_id, (property_name,), ip, optional_params)
 
     def append(
         self,
@@ -384,7 +387,7 @@ class People:
         optional_params: Properties | None = None,
     ) -> bool:
         """Append values to list properties, creating them if needed (``$append``)."""
-        return self._update(distinct_id, "$append", properties, ip, optional_params)
+        return self._do("append", distinct_id, (properties,), ip, optional_params)
 
     def union(
         self,
@@ -394,7 +397,7 @@ class People:
         optional_params: Properties | None = None,
     ) -> bool:
         """Merge lists into list properties, without duplicates (``$union``)."""
-        return self._update(distinct_id, "$union", properties, ip, optional_params)
+        return self._do("union", distinct_id, (properties,), ip, optional_params)
 
     def remove(
         self,
@@ -404,7 +407,7 @@ class People:
         optional_params: Properties | None = None,
     ) -> bool:
         """Remove values from list properties (``$remove``)."""
-        return self._update(distinct_id, "$remove", properties, ip, optional_params)
+        return self._do("remove", distinct_id, (properties,), ip, optional_params)
 
     def unset(
         self,
@@ -414,7 +417,7 @@ class People:
         optional_params: Properties | None = None,
     ) -> bool:
         """Remove properties from the profile; one name or a list of names (``$unset``)."""
-        return self._update(distinct_id, "$unset", properties, ip, optional_params)
+        return self._do("unset", distinct_id, (properties,), ip, optional_params)
 
     def track_charge(
         self,
@@ -426,10 +429,7 @@ class People:
     ) -> bool:
         """Record a revenue charge: appends ``{...properties, "$amount": amount}`` to
         ``$transactions`` (``properties`` may hold a ``$time``; it is not modified)."""
-        transaction = msg.charge_transaction(amount, properties)
-        return self._update(
-            distinct_id, "$append", {"$transactions": transaction}, ip, optional_params
-        )
+        return self._do("track_charge", distinct_id, (amount, properties), ip, optional_params)
 
     def clear_charges(
         self,
@@ -438,14 +438,14 @@ class People:
         optional_params: Properties | None = None,
     ) -> bool:
         """Remove all of the user's charges (``$unset`` of ``$transactions``)."""
-        return self._update(distinct_id, "$unset", ["$transactions"], ip, optional_params)
+        return self._do("clear_charges", distinct_id, (), ip, optional_params)
 
     def delete_user(
         self, distinct_id: str | int, optional_params: Properties | None = None
     ) -> bool:
         """Delete the profile (``$delete``); ``{"$ignore_alias": True}`` spares the original
         profile when deleting through an alias."""
-        return self._update(distinct_id, "$delete", "", None, optional_params)
+        return self._do("delete_user", distinct_id, (), None, optional_params)
 
     def update(self, message: Properties) -> bool:
         """Send a profile update written by hand (``$token`` and ``$time`` are added)."""
@@ -457,22 +457,24 @@ class Groups:
     """Group-profile updates for one Tracker (``tracker.groups``), as in the Ruby SDK.
 
     A group is identified by ``group_key`` (the event property that links events to it, e.g.
-    ``"Company"``) and ``group_id`` (e.g. ``"Acme"``).
+    ``"Company"``) and ``group_id`` (e.g. ``"Acme"``). The operations are those of
+    ``mp_logbridge._vocabulary.GROUPS``, shared with ``tag.groups``.
     """
 
     def __init__(self, tracker: Tracker) -> None:
         self._tracker = tracker
 
-    def _update(
+    def _do(
         self,
+        name: str,
         group_key: str,
         group_id: str | int,
-        op: str,
-        value: Any,
+        args: tuple[Any, ...],
         ip: str | int | None = None,
         optional_params: Properties | None = None,
     ) -> bool:
         tracker = self._tracker
+        op, value = GROUPS[name].apply(args, "groups", check=False)
         record = msg.group_update(
             tracker.token, group_key, group_id, op, value, ip=ip, optional_params=optional_params
         )
@@ -487,7 +489,7 @@ class Groups:
         optional_params: Properties | None = None,
     ) -> bool:
         """Set group properties, creating the group profile if needed (``$set``)."""
-        return self._update(group_key, group_id, "$set", properties, ip, optional_params)
+        return self._do("set", group_key, group_id, (properties,), ip, optional_params)
 
     def set_once(
         self,
@@ -498,7 +500,7 @@ class Groups:
         optional_params: Properties | None = None,
     ) -> bool:
         """Set group properties that are not set yet (``$set_once``)."""
-        return self._update(group_key, group_id, "$set_once", properties, ip, optional_params)
+        return self._do("set_once", group_key, group_id, (properties,), ip, optional_params)
 
     def remove(
         self,
@@ -509,7 +511,7 @@ class Groups:
         optional_params: Properties | None = None,
     ) -> bool:
         """Remove values from list properties (``$remove``)."""
-        return self._update(group_key, group_id, "$remove", properties, ip, optional_params)
+        return self._do("remove", group_key, group_id, (properties,), ip, optional_params)
 
     def union(
         self,
@@ -520,7 +522,7 @@ class Groups:
         optional_params: Properties | None = None,
     ) -> bool:
         """Merge lists into list properties, without duplicates (``$union``)."""
-        return self._update(group_key, group_id, "$union", properties, ip, optional_params)
+        return self._do("union", group_key, group_id, (properties,), ip, optional_params)
 
     def unset(
         self,
@@ -531,13 +533,13 @@ class Groups:
         optional_params: Properties | None = None,
     ) -> bool:
         """Remove properties from the group profile (``$unset``)."""
-        return self._update(group_key, group_id, "$unset", properties, ip, optional_params)
+        return self._do("unset", group_key, group_id, (properties,), ip, optional_params)
 
     def delete_group(
         self, group_key: str, group_id: str | int, optional_params: Properties | None = None
     ) -> bool:
         """Delete the group profile (``$delete``)."""
-        return self._update(group_key, group_id, "$delete", "", None, optional_params)
+        return self._do("delete_group", group_key, group_id, (), None, optional_params)
 
     def update(self, message: Properties) -> bool:
         """Send a group update written by hand (``$token`` and ``$time`` are added)."""

@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from . import _lifecycle
+from . import _capture, _lifecycle
 from ._diagnostics import DeliveryStats, warn
 from ._errors import (
     DeliveryError,
@@ -239,6 +239,8 @@ class BatchWorker:
         Never blocks and takes no lock. Returns ``False`` when the message was refused (the
         queue is full, the worker is closed); the refusal is counted and reported.
         """
+        if _capture.active:  # mp_logbridge.testing.capture_messages()
+            return _capture.take(kind, message)
         incoming = self._incoming
         n = len(incoming)
         if (n < 8 or not n & 255) and self._pid != _getpid():
@@ -493,8 +495,8 @@ class BatchWorker:
             else:
                 self._dispatch(now, closing, inline)
                 self._check_overruns(now)
+            self._stats.report()  # before a flush waiting for these records returns
             self._resolve_waiters()
-            self._stats.report()
             if closing and not self._incoming and self._held_records == 0:
                 return True
             self._sleep(now, closing)

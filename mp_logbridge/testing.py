@@ -15,7 +15,16 @@ accepted::
         tracker.track("user-1", "Signed Up", {"plan": "pro"})
         assert server.events[0]["event"] == "Signed Up"
 
-It can be told to misbehave for the next requests: :meth:`MixpanelServer.fail_next` (a status,
+For tests that need no HTTP at all, :func:`capture_messages` collects the exact records a block
+of code produced (the ``mixpanel_messages`` pytest fixture does the same per test)::
+
+    from mp_logbridge.testing import capture_messages
+
+    with capture_messages() as captured:
+        log.info("signed up", extra=tag.track("Signed Up", distinct_id="u1"))
+    assert captured.events("Signed Up")[0]["properties"]["distinct_id"] == "u1"
+
+The server can be told to misbehave for the next requests: :meth:`MixpanelServer.fail_next` (a status,
 with or without ``Retry-After``), :meth:`~MixpanelServer.delay_next`,
 :meth:`~MixpanelServer.drop_next` (close the connection without answering), and like a hostile
 proxy: :meth:`~MixpanelServer.stall_next` (never answer), :meth:`~MixpanelServer.drip_next` (one
@@ -35,16 +44,47 @@ import socket
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from . import _capture
+from ._capture import Capture, CapturedMessage
 from ._rules import check_event, check_record, check_update
 
-__all__ = ["MixpanelServer", "ReceivedRequest", "check_record"]
+
+@contextmanager
+def capture_messages() -> Iterator[Capture]:
+    """Collect, instead of sending, every message this library's consumers are given in the
+    block, from any thread: built, checked and encoded as they would be sent, then decoded
+    (times in milliseconds, ``$insert_id`` filled in). Nothing reaches a server.
+
+    Front doors behave as usual (handlers, the structlog processor, ``@instrument``, the
+    Tracker); a record dict that cannot be sent still raises at the call. Captures nest (the
+    innermost collects).
+    """
+    capture = Capture()
+    with _capture._lock:
+        _capture.active.append(capture)
+    try:
+        yield capture
+    finally:
+        with _capture._lock:
+            _capture.active.remove(capture)
+
+
+__all__ = [
+    "Capture",
+    "CapturedMessage",
+    "MixpanelServer",
+    "ReceivedRequest",
+    "capture_messages",
+    "check_record",
+]
 
 _MAX_RECORDS = 2000
 _PIXEL = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")

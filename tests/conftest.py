@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 from support import ROOT, RecordCollector, attached, child_env, closed_port_url
 
-from mp_logbridge import AsyncConsumer, MixpanelHandler
+from mp_logbridge import MixpanelHandler
+from mp_logbridge.consumers import BackgroundConsumer
 from mp_logbridge.testing import MixpanelServer
 
 
@@ -158,12 +159,12 @@ def consumer_defaults() -> dict[str, Any]:
 
 
 @pytest.fixture
-def consumers(consumer_defaults: dict[str, Any]) -> Iterator[Callable[..., AsyncConsumer]]:
+def consumers(consumer_defaults: dict[str, Any]) -> Iterator[Callable[..., BackgroundConsumer]]:
     """Make AsyncConsumers that are closed (bounded) after the test."""
-    made: list[AsyncConsumer] = []
+    made: list[BackgroundConsumer] = []
 
-    def make(**options: Any) -> AsyncConsumer:
-        consumer = AsyncConsumer(**{**consumer_defaults, **options})
+    def make(**options: Any) -> BackgroundConsumer:
+        consumer = BackgroundConsumer(**{**consumer_defaults, **options})
         made.append(consumer)
         return consumer
 

@@ -1,4 +1,4 @@
-"""The retry schedule: AsyncConsumer on a virtual clock, and RetryPolicy/parse_retry_after as pure code.
+"""The retry schedule: BackgroundConsumer on a virtual clock, and RetryPolicy/parse_retry_after as pure code.
 
 ``VirtualClock`` stands in for the consumer's clock: ``monotonic()`` is virtual time and
 ``wait(condition, timeout)`` records the timeout, waits for real only a millisecond (so
@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 from support import event_record, wait_until
 
-from mp_logbridge import AsyncConsumer, ConfigurationError, RetryPolicy
+from mp_logbridge import ConfigurationError
 from mp_logbridge._transport import parse_retry_after
+from mp_logbridge.consumers import BackgroundConsumer, RetryPolicy
 from mp_logbridge.testing import MixpanelServer
 
 TOKEN = "test-token"
@@ -31,7 +32,7 @@ DEFAULT_JITTER = (1.0, 5.0)
 
 
 class VirtualClock:
-    """A clock for AsyncConsumer whose waits take (almost) no real time.
+    """A clock for BackgroundConsumer whose waits take (almost) no real time.
 
     With ``manual=True`` a finite wait does not end until :meth:`step` is called (or, as a real
     wait would, early on a notification, with no virtual time passing), so a test can act while
@@ -83,14 +84,14 @@ def jitters(
 
 @pytest.fixture
 def make_consumer(
-    consumers: Callable[..., AsyncConsumer],
-) -> Iterator[Callable[..., tuple[AsyncConsumer, VirtualClock]]]:
+    consumers: Callable[..., BackgroundConsumer],
+) -> Iterator[Callable[..., tuple[BackgroundConsumer, VirtualClock]]]:
     """AsyncConsumers on a virtual clock with seeded jitter (clocks let go after the test)."""
     clocks: list[VirtualClock] = []
 
     def make(
         clock: VirtualClock | None = None, **options: Any
-    ) -> tuple[AsyncConsumer, VirtualClock]:
+    ) -> tuple[BackgroundConsumer, VirtualClock]:
         clock = clock or VirtualClock()
         options.setdefault("batch_size", 1)  # every message is due at once: only retries wait
         clocks.append(clock)
@@ -101,7 +102,7 @@ def make_consumer(
         clock.manual = False
 
 
-def deliver_one(consumer: AsyncConsumer, server: MixpanelServer) -> None:
+def deliver_one(consumer: BackgroundConsumer, server: MixpanelServer) -> None:
     """Send one event and wait (for real, no flush: a flush would cut the backoff short)."""
     assert consumer.send("event", event(0))
     server.wait_for(1, timeout=20)
@@ -333,7 +334,7 @@ def test_from_options_refuses_bad_values(options):
 
 def test_consumer_refuses_a_bad_retry_option():
     with pytest.raises(ConfigurationError):
-        AsyncConsumer(api_host="http://127.0.0.1:9", retry={"max_attempts": 0})
+        BackgroundConsumer(api_host="http://127.0.0.1:9", retry={"max_attempts": 0})
 
 
 # --------------------------------------------------------------------------- parse_retry_after

@@ -1,4 +1,4 @@
-"""AsyncConsumer delivery: kinds, batching, gzip, flush/close, stats, drops, bounds, front doors.
+"""BackgroundConsumer delivery: kinds, batching, gzip, flush/close, stats, drops, bounds, front doors.
 
 Everything goes over real HTTP to a loopback :class:`MixpanelServer`. Where a test needs the
 sender thread to be busy (to fill the queue, or to keep a request in flight) the server is held
@@ -19,15 +19,10 @@ import mixpanel
 import pytest
 from support import Deferred, Errors, event_record, wait_until
 
-from mp_logbridge import (
-    AsyncConsumer,
-    InvalidMessageError,
-    MessagesDropped,
-    MessageTooLargeError,
-    RejectedError,
-    Tracker,
-)
+from mp_logbridge import InvalidMessageError, Tracker
 from mp_logbridge._records import encode_message, normalize_send_args, take_batch
+from mp_logbridge.consumers import BackgroundConsumer
+from mp_logbridge.errors import MessagesDropped, MessageTooLargeError, RejectedError
 from mp_logbridge.testing import MixpanelServer
 
 TOKEN = "test-token"
@@ -91,7 +86,7 @@ def sender_threads(exclude: set[threading.Thread]) -> list[threading.Thread]:
     ]
 
 
-def hold_sender(consumer: AsyncConsumer, gate: Gate, record: dict[str, Any]) -> None:
+def hold_sender(consumer: BackgroundConsumer, gate: Gate, record: dict[str, Any]) -> None:
     """Send one record and return once its request is held at the gate (sender busy)."""
     assert consumer.send("event", record)
     consumer.flush(0)  # due now, without waiting for flush_interval
@@ -570,7 +565,7 @@ def test_tracker_uses_it_by_default_and_reports_errors_later(server):
     errors: list[BaseException] = []
     tracker = Tracker(TOKEN, api_host=server.url, error_handler=errors.append)
     try:
-        assert isinstance(tracker.consumer, AsyncConsumer)
+        assert isinstance(tracker.consumer, BackgroundConsumer)
         server.fail_next(1, 400, endpoint="/track")
         assert tracker.track("user-1", "Refused Event") is True  # accepted for delivery
         assert tracker.flush(10) is False

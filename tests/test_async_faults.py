@@ -1,4 +1,4 @@
-"""AsyncConsumer under server faults, over real HTTP (``MixpanelServer`` fault injection).
+"""BackgroundConsumer under server faults, over real HTTP (``MixpanelServer`` fault injection).
 
 The invariant checked throughout: every message is delivered exactly once per ``$insert_id``
 (profile and group updates, which have no ``$insert_id``, exactly once) or counted under its
@@ -17,12 +17,8 @@ from typing import Any
 import pytest
 from support import Errors, event_record, wait_until
 
-from mp_logbridge import (
-    AsyncConsumer,
-    MixpanelServerError,
-    PartialImportError,
-    RejectedError,
-)
+from mp_logbridge.consumers import BackgroundConsumer
+from mp_logbridge.errors import MixpanelServerError, PartialImportError, RejectedError
 from mp_logbridge.testing import MixpanelServer
 
 TOKEN = "test-token"
@@ -81,7 +77,7 @@ def dropped_keys(errors: Errors) -> Counter[str]:
 
 def check_accounting(
     server: MixpanelServer,
-    consumer: AsyncConsumer,
+    consumer: BackgroundConsumer,
     errors: Errors,
     messages: list[tuple[str, dict[str, Any]]],
     *,

@@ -1,4 +1,4 @@
-"""AsyncConsumer across process life: exit, fork, logging shutdown/reconfiguration, atexit, threads.
+"""BackgroundConsumer across process life: exit, fork, logging shutdown/reconfiguration, atexit, threads.
 
 Exit, fork and deadlock behaviour run in child interpreters (``run_python``, hard timeouts);
 the Mixpanel server runs in this test process and the child gets its URL in ``SERVER_URL``.
@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from support import event_record
 
-from mp_logbridge import AsyncConsumer
+from mp_logbridge.consumers import BackgroundConsumer
 from mp_logbridge.testing import MixpanelServer
 
 pytestmark = pytest.mark.subprocess
@@ -64,11 +64,11 @@ def test_exit_delivers_everything_queued(server, run_python):
 import atexit, json, os
 # Registered before the library is imported, so it runs after the library's exit hook.
 atexit.register(lambda: print(json.dumps({"at_exit": consumer.stats()}), flush=True))
-from mp_logbridge import AsyncConsumer
+from mp_logbridge.consumers import BackgroundConsumer
 """
         + EVENT_HELPER
         + """
-consumer = AsyncConsumer(api_host=os.environ["SERVER_URL"], batch_size=2000, flush_interval=60)
+consumer = BackgroundConsumer(api_host=os.environ["SERVER_URL"], batch_size=2000, flush_interval=60)
 for n in range(5000):
     consumer.send("event", ev(f"exit-{n}"))
 print(json.dumps({"queued_at_end": consumer.stats()["queue_depth"]}), flush=True)
@@ -95,11 +95,11 @@ def test_exit_with_server_unreachable_is_bounded_and_reported(
 import atexit, json, os, time
 atexit.register(lambda: print(json.dumps({
     "exit_seconds": time.monotonic() - ended, "stats": consumer.stats()}), flush=True))
-from mp_logbridge import AsyncConsumer
+from mp_logbridge.consumers import BackgroundConsumer
 """
         + EVENT_HELPER
         + """
-consumer = AsyncConsumer(api_host=os.environ["SERVER_URL"], exit_timeout=1, flush_interval=0.05)
+consumer = BackgroundConsumer(api_host=os.environ["SERVER_URL"], exit_timeout=1, flush_interval=0.05)
 for n in range(200):
     consumer.send("event", ev(f"lost-{n}"))
 deadline = time.monotonic() + 10
@@ -130,11 +130,11 @@ FORK_SCRIPT = (
     """
 import json, os, sys, threading, warnings
 warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads running
-from mp_logbridge import AsyncConsumer
+from mp_logbridge.consumers import BackgroundConsumer
 """
     + EVENT_HELPER
     + """
-consumer = AsyncConsumer(api_host=os.environ["SERVER_URL"], flush_interval=60)
+consumer = BackgroundConsumer(api_host=os.environ["SERVER_URL"], flush_interval=60)
 for n in range(10):
     consumer.send("event", ev(f"parent-before-{n}"))
 assert consumer.stats()["queue_depth"] == 10  # still queued when the process forks
@@ -193,11 +193,11 @@ def test_fork_without_hooks_is_caught_by_the_pid_check(server, run_python):
     source = (
         """
 import ctypes, json, os
-from mp_logbridge import AsyncConsumer
+from mp_logbridge.consumers import BackgroundConsumer
 """
         + EVENT_HELPER
         + """
-consumer = AsyncConsumer(api_host=os.environ["SERVER_URL"], flush_interval=60)
+consumer = BackgroundConsumer(api_host=os.environ["SERVER_URL"], flush_interval=60)
 for n in range(5):
     consumer.send("event", ev(f"parent-{n}"))
 queued = consumer.stats()["queue_depth"]
@@ -334,11 +334,11 @@ def test_send_from_an_exit_hook_registered_after_start(server, run_python):
     source = (
         """
 import atexit, json, os, threading
-from mp_logbridge import AsyncConsumer
+from mp_logbridge.consumers import BackgroundConsumer
 """
         + EVENT_HELPER
         + """
-consumer = AsyncConsumer(api_host=os.environ["SERVER_URL"], flush_interval=60)
+consumer = BackgroundConsumer(api_host=os.environ["SERVER_URL"], flush_interval=60)
 consumer.send("event", ev("early"))
 assert consumer.flush(10)
 
@@ -378,12 +378,12 @@ def late():
                       "unused": unused.stats()["sent"]}), flush=True)
 
 atexit.register(late)  # registered before the import: runs after the library's exit hook
-from mp_logbridge import AsyncConsumer
+from mp_logbridge.consumers import BackgroundConsumer
 """
         + EVENT_HELPER
         + """
-running = AsyncConsumer(api_host=os.environ["SERVER_URL"], flush_interval=60)
-unused = AsyncConsumer(api_host=os.environ["SERVER_URL"], flush_interval=60)
+running = BackgroundConsumer(api_host=os.environ["SERVER_URL"], flush_interval=60)
+unused = BackgroundConsumer(api_host=os.environ["SERVER_URL"], flush_interval=60)
 running.send("event", ev("early"))
 """
     )
@@ -402,7 +402,7 @@ running.send("event", ev("early"))
 
 
 def test_many_threads_sending_at_once(server):
-    consumer = AsyncConsumer(api_host=server.url)
+    consumer = BackgroundConsumer(api_host=server.url)
     threads, per_thread = 16, 500
     barrier = threading.Barrier(threads)
     refused: list[str] = []
@@ -446,9 +446,9 @@ def test_an_interrupt_during_send_never_breaks_the_consumer(server, run_python) 
     result = run_python(
         """
         import json, os, signal, time
-        from mp_logbridge import AsyncConsumer
+        from mp_logbridge import BackgroundConsumer
 
-        consumer = AsyncConsumer(api_host=os.environ["SERVER_URL"], exit_timeout=5, max_queue_size=50_000)
+        consumer = BackgroundConsumer(api_host=os.environ["SERVER_URL"], exit_timeout=5, max_queue_size=50_000)
         def record(n):
             return {"event": "E", "properties": {"token": "t", "distinct_id": "u",
                     "time": int(time.time() * 1000), "$insert_id": f"i{n}"}}

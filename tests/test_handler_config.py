@@ -522,7 +522,7 @@ def test_records_from_a_child_process_through_a_multiprocessing_queue(
 def test_retry_as_a_policy_object_and_on_error_are_delivery_options(
     mixpanel_server: MixpanelServer, make_handler, make_logger
 ) -> None:
-    from mp_logbridge import RetryPolicy
+    from mp_logbridge.consumers import RetryPolicy
 
     failures: list[BaseException] = []
     policy = RetryPolicy(max_attempts=1)

@@ -18,15 +18,9 @@ from opentelemetry import baggage, trace
 from opentelemetry import context as otel_context
 from support import RecordCollector
 
-from mp_logbridge import (
-    DEFAULT_RECORD_PROPERTIES,
-    BoundContext,
-    bind,
-    bound,
-    current_context,
-    tag,
-    unbind,
-)
+from mp_logbridge import bind, bound, tag, unbind
+from mp_logbridge.context import BoundContext, current_context
+from mp_logbridge.stdlib import DEFAULT_RECORD_PROPERTIES
 from mp_logbridge.testing import MixpanelServer
 
 TOKEN = "context-test-token"

@@ -15,13 +15,9 @@ from typing import Any
 
 import pytest
 
-from mp_logbridge import (
-    RESERVED_RECORD_ATTRIBUTES,
-    AsyncConsumer,
-    InvalidMessageError,
-    MixpanelHandler,
-    tag,
-)
+from mp_logbridge import InvalidMessageError, MixpanelHandler, tag
+from mp_logbridge.consumers import BackgroundConsumer
+from mp_logbridge.stdlib import RESERVED_RECORD_ATTRIBUTES
 from mp_logbridge.testing import MixpanelServer
 
 TOKEN = "invariants-test-token"
@@ -152,7 +148,7 @@ def test_records_logged_from_an_on_error_callback_are_counted_not_sent(
         log.error("delivery failed", extra=tag.track("Feedback", distinct_id="u1"))
         callback_done.set()
 
-    reporter = AsyncConsumer(api_host=mixpanel_server.url, on_error=on_error)
+    reporter = BackgroundConsumer(api_host=mixpanel_server.url, on_error=on_error)
     try:
         with handler.lock:  # a handler that took its lock here would hang the sender thread
             reporter.send("event", _Unbuildable())
@@ -410,7 +406,7 @@ def test_log_calls_do_not_wait_for_a_server_that_is_down(down_url: str, make_log
 
 
 def test_a_delivery_error_from_a_sink_without_counters_is_counted(make_handler, make_logger) -> None:
-    from mp_logbridge import RejectedError
+    from mp_logbridge.errors import RejectedError
 
     def refuse(kind: str, message: Any) -> None:
         raise RejectedError("the sink refused it")

@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 from support import JOHN_DOE, RecordCollector
 
-from mp_logbridge import Consumer, MixpanelHandler, Tag, Tags, Tracker, bound, tag
+from mp_logbridge import Consumer, MixpanelHandler, Tracker, bound, tag
+from mp_logbridge.tags import TagBuilder, TagExtra
 from mp_logbridge.testing import MixpanelServer
 
 TOKEN = "tags-test-token"
@@ -74,7 +75,7 @@ class SeedCall:
     name: str
     store: str
     call: Callable[[Tracker], object]
-    helper: Tag
+    helper: TagExtra
     plain: Any
     stamps_charge_time: bool = False
 
@@ -616,7 +617,7 @@ def test_group_helpers_build_the_documented_plain_format() -> None:
     groups = tag.groups
     key = {"$group_key": "Company", "$group_id": "Acme"}
     assert groups.set("Company", "Acme", {"a": 1}) == {"mixpanel": {**key, "$set": {"a": 1}}}
-    assert groups.set("Company", "Acme", {"a": 1}, {"$ignore_time": True}) == {
+    assert groups.set("Company", "Acme", {"a": 1}, optional_params={"$ignore_time": True}) == {
         "mixpanel": {**key, "$set": {"a": 1}, "$ignore_time": True}
     }
     assert groups.set_once("Company", "Acme", {"a": 1}) == {
@@ -647,7 +648,7 @@ def test_plus_combines_messages_and_keeps_other_extra_fields() -> None:
     charge = tag.charge(2.5, distinct_id="u1")
     group = tag.groups.set("Company", "Acme", {"a": 1})
     combined = event + charge
-    assert isinstance(combined, Tag)
+    assert isinstance(combined, TagExtra)
     assert combined == {"mixpanel": [event["mixpanel"], charge["mixpanel"]]}
     assert event + charge + group == {
         "mixpanel": [event["mixpanel"], charge["mixpanel"], group["mixpanel"]]
@@ -658,14 +659,14 @@ def test_plus_combines_messages_and_keeps_other_extra_fields() -> None:
     assert with_extra == {**event, "request_id": "r-1"}
     assert {"request_id": "r-1"} + event == with_extra
     plain_first = {"mixpanel": {"event": "Plain"}} + charge
-    assert isinstance(plain_first, Tag)
+    assert isinstance(plain_first, TagExtra)
     assert plain_first == {"mixpanel": [{"event": "Plain"}, charge["mixpanel"]]}  # left first
 
 
 def test_tags_with_another_name_go_to_a_handler_configured_with_it(
     mixpanel_server: MixpanelServer, make_handler, make_logger
 ) -> None:
-    analytics = Tags("analytics")
+    analytics = TagBuilder("analytics")
     assert analytics.track("E", distinct_id="u1") == {
         "analytics": {"event": "E", "properties": {"distinct_id": "u1"}}
     }

@@ -29,12 +29,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from support import child_env, closed_port_url, wait_until
 
-from mp_logbridge import Endpoints, RetryPolicy, ServiceAccount, resolve_endpoints
+from mp_logbridge import ServiceAccount
 from mp_logbridge._cli import main
 from mp_logbridge._import_state import Ranges
 from mp_logbridge._importer import Importer, ImportOptions, send_import_batch
 from mp_logbridge._transport import Transport
+from mp_logbridge.consumers import RetryPolicy
 from mp_logbridge.testing import MixpanelServer
+from mp_logbridge.transport import Endpoints, resolve_endpoints
 
 ACCOUNT = ("importer", "s3cret-value", "4242")
 

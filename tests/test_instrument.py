@@ -29,14 +29,9 @@ from opentelemetry import baggage, trace
 from opentelemetry import context as otel_context
 from support import RecordCollector, attached
 
-from mp_logbridge import (
-    CallableSink,
-    ConfigurationError,
-    Consumer,
-    MixpanelHandler,
-    Tracker,
-    bound,
-    instrument,
+from mp_logbridge import ConfigurationError, Consumer, MixpanelHandler, Tracker, bound, instrument
+from mp_logbridge.consumers import CallableSink
+from mp_logbridge.instrumentation import (
     instrument_function,
     instrument_functions,
     instrumentation_stats,
@@ -1067,7 +1062,8 @@ def test_failures_are_reported_on_the_library_logger(run_python: Any) -> None:
     result = run_python(
         """
         import json, logging
-        from mp_logbridge import instrument, instrumentation_stats
+        from mp_logbridge import instrument
+        from mp_logbridge.instrumentation import instrumentation_stats
 
         warnings = []
         class Keep(logging.Handler):

@@ -21,16 +21,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mp_logbridge import (
-    CallableSink,
-    ConfigurationError,
-    Consumer,
-    InvalidMessageError,
-    Tracker,
-    __version__,
-)
+from mp_logbridge import ConfigurationError, Consumer, InvalidMessageError, Tracker, __version__
 from mp_logbridge import _messages as msg
 from mp_logbridge._values import encode, to_json_value
+from mp_logbridge.consumers import CallableSink
 from mp_logbridge.testing import MixpanelServer
 
 TOKEN = "test-token"

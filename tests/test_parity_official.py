@@ -22,16 +22,10 @@ from typing import Any
 import mixpanel
 import pytest
 
-from mp_logbridge import (
-    AsyncConsumer,
-    BufferedConsumer,
-    Consumer,
-    RejectedError,
-    ServiceAccount,
-    Tracker,
-    __version__,
-)
+from mp_logbridge import BufferedConsumer, Consumer, ServiceAccount, Tracker, __version__
 from mp_logbridge._messages import now_ms
+from mp_logbridge.consumers import BackgroundConsumer
+from mp_logbridge.errors import RejectedError
 from mp_logbridge.testing import MixpanelServer
 
 TOKEN = "parity-token"
@@ -431,7 +425,7 @@ def test_our_buffered_consumer_as_their_consumer(server: MixpanelServer) -> None
 
 
 def test_our_background_consumer_as_their_consumer(server: MixpanelServer) -> None:
-    with AsyncConsumer(api_host=server.url) as consumer:
+    with BackgroundConsumer(api_host=server.url) as consumer:
         _drive(mixpanel.Mixpanel(TOKEN, consumer=consumer))
         assert consumer.flush(10) is True
     _check_delivery(server)

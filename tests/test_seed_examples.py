@@ -18,13 +18,7 @@ import pytest
 import requests
 from support import JOHN_DOE
 
-from mp_logbridge import (
-    ConfigurationError,
-    Consumer,
-    ServiceAccount,
-    Tracker,
-    __version__,
-)
+from mp_logbridge import ConfigurationError, Consumer, ServiceAccount, Tracker, __version__
 from mp_logbridge._messages import now_ms
 from mp_logbridge.testing import MixpanelServer
 

@@ -33,12 +33,12 @@ from mp_logbridge import (
     Consumer,
     MixpanelHandler,
     MixpanelProcessor,
-    Tags,
     Tracker,
     bound,
     tag,
 )
 from mp_logbridge._tags import split_tag
+from mp_logbridge.tags import TagBuilder
 from mp_logbridge.testing import MixpanelServer
 
 TOKEN = "structlog-test-token"
@@ -263,7 +263,7 @@ def assert_mark_names_one_sender(mark: object) -> None:
 def test_other_tag_key(
     make_processor: Callable[..., MixpanelProcessor], mixpanel_server: MixpanelServer
 ) -> None:
-    analytics = Tags("analytics")
+    analytics = TagBuilder("analytics")
     processor = make_processor(tag="analytics")
     out = render_with(processor)
     log = structlog.get_logger()

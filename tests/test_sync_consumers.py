@@ -17,24 +17,20 @@ from typing import Any
 import pytest
 
 from mp_logbridge import (
-    AsyncConsumer,
     BufferedConsumer,
-    CallableSink,
     ConfigurationError,
     Consumer,
-    ConsumerProtocol,
     DeliveryError,
-    ErrorHandler,
     InvalidMessageError,
-    MixpanelConnectionError,
-    MixpanelServerError,
-    RejectedError,
     ServiceAccount,
     Tracker,
 )
 from mp_logbridge import _messages as msg
 from mp_logbridge._values import encode
+from mp_logbridge.consumers import BackgroundConsumer, CallableSink, ConsumerProtocol
+from mp_logbridge.errors import MixpanelConnectionError, MixpanelServerError, RejectedError
 from mp_logbridge.testing import MixpanelServer
+from mp_logbridge.tracker import ErrorHandler
 
 TOKEN = "sync-token"
 ACCOUNT = ("robot", "robot-secret", "4242")
@@ -553,7 +549,7 @@ def test_every_consumer_satisfies_the_protocol(down_url: str) -> None:
     made = [
         Consumer(api_host=down_url),
         BufferedConsumer(api_host=down_url),
-        AsyncConsumer(api_host=down_url),
+        BackgroundConsumer(api_host=down_url),
         CallableSink(lambda kind, message: None),
     ]
     for consumer in made:
@@ -616,7 +612,7 @@ def test_tracker_close_reports_undelivered_to_the_error_handler(server: Mixpanel
 
 
 def test_async_consumer_flush_close_and_context_manager(server: MixpanelServer) -> None:
-    with AsyncConsumer(api_host=server.url, credentials=credentials()) as background:
+    with BackgroundConsumer(api_host=server.url, credentials=credentials()) as background:
         for index in range(5):
             assert background.send("event", event(str(index)))
         background.send("import", old_event())

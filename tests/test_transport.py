@@ -20,28 +20,29 @@ import requests
 from support import attached
 
 from mp_logbridge import (
-    REGIONS,
-    AsyncConsumer,
     BufferedConsumer,
     ConfigurationError,
     Consumer,
     DeliveryError,
-    MixpanelConnectionError,
-    MixpanelServerError,
-    PartialImportError,
-    PayloadTooLargeError,
     ProjectSecret,
-    RateLimitedError,
-    RejectedError,
     ServiceAccount,
     Tracker,
     __version__,
-    resolve_endpoints,
 )
 from mp_logbridge import _messages as msg
 from mp_logbridge._transport import parse_retry_after
 from mp_logbridge._values import encode
+from mp_logbridge.consumers import BackgroundConsumer
+from mp_logbridge.errors import (
+    MixpanelConnectionError,
+    MixpanelServerError,
+    PartialImportError,
+    PayloadTooLargeError,
+    RateLimitedError,
+    RejectedError,
+)
 from mp_logbridge.testing import MixpanelServer
+from mp_logbridge.transport import REGIONS, resolve_endpoints
 
 TOKEN = "transport-token"
 SA_USER = "sa-user.robot"
@@ -342,7 +343,7 @@ def test_consumer_and_tracker_reprs_hide_secrets(down_url: str) -> None:
     made = [
         Consumer(api_host=down_url, credentials=account),
         BufferedConsumer(api_host=down_url, api_secret=API_SECRET),
-        AsyncConsumer(api_host=down_url, credentials=account),
+        BackgroundConsumer(api_host=down_url, credentials=account),
     ]
     trackers = [Tracker(TOKEN, made[0]), Tracker(TOKEN, api_secret=API_SECRET)]
     try:
@@ -433,7 +434,8 @@ def test_loss_report_reaches_stderr_without_secret(run_python: Any) -> None:
     """Outside pytest's log capture the loss report goes to stderr (logging's last resort)."""
     child = run_python(
         f"""
-        from mp_logbridge import Consumer, RejectedError, ServiceAccount
+        from mp_logbridge import Consumer, ServiceAccount
+        from mp_logbridge.errors import RejectedError
         from mp_logbridge import _messages as msg
         from mp_logbridge.testing import MixpanelServer
 
