@@ -459,6 +459,46 @@ def test_exporter_in_a_batch_processor_keeps_the_span_threads_context(
         provider.shutdown()
 
 
+def test_exporter_delivers_at_provider_shutdown_with_the_noted_context(
+    mixpanel_server: MixpanelServer,
+) -> None:
+    """The provider shuts the note-taker down before the batch processor exports its last
+    spans: the notes must still be there for them."""
+    provider = TracerProvider()
+    exporter = MixpanelSpanExporter(TOKEN, api_host=mixpanel_server.url, tracer_provider=provider)
+    provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=60_000))
+    tracer = provider.get_tracer("tests.exporter")
+    for n in range(5):
+        with (
+            _Baggage(enduser_id=f"u{n}"),
+            tracer.start_as_current_span("s", attributes={"mixpanel.event": "E"}),
+        ):
+            pass
+    assert mixpanel_server.events == []
+    provider.shutdown()
+    users = sorted(e["properties"]["distinct_id"] for e in mixpanel_server.wait_for(5))
+    assert users == [f"u{n}" for n in range(5)]
+    assert exporter.stats()["no_user"] == 0
+
+
+def test_context_notes_are_bounded() -> None:
+    from mp_logbridge.integrations.opentelemetry import _ContextRecorder
+
+    provider = TracerProvider()
+    recorder = _ContextRecorder(limit=10)
+    provider.add_span_processor(recorder)
+    tracer = provider.get_tracer("t")
+    with mp_logbridge.bound(distinct_id="u"):
+        spans = []
+        for _ in range(1000):  # spans never exported: their notes must not pile up
+            with tracer.start_as_current_span("s") as span:
+                spans.append(span)
+    assert len(recorder._current) + len(recorder._previous) <= 22
+    assert recorder.take(spans[-1])[0].distinct_id == "u"
+    assert recorder.take(spans[0])[0].distinct_id is None  # forgotten long ago
+    provider.shutdown()
+
+
 def test_processor_and_exporter_give_a_span_the_same_insert_id(
     mixpanel_server: MixpanelServer,
 ) -> None:

@@ -30,6 +30,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from types import MappingProxyType
 from typing import Any
 
@@ -51,7 +52,6 @@ from .._context import (
     baggage_distinct_id,
     current_context,
     format_span_ids,
-    otel_context,
 )
 from .._errors import ConfigurationError
 from .._frontdoor import SENT_MARK, Bridge
@@ -61,6 +61,7 @@ from .._transport import Credentials
 __all__ = [
     "ATTRIBUTE_PROPERTIES",
     "DEFAULT_RULES",
+    "HTTP_METHOD_ATTRIBUTES",
     "MAX_STRING_LENGTH",
     "USER_ATTRIBUTES",
     "MixpanelLogProcessor",
@@ -146,16 +147,40 @@ _MAX_ITEMS = 255  # elements of a list, keys of an object (Mixpanel's limits)
 _MAX_DEPTH = 3  # nesting of objects (Mixpanel's limit)
 
 
-def _by_property(table: Mapping[str, str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """``(property, attribute names in order of preference)`` pairs of a table."""
-    grouped: dict[str, list[str]] = {}
-    for attribute, prop in table.items():
-        grouped.setdefault(prop, []).append(attribute)
-    return tuple((prop, tuple(names)) for prop, names in grouped.items())
+# attribute -> (property, rank): of two attributes giving one property, the lower rank wins.
+_Table = Mapping[str, tuple[str, int]]
+_NAMED: _Table = {
+    attribute: (prop, rank) for rank, (attribute, prop) in enumerate(ATTRIBUTE_PROPERTIES.items())
+}
+_RAW: _Table = {attribute: (attribute, 0) for attribute in ATTRIBUTE_PROPERTIES}
 
 
-_TABLE_BY_PROPERTY = _by_property(ATTRIBUTE_PROPERTIES)
-_RAW_BY_PROPERTY = tuple((name, (name,)) for name in ATTRIBUTE_PROPERTIES)
+def _map_attributes(
+    table: _Table, attributes: Mapping[str, Any], props: dict[str, Any]
+) -> list[tuple[str, str]]:
+    """Put the attributes the table names into ``props``; return the ``mixpanel.*`` others as
+    ``(attribute, property)`` pairs."""
+    ranks: dict[str, int] = {}
+    prefixed: list[tuple[str, str]] = []
+    for attribute, value in attributes.items():
+        entry = table.get(attribute)
+        if entry is None:
+            if attribute.startswith(_PREFIX) and attribute != _EVENT_ATTRIBUTE:
+                prefixed.append((attribute, attribute[len(_PREFIX) :]))
+            continue
+        prop, rank = entry
+        if ranks.get(prop, rank + 1) <= rank:
+            continue
+        if prop == "path" and attribute == "http.target" and type(value) is str:
+            value = value.split("?", 1)[0]  # the old convention's target includes the query
+        kind = type(value)
+        if not (kind is int or (kind is str and len(value) <= MAX_STRING_LENGTH)):
+            value = _clean(value)  # the common values above need no cleaning
+            if value is _SKIP:
+                continue
+        props[prop] = value
+        ranks[prop] = rank
+    return prefixed
 
 
 def _clean(value: Any, depth: int = 0) -> Any:
@@ -200,12 +225,18 @@ _INF = float("inf")
 
 _PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
 _KINDS = {kind.name.lower(): kind for kind in SpanKind}
+_KIND_NAMES = {kind: name for name, kind in _KINDS.items()}
+_STATUS_NAMES = {code: code.name.lower() for code in StatusCode}
+
+
+#: The attributes of which an HTTP span has one (the request method, new and old conventions).
+HTTP_METHOD_ATTRIBUTES = ("http.request.method", "http.method")
 
 
 def is_http_span(span: ReadableSpan) -> bool:
     """Whether a span describes an HTTP request (it has an HTTP method, old or new convention)."""
-    attributes = span.attributes or {}
-    return "http.request.method" in attributes or "http.method" in attributes
+    attributes = span.attributes or _NO_ATTRIBUTES
+    return any(name in attributes for name in HTTP_METHOD_ATTRIBUTES)
 
 
 def _name_matcher(pattern: Any, what: str) -> Callable[[str], bool] | None:
@@ -265,6 +296,8 @@ class SpanRule:
             or a glob.
         attributes: conditions on span attributes: ``{"http.route": "/checkout"}`` (equal),
             ``{"app.plan": ...}`` (present), ``{"http.response.status_code": lambda c: c < 400}``.
+        any_attributes: attribute names of which the span must have at least one
+            (``["http.request.method", "http.method"]``: an HTTP span, either convention).
         when: any other condition, ``(span) -> bool``.
         properties: span attributes to add to the event besides the standard ones: a list of
             attribute names (properties named by :data:`ATTRIBUTE_PROPERTIES` when listed there,
@@ -277,6 +310,7 @@ class SpanRule:
     """
 
     __slots__ = (
+        "_any",
         "_attributes",
         "_event",
         "_fields",
@@ -297,6 +331,7 @@ class SpanRule:
         kind: str | SpanKind | Collection[str | SpanKind] | None = None,
         scope: str | re.Pattern[str] | None = None,
         attributes: Mapping[str, Any] | None = None,
+        any_attributes: Collection[str] = (),
         when: Callable[[ReadableSpan], bool] | None = None,
         properties: Sequence[str] | Mapping[str, str] = (),
         all_attributes: bool = False,
@@ -311,8 +346,11 @@ class SpanRule:
             raise ConfigurationError("SpanRule event= must be a name, a template or a callable")
         if when is not None and not callable(when):
             raise ConfigurationError("SpanRule when= must be a callable (span) -> bool")
-        if isinstance(properties, str):
-            raise ConfigurationError("SpanRule properties= must be a list of attribute names")
+        if isinstance(properties, str) or isinstance(any_attributes, str):
+            raise ConfigurationError(
+                "SpanRule properties= and any_attributes= must be lists of attribute names"
+            )
+        self._any = frozenset(str(name) for name in any_attributes)
         self.event = event
         self._event = event
         self._name = _name_matcher(name, "name")
@@ -332,8 +370,17 @@ class SpanRule:
     def __repr__(self) -> str:
         return f"SpanRule({self.event!r})"
 
-    def select(self, span: ReadableSpan) -> str | None:
-        """The event name when ``span`` matches this rule, else ``None`` (on the span's thread)."""
+    def select(
+        self,
+        span: ReadableSpan,
+        attributes: Mapping[str, Any] | None = None,
+        present: AbstractSet[str] | None = None,
+    ) -> str | None:
+        """The event name when ``span`` matches this rule, else ``None`` (on the span's thread).
+
+        ``attributes`` and ``present`` (the span's attributes and a set of their names) save
+        reading them again when several rules look at one span.
+        """
         if self._kinds is not None and span.kind not in self._kinds:
             return None
         if self._name is not None and not self._name(span.name):
@@ -342,9 +389,14 @@ class SpanRule:
             scope = span.instrumentation_scope
             if scope is None or not self._scope(scope.name):
                 return None
-        attributes = span.attributes or _NO_ATTRIBUTES
+        if attributes is None:
+            attributes = span.attributes or _NO_ATTRIBUTES
+        if present is None:
+            present = set(attributes)
+        if self._any and present.isdisjoint(self._any):
+            return None
         for key, test in self._attributes:
-            if key not in attributes or not test(attributes[key]):
+            if key not in present or not test(attributes[key]):
                 return None
         if self._when is not None and not self._when(span):
             return None
@@ -355,7 +407,9 @@ class SpanRule:
         if not self._fields:
             return event
         for field in self._fields:
-            value = attributes.get(field)
+            if field not in present:
+                return None
+            value = attributes[field]
             if value is None or value == "":
                 return None
         return _PLACEHOLDER.sub(lambda found: str(attributes[found.group(1)]), event)
@@ -367,7 +421,7 @@ _NO_ATTRIBUTES: Mapping[str, Any] = MappingProxyType({})
 #: that event; an HTTP server span becomes ``"Page Viewed"``.
 DEFAULT_RULES: tuple[SpanRule, ...] = (
     SpanRule("{mixpanel.event}"),
-    SpanRule("Page Viewed", kind="server", when=is_http_span),
+    SpanRule("Page Viewed", kind="server", any_attributes=HTTP_METHOD_ATTRIBUTES),
 )
 
 
@@ -404,11 +458,13 @@ class _SpanEvents:
     """What the span processor and the span exporter share: rules, the table, the bridge."""
 
     __slots__ = (
+        "_resource",
         "attributes_dropped",
         "bridge",
         "default_distinct_id",
         "include_trace",
         "no_user",
+        "raw",
         "rules",
         "super_properties",
         "table",
@@ -449,36 +505,57 @@ class _SpanEvents:
         self.super_properties = dict(super_properties or {})
         self.default_distinct_id = default_distinct_id
         self.include_trace = bool(include_trace)
-        self.table = _RAW_BY_PROPERTY if raw_attribute_names else _TABLE_BY_PROPERTY
+        self.raw = bool(raw_attribute_names)
+        self.table = _RAW if raw_attribute_names else _NAMED
         self.no_user = _Counter()
         self.attributes_dropped = _Counter()
+        self._resource: tuple[Any, dict[str, Any]] | None = None
 
-    def capture(
-        self, span: ReadableSpan, bound: BoundContext, otel: Any, baggage_user: Any
-    ) -> None:
-        """Choose, find the user, queue (on the span's thread: lookups only, no building)."""
+    def capture(self, span: ReadableSpan, noted: tuple[BoundContext, Any] | None = None) -> None:
+        """Choose, find the user, queue: lookups only, no building.
+
+        ``noted`` is what the span's thread noted (the bound context, the baggage user) when
+        this runs elsewhere; ``None`` means this is the span's thread: read them here.
+        """
+        # The SDK's attribute mapping raises and catches KeyError for every name it lacks: one
+        # set of the names makes the checks below cheap whatever is missing.
+        attributes = span.attributes or _NO_ATTRIBUTES
+        present = set(attributes)
         for rule in self.rules:
-            name = rule.select(span)
+            name = rule.select(span, attributes, present)
             if name is not None:
                 break
         else:
             return
-        attributes = span.attributes or _NO_ATTRIBUTES
         user = None
         for key in USER_ATTRIBUTES:
-            user = _as_user(attributes.get(key))
-            if user is not None:
-                break
+            if key in present:
+                user = _as_user(attributes[key])
+                if user is not None:
+                    break
+        bound = current_context() if noted is None else noted[0]
         if user is None:
             user = bound.distinct_id
             if user is None:
-                user = baggage_distinct_id(otel) if otel is not None else baggage_user
+                user = baggage_distinct_id() if noted is None else noted[1]
                 if user is None:
                     user = self.default_distinct_id
                     if user is None:
                         self.no_user.add()
                         return
         self.bridge.send_message("event", _SpanMessage(self, rule, name, span, user, bound))
+
+    def resource_properties(self, resource: Any) -> Mapping[str, Any]:
+        """The properties the table takes from a span's resource (``service.name``, ...); one
+        resource per provider, so the last one's are kept."""
+        cached = self._resource
+        if cached is not None and cached[0] is resource:
+            return cached[1]
+        props: dict[str, Any] = {}
+        if resource is not None:
+            _map_attributes(self.table, dict(resource.attributes), props)
+        self._resource = (resource, props)
+        return props
 
     def lose(self, error: BaseException) -> None:
         self.bridge.lose("invalid", f"a span could not be read: {type(error).__name__}: {error}")
@@ -517,30 +594,20 @@ class _SpanMessage:
     def build(self) -> dict[str, Any]:
         """The event record (raises :class:`~mp_logbridge.InvalidMessageError` if impossible)."""
         events, span, rule = self.events, self.span, self.rule
-        attributes = span.attributes or _NO_ATTRIBUTES
-        resource = span.resource.attributes if span.resource is not None else _NO_ATTRIBUTES
+        # A plain copy: the SDK's mapping raises and catches KeyError for every missing name.
+        attributes = dict(span.attributes or _NO_ATTRIBUTES)
         props: dict[str, Any] = dict(events.super_properties)
         props.update(self.bound.properties)
         start, end = span.start_time or 0, span.end_time or 0
         status = span.status.status_code
         props["duration_ms"] = round(max(end - start, 0) / 1e6, 3)
-        props["status"] = status.name.lower()
+        props["status"] = _STATUS_NAMES[status]
         props["success"] = status is not StatusCode.ERROR
         props["span_name"] = span.name
-        props["span_kind"] = span.kind.name.lower()
-        for prop, names in events.table:
-            for attribute in names:
-                value = attributes.get(attribute)
-                if value is None:
-                    value = resource.get(attribute)
-                if value is not None:
-                    if attribute == "http.target" and type(value) is str:
-                        value = value.split("?", 1)[0]
-                    cleaned = _clean(value)
-                    if cleaned is not _SKIP:
-                        props[prop] = cleaned
-                    break
-        raw = events.table is _RAW_BY_PROPERTY
+        props["span_kind"] = _KIND_NAMES[span.kind]
+        props.update(events.resource_properties(span.resource))
+        prefixed = _map_attributes(events.table, attributes, props)
+        raw = events.raw
         if "exception_type" not in props and "exception.type" not in props:
             self._exception(props, raw)
         dropped = 0
@@ -549,11 +616,7 @@ class _SpanMessage:
             copied = [(attribute, None) for attribute in attributes]
         else:
             copied = list(rule.properties)
-        copied.extend(
-            (attribute, attribute[len(_PREFIX) :])
-            for attribute in attributes
-            if attribute.startswith(_PREFIX) and attribute != _EVENT_ATTRIBUTE
-        )
+        copied.extend(prefixed)
         for attribute, named in copied:
             if attribute not in attributes or attribute in USER_ATTRIBUTES:
                 continue
@@ -597,6 +660,7 @@ class _SpanMessage:
 
 
 _NOTHING_BOUND = BoundContext()
+_NOTHING_NOTED: tuple[BoundContext, Any] = (_NOTHING_BOUND, None)
 
 
 class MixpanelSpanProcessor(SpanProcessor):
@@ -676,7 +740,7 @@ class MixpanelSpanProcessor(SpanProcessor):
     def on_end(self, span: ReadableSpan) -> None:
         """Queue an event for ``span`` when a rule chooses it (never raises)."""
         try:
-            self._events.capture(span, current_context(), otel_context(), None)
+            self._events.capture(span)
         except Exception as error:
             self._events.lose(error)
 
@@ -758,7 +822,8 @@ class _ContextRecorder(SpanProcessor):
         return _NOTHING_BOUND, None
 
     def shutdown(self) -> None:
-        self._current, self._previous = {}, {}
+        """Keep the notes: the provider shuts this down before the batch processor behind
+        it exports its last spans."""
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return True
@@ -840,8 +905,7 @@ class MixpanelSpanExporter(SpanExporter):
         recorder, events = self._recorder, self._events
         for span in spans:
             try:
-                bound, user = recorder.take(span) if recorder else (_NOTHING_BOUND, None)
-                events.capture(span, bound, None, user)
+                events.capture(span, recorder.take(span) if recorder else _NOTHING_NOTED)
             except Exception as error:
                 events.lose(error)
         return SpanExportResult.SUCCESS
