@@ -140,7 +140,9 @@ class App:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.stdout, self.stderr = self.process.communicate(timeout=10)
-            raise AssertionError(f"the app did not exit in {timeout} s: {self.stderr[-3000:]}")
+            raise AssertionError(
+                f"the app did not exit in {timeout} s: {self.stderr[-3000:]}"
+            ) from None
         return self.process.returncode
 
 
@@ -169,7 +171,9 @@ def _requests(app: App) -> None:
     assert response.status_code == 201
 
 
-@pytest.mark.parametrize("semconv", ["", "http"], ids=["old-http-conventions", "new-http-conventions"])
+@pytest.mark.parametrize(
+    "semconv", ["", "http"], ids=["old-http-conventions", "new-http-conventions"]
+)
 def test_page_views_with_otlp_beside(
     apps: Any, collector: Collector, mixpanel_server: MixpanelServer, semconv: str
 ) -> None:
@@ -211,9 +215,7 @@ def test_page_views_with_otlp_beside(
     assert "mp_logbridge" not in app.stderr
 
 
-def test_what_is_queued_is_delivered_at_exit(
-    apps: Any, mixpanel_server: MixpanelServer
-) -> None:
+def test_what_is_queued_is_delivered_at_exit(apps: Any, mixpanel_server: MixpanelServer) -> None:
     app = apps(
         OTEL_TRACES_EXPORTER="mixpanel",
         OTEL_BSP_SCHEDULE_DELAY="60000",  # spans stay in the batch processor until exit
