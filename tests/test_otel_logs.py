@@ -358,3 +358,17 @@ def test_after_shutdown_records_are_counted_as_closed(
     logs.processor.shutdown()
     logger.info("x", extra=tag.track("E", distinct_id="u"))
     assert logs.processor.stats()["dropped"]["closed"] == 1
+
+
+def test_an_sdk_that_drops_mappings_is_reported(
+    monkeypatch: pytest.MonkeyPatch, library_warnings: RecordCollector
+) -> None:
+    import importlib.metadata
+
+    from mp_logbridge.integrations import opentelemetry as bridge
+
+    assert bridge._sdk_keeps_mappings()  # the installed one keeps them
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.32.1")
+    processor = MixpanelLogProcessor(TOKEN, consumer=lambda kind, message: None)
+    processor.shutdown()
+    library_warnings.wait_for("drops dict-valued log attributes")

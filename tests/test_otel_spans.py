@@ -706,3 +706,91 @@ def test_is_http_span() -> None:
     with tracer.start_as_current_span("b") as b:
         pass
     assert is_http_span(a) and not is_http_span(b)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- exit and fork
+
+
+@pytest.mark.subprocess
+def test_events_queued_at_exit_are_delivered(
+    run_python: Callable[..., Any], mixpanel_server: MixpanelServer
+) -> None:
+    result = run_python(
+        f"""
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from mp_logbridge.integrations.opentelemetry import MixpanelSpanProcessor
+
+        provider = TracerProvider()   # shuts down at exit, and the processor with it
+        provider.add_span_processor(
+            MixpanelSpanProcessor("{TOKEN}", api_host="{mixpanel_server.url}", flush_interval=60)
+        )
+        trace.set_tracer_provider(provider)
+        tracer = trace.get_tracer("exit")
+        for n in range(50):
+            with tracer.start_as_current_span("s", attributes={{"mixpanel.event": "E", "user.id": "u", "mixpanel.n": n}}):
+                pass
+        print("ended")
+        """,
+        timeout=30,
+    )
+    assert result.returncode == 0, result
+    assert sorted(e["properties"]["n"] for e in mixpanel_server.wait_for(50)) == list(range(50))
+
+
+@pytest.mark.subprocess
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_sends_its_own_spans_only(
+    run_python: Callable[..., Any], mixpanel_server: MixpanelServer
+) -> None:
+    result = run_python(
+        f"""
+        import os
+        from opentelemetry.sdk.trace import TracerProvider
+        from mp_logbridge.integrations.opentelemetry import MixpanelSpanProcessor
+
+        provider = TracerProvider()
+        processor = MixpanelSpanProcessor(
+            "{TOKEN}", api_host="{mixpanel_server.url}", flush_interval=60
+        )
+        provider.add_span_processor(processor)
+        tracer = provider.get_tracer("fork")
+
+        def span(who, n):
+            attributes = {{"mixpanel.event": "E", "user.id": who, "mixpanel.n": n}}
+            with tracer.start_as_current_span("s", attributes=attributes):
+                pass
+
+        for n in range(5):
+            span("parent", n)          # queued in the parent, not yet sent
+        pid = os.fork()
+        if pid == 0:
+            for n in range(3):
+                span("child", n)
+            ok = processor.force_flush(10_000)
+            os._exit(0 if ok else 3)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, status
+        assert processor.force_flush(10_000)
+        print("done")
+        """,
+        timeout=60,
+    )
+    assert result.returncode == 0, result
+    events = mixpanel_server.wait_for(8)
+    users = sorted((e["properties"]["distinct_id"], e["properties"]["n"]) for e in events)
+    assert users == [("child", n) for n in range(3)] + [("parent", n) for n in range(5)]
+    assert len({e["properties"]["$insert_id"] for e in events}) == 8
+
+
+@pytest.mark.subprocess
+def test_importing_the_library_does_not_import_the_sdk(run_python: Callable[..., Any]) -> None:
+    result = run_python(
+        """
+        import sys
+        import mp_logbridge, mp_logbridge.integrations
+        print(sorted(name for name in sys.modules if name.startswith("opentelemetry.sdk")))
+        """
+    )
+    assert result.returncode == 0, result
+    assert result.stdout.strip() == "[]"

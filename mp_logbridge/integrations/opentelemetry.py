@@ -26,6 +26,7 @@ not import this module.
 from __future__ import annotations
 
 import fnmatch
+import importlib.metadata
 import re
 import threading
 import time
@@ -53,6 +54,7 @@ from .._context import (
     current_context,
     format_span_ids,
 )
+from .._diagnostics import warn
 from .._errors import ConfigurationError
 from .._frontdoor import SENT_MARK, Bridge
 from .._tags import DEFAULT_TAG
@@ -926,6 +928,16 @@ class MixpanelSpanExporter(SpanExporter):
 # --------------------------------------------------------------------------- log records
 
 
+def _sdk_keeps_mappings() -> bool:
+    """Whether the installed SDK keeps mappings in log record attributes (1.33 and later)."""
+    try:
+        version = importlib.metadata.version("opentelemetry-sdk")
+        major, minor = (int(part) for part in version.split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return True  # not installed as a distribution (a checkout): assume a current one
+    return (major, minor) >= (1, 33)
+
+
 class MixpanelLogProcessor(LogRecordProcessor):
     """A log record processor sending tagged OpenTelemetry log records to Mixpanel.
 
@@ -977,6 +989,12 @@ class MixpanelLogProcessor(LogRecordProcessor):
     ) -> None:
         if not isinstance(tag, str) or not tag:
             raise ConfigurationError(f"tag must be a non-empty string, got {tag!r}")
+        if not _sdk_keeps_mappings():
+            warn(
+                "MixpanelLogProcessor: this opentelemetry-sdk drops dict-valued log attributes, "
+                "so only tags that are True or an event name reach it; install "
+                "opentelemetry-sdk>=1.33 (pip install 'mp_logbridge[otel]')"
+            )
         self._tag = tag
         self._include_exception = bool(include_exception)
         self._bridge = _bridge(
