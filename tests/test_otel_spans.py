@@ -794,3 +794,32 @@ def test_importing_the_library_does_not_import_the_sdk(run_python: Callable[...,
     )
     assert result.returncode == 0, result
     assert result.stdout.strip() == "[]"
+
+
+def test_a_queued_span_message_says_roughly_what_it_weighs() -> None:
+    """The consumer's memory bound counts a deferred message by its ``weight`` until it is
+    encoded: it must be of the order of the encoded record."""
+    from mp_logbridge._values import encode
+
+    queued: list[Any] = []
+
+    class Keep:
+        def send(self, kind: str, message: Any) -> None:
+            queued.append(message)
+
+        def flush(self, timeout: float | None = None) -> bool:
+            return True
+
+    provider = TracerProvider()
+    provider.add_span_processor(MixpanelSpanProcessor(TOKEN, consumer=Keep()))
+    tracer = provider.get_tracer("t")
+    with tracer.start_as_current_span(
+        "GET", kind=SpanKind.SERVER, attributes={**NEW_HTTP, "enduser.id": "u"}
+    ):
+        pass
+    with tracer.start_as_current_span("x", attributes={"mixpanel.event": "E", "enduser.id": "u"}):
+        pass
+    provider.shutdown()
+    for message in queued:
+        size = len(encode(message.build()))
+        assert size / 2 <= message.weight <= size * 2, (size, message.weight)

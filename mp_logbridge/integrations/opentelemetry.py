@@ -545,7 +545,9 @@ class _SpanEvents:
                     if user is None:
                         self.no_user.add()
                         return
-        self.bridge.send_message("event", _SpanMessage(self, rule, name, span, user, bound))
+        weight = _BASE_WEIGHT + _ATTRIBUTE_WEIGHT * min(len(present), _ROOM)
+        message = _SpanMessage(self, rule, name, span, user, bound, weight)
+        self.bridge.send_message("event", message)
 
     def resource_properties(self, resource: Any) -> Mapping[str, Any]:
         """The properties the table takes from a span's resource (``service.name``, ...); one
@@ -569,10 +571,17 @@ class _SpanEvents:
         return result
 
 
-class _SpanMessage:
-    """One chosen span, built into an event record on the sender thread."""
+# What a span's event is taken to weigh until it is encoded (the consumer's memory bound counts
+# it): the record's own fields, plus a typical attribute (values are cut to 255 characters).
+_BASE_WEIGHT = 400
+_ATTRIBUTE_WEIGHT = 32
 
-    __slots__ = ("bound", "events", "name", "rule", "span", "user")
+
+class _SpanMessage:
+    """One chosen span, built into an event record on the sender thread; ``weight`` is its
+    approximate encoded size until then."""
+
+    __slots__ = ("bound", "events", "name", "rule", "span", "user", "weight")
 
     def __init__(
         self,
@@ -582,7 +591,9 @@ class _SpanMessage:
         span: ReadableSpan,
         user: Any,
         bound: BoundContext,
+        weight: int = _BASE_WEIGHT,
     ) -> None:
+        self.weight = weight
         self.events = events
         self.rule = rule
         self.name = name
