@@ -25,24 +25,25 @@ ending the span itself costs.
 
 Usage: ``python benchmarks/bench_otel.py [--quick] [--rounds N] [--spans N] [--json out.json]``.
 
-Measured on the 2-core development machine while other work ran on it (load average ~3),
+Measured on the 2-core development machine, shared with other work (load average 1.1-1.7),
 Python 3.11.7, opentelemetry-sdk 1.45.1, 15 rounds x 5000 spans, two runs; fastest round, ns per
 ``end()``:
 
-    subject                      wall      thread CPU   CPU vs sdk   CPU vs sdk + batch
-    sdk alone                    ~2 200    ~1 850-1 950  1.00x        0.60-0.65x
-    sdk + batch (the peer)       ~3 300    ~3 000-3 050  1.54-1.65x   1.00x
-    + processor, not chosen      ~3 200    ~3 150-3 300  1.70x        1.03-1.11x
-    + processor, chosen          ~9 100    ~4 850-5 000  2.5-2.7x     1.63x
-    batch + processor, chosen    ~11 000   ~6 050        3.1-3.3x     1.98-2.02x
-    batch(exporter), chosen      ~5 800    ~3 600        1.86-1.97x   1.19-1.21x
+    subject                      wall           thread CPU     CPU vs sdk   CPU vs sdk + batch
+    sdk alone                    1 790-1 810    1 790-1 810    1.00x        0.60-0.64x
+    sdk + batch (the peer)       3 100-3 400    2 810-3 020    1.57-1.67x   1.00x
+    + processor, not chosen      3 080-3 220    3 080-3 220    1.70-1.79x   1.02-1.14x
+    + processor, chosen          8 710-9 110    4 630-5 020    2.58-2.77x   1.64-1.66x
+    batch + processor, chosen    11 420-13 290  5 790-5 820    3.21-3.23x   1.93-2.06x
+    batch(exporter), chosen      5 410-5 430    3 350-3 380    1.85-1.88x   1.11-1.20x
 
 So: a span no rule chooses costs the ending thread about what the SDK's own batch processor
-costs (1.03-1.11x); a page view about 1.6x, +3 µs over the SDK alone. Wall time for chosen spans
-is 2.4-2.9x the batch processor's in this tight loop because the consumer thread builds and
-encodes each event (~15 µs) while holding the GIL; spread among an app's real work that is CPU
-the process spends, not time the request waits. The zero-code form moves the choosing to the
-batch processor's thread: its ending thread pays 1.2x.
+costs (1.02-1.14x of the SDK plus a batch processor); a page view about 1.65x of that, some
+3 µs more than the SDK alone. Wall time for chosen spans is 2.7-2.8x the batch processor's in
+this tight loop because the consumer thread builds and encodes each event (~15 µs) while holding
+the GIL; spread among an app's real work that is CPU the process spends, not time a request
+waits. The zero-code form chooses on the batch processor's thread: the ending thread pays
+1.1-1.2x.
 
 (Run it again for today's figures; they move with the machine's load, the ratios much less.)
 """
