@@ -10,6 +10,13 @@
   it, capture the context once, queue one deferred :class:`~mp_logbridge._tags.TagMessage` per
   entry), and counting of the losses that happen before a consumer sees a message. The handler
   and the structlog processor are thin adapters around one.
+
+A log record can also reach a front door as a copy: OpenTelemetry's ``LoggingHandler`` turns it
+into an OpenTelemetry log record whose attributes are a copy of the record's ``__dict__``, and a
+log record processor sees only that copy. Marking the copy tells nobody else, so such a front
+door notes on its thread what it sent (:meth:`Bridge.claim_copy`); a handler of the same project
+handling the same record next on that thread finds the note and skips it, and a handler that
+ran first left its mark in ``__dict__``, which the copy carries along.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from ._tags import RECORD_OVERHEAD, BridgeSpec, Capture, TagMessage, names_event
 from ._transport import Credentials, as_credentials, normalize_region, resolve_endpoints
 from ._values import snapshot_mapping
 
-__all__ = ["DELIVERY_OPTIONS", "SENT_MARK", "Bridge", "ConsumerShare"]
+__all__ = ["DELIVERY_OPTIONS", "SENT_MARK", "Bridge", "ConsumerShare", "created_ns"]
 
 #: Marks log records and event dicts whose tag was sent: a tuple of senders, each a short digest
 #: of a project token and tag name — never the token itself, since the mark travels with
@@ -95,6 +102,23 @@ class _SharedConsumers:
 
     def reinit_after_fork(self) -> None:
         self._lock = threading.Lock()
+
+
+class _SentCopies(threading.local):
+    """Per thread: ``(created_ns, logger_name, sender)`` of the last record a front door sent
+    from a copy of it (see :meth:`Bridge.claim_copy`)."""
+
+    last: tuple[int, str, str] | None = None
+
+
+_sent_copies = _SentCopies()
+
+
+def created_ns(created: Any) -> int | None:
+    """A log record's ``created`` as OpenTelemetry's logging handlers stamp it (integer ns)."""
+    if type(created) is float or type(created) is int:
+        return int(created * 1e9)
+    return None
 
 
 _shared = _SharedConsumers()
@@ -311,8 +335,31 @@ class Bridge:
             if self._seen in mark:
                 return False
             holder[SENT_MARK] = (*mark, self._seen)
-        else:
-            holder[SENT_MARK] = (self._seen,)
+            return True
+        holder[SENT_MARK] = (self._seen,)
+        last = _sent_copies.last  # sent from a copy of this very record, earlier on this thread?
+        return (
+            last is None
+            or last[2] != self._seen
+            or last[1] != holder.get("name")
+            or last[0] != created_ns(holder.get("created"))
+        )
+
+    def claim_copy(self, mark: Any, created: int, logger_name: str) -> bool:
+        """Claim a log record seen only as a copy (an OpenTelemetry log record made from it).
+
+        ``mark`` is the copy's :data:`SENT_MARK` (what handlers that ran before left on the
+        record), ``created`` the record's creation time in integer nanoseconds and
+        ``logger_name`` its logger. ``False`` when this project sent the record already; else
+        the claim is noted on this thread, so that a handler of this project handling the same
+        record next (it runs on the same thread, within the same logging call) skips it.
+        """
+        if mark and isinstance(mark, (tuple, list)) and self._seen in mark:
+            return False
+        key = (created, logger_name, self._seen)
+        if _sent_copies.last == key:
+            return False
+        _sent_copies.last = key
         return True
 
     def send(
@@ -366,6 +413,18 @@ class Bridge:
         capture = Capture(self.spec, created, text, context, otel_context(), extra, seed)
         for index, (kind, item, op, size) in enumerate(parts):
             send(kind, TagMessage(capture, kind, item, op, index, size + overhead))
+
+    def send_message(self, kind: str, message: Any) -> None:
+        """Queue one message a front door made itself (a :class:`~mp_logbridge.MessageSource`
+        to build on the sender thread, or a record); counted like a tag's messages."""
+        if self.closed:
+            self.lose("closed", "the front door is closed")
+            return
+        send = self._send_one
+        if send is None:
+            self.skipped += 1
+            return
+        send(kind, message)
 
     def _send_now(self, kind: str, message: Any) -> None:
         """Send through a consumer that builds on this thread: a bad message spares the rest."""
