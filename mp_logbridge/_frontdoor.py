@@ -30,11 +30,21 @@ from typing import Any
 from ._background import BackgroundConsumer
 from ._consumers import as_consumer
 from ._context import BoundContext, otel_context
+
+_otel_get = otel_context
 from ._diagnostics import DeliveryStats, warn
 from ._errors import ConfigurationError, InvalidMessageError, MixpanelError
 from ._messages import clean_token
 from ._retry import RetryPolicy
-from ._tags import RECORD_OVERHEAD, BridgeSpec, Capture, TagMessage, names_event, split_tag
+from ._tags import (
+    RECORD_OVERHEAD,
+    BridgeSpec,
+    BuiltTag,
+    Capture,
+    TagMessage,
+    names_event,
+    split_tag,
+)
 from ._transport import Credentials, as_credentials, normalize_region, resolve_endpoints
 from ._values import snapshot_mapping
 
@@ -112,6 +122,9 @@ class _SentCopies(threading.local):
 
 
 _sent_copies = _SentCopies()
+#: Whether any front door claims records from copies (an OpenTelemetry log processor): until
+#: one does, handlers need not look for its notes.
+copies_claimed = False
 
 
 def created_ns(created: Any) -> int | None:
@@ -248,6 +261,7 @@ class Bridge:
         "closed",
         "delivery",
         "enabled",
+        "fast",
         "skipped",
         "spec",
         "tag",
@@ -315,12 +329,22 @@ class Bridge:
         self._overhead = RECORD_OVERHEAD + len(self.spec.token)
         self.skipped = 0
         self.closed = False
+        #: ``fast(value, created, message, context)`` sends one message a tag builder made;
+        #: ``None`` while the bridge cannot send (disabled, closed): the general path counts.
+        self.fast: Callable[..., None] | None = (
+            self._make_fast() if self._send_one is not None else None
+        )
         if not self.enabled:
             warn(
                 "%s has no Mixpanel token (pass token= or set MIXPANEL_TOKEN): it is disabled "
                 "and will count what it skips",
                 owner,
             )
+
+    @property
+    def mark(self) -> str:
+        """This project's and tag's entry in :data:`SENT_MARK` (a digest, never the token)."""
+        return self._seen
 
     @property
     def consumer(self) -> Any:
@@ -337,6 +361,8 @@ class Bridge:
             holder[SENT_MARK] = (*mark, self._seen)
             return True
         holder[SENT_MARK] = (self._seen,)
+        if not copies_claimed:
+            return True
         last = _sent_copies.last  # sent from a copy of this very record, earlier on this thread?
         return (
             last is None
@@ -354,6 +380,8 @@ class Bridge:
         the claim is noted on this thread, so that a handler of this project handling the same
         record next (it runs on the same thread, within the same logging call) skips it.
         """
+        global copies_claimed
+        copies_claimed = True
         if mark and isinstance(mark, (tuple, list)) and self._seen in mark:
             return False
         key = (created, logger_name, self._seen)
@@ -385,12 +413,12 @@ class Bridge:
         Raises:
             Exception: what ``message`` raised (the caller counts the record as lost).
         """
-        if self.closed:
-            self.lose("closed", "the front door is closed")
-            return
         send = self._send_one
-        if send is None:
-            self.skipped += 1
+        if send is None or self.closed:
+            self._refuse()
+            return
+        if type(value) is BuiltTag and not extra and seed is None:
+            self.fast(value, created, message, context)
             return
         parts, problems = split_tag(value)
         for problem in problems:
@@ -410,9 +438,59 @@ class Bridge:
                 self.lose("invalid", f"InvalidMessageError: {problem}")
                 return
             overhead += extra_size
-        capture = Capture(self.spec, created, text, context, otel_context(), extra, seed)
+        otel = _otel_get() if self.spec.needs_otel else None
+        capture = Capture(self.spec, created, text, context, otel, extra, seed)
         for index, (kind, item, op, size) in enumerate(parts):
-            send(kind, TagMessage(capture, kind, item, op, index, size + overhead))
+            send(kind, capture.message_for(kind, item, op, index, size + overhead))
+
+    def _make_fast(self) -> Callable[[BuiltTag, float, Callable[[], str | None], Any], None]:
+        """The caller-thread path for one message a tag builder made, with every setting bound
+        now: nothing is looked up per call."""
+        spec = self.spec
+        overhead = self._overhead
+        otel_get = _otel_get
+        consumer = self.delivery.consumer
+        send_one = self._send_one
+        if isinstance(consumer, BackgroundConsumer) and send_one == consumer.send:
+            put = consumer._worker.put
+
+            def fast(
+                value: BuiltTag, created: float, message: Callable[[], str | None], context: Any
+            ) -> None:
+                kind = value.kind
+                text = message() if kind == "event" and not value.named else None
+                put(
+                    kind,
+                    TagMessage(
+                        spec, created, text, context, otel_get(), None, None, kind, value, value.op
+                    ),
+                    None,
+                    value.size + overhead,
+                )
+
+            return fast
+
+        def send_fast(
+            value: BuiltTag, created: float, message: Callable[[], str | None], context: Any
+        ) -> None:
+            kind = value.kind
+            text = message() if kind == "event" and not value.named else None
+            message_ = TagMessage(
+                spec, created, text, context, otel_get(), None, None, kind, value, value.op
+            )
+            message_.weight = value.size + overhead
+            if send_one is None or self.closed:
+                self._refuse()
+            else:
+                send_one(kind, message_)
+
+        return send_fast
+
+    def _refuse(self) -> None:
+        if self.closed:
+            self.lose("closed", "the front door is closed")
+        else:
+            self.skipped += 1
 
     def send_message(self, kind: str, message: Any) -> None:
         """Queue one message a front door made itself (a :class:`~mp_logbridge.MessageSource`
@@ -473,6 +551,7 @@ class Bridge:
         if self.closed:
             return
         self.closed = True
+        self.fast = None
         try:
             self.delivery.release()
         except Exception as exc:

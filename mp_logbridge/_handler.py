@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from threading import get_ident
 from typing import Any
 
-from ._context import current_context
+from . import _frontdoor
+from ._context import bound_context_getter, current_context
 from ._errors import ConfigurationError
-from ._frontdoor import Bridge
-from ._lifecycle import in_delivery_callback
-from ._tags import DEFAULT_TAG, exception_properties
+from ._frontdoor import SENT_MARK, Bridge
+from ._lifecycle import callback_thread_idents as _callback_idents
+from ._tags import DEFAULT_TAG, BuiltTag, exception_properties
 from ._transport import Credentials
 
 __all__ = ["DEFAULT_RECORD_PROPERTIES", "RESERVED_RECORD_ATTRIBUTES", "MixpanelHandler"]
@@ -41,6 +43,7 @@ RESERVED_RECORD_ATTRIBUTES = frozenset(logging.LogRecord("", 0, "", 0, "", (), N
     "asctime",
 }
 
+_bound_get = bound_context_getter()
 _OWN_LOGGER = "mp_logbridge"
 _OWN_PREFIX_LEN = len(_OWN_LOGGER)
 
@@ -150,6 +153,13 @@ class MixpanelHandler(logging.Handler):
         )
         self.enabled = self._bridge.enabled
         self.token = self._bridge.spec.token if self.enabled else None
+        # ``handle`` may skip ``emit`` for plain records unless a subclass changed ``emit``.
+        self._direct = (
+            type(self).emit is MixpanelHandler.emit
+            and not self._record_props
+            and not self._extra_props
+        )
+        self._mark = (self._bridge.mark,)
 
     @property
     def consumer(self) -> Any:
@@ -170,8 +180,8 @@ class MixpanelHandler(logging.Handler):
         the tag); without filters an untagged record costs one attribute lookup. The tag is read
         from the record's attributes, or from ``record.msg`` when that is a dict carrying it
         (structlog's ``ProcessorFormatter.wrap_for_formatter``). Records of the library's own
-        loggers and tagged records logged from an ``on_error`` callback are not sent (no feedback
-        loops; the latter are counted as ``feedback_loop``). ``emit`` only queues, so it does not
+        loggers are never sent, and tagged records logged from an ``on_error`` callback are
+        counted as ``feedback_loop`` instead (no feedback loops). ``emit`` only queues, so it does not
         need the handler lock either.
         """
         if self.filters:
@@ -181,20 +191,41 @@ class MixpanelHandler(logging.Handler):
             if isinstance(result, logging.LogRecord):
                 record = result
         tag = self.tag
-        value = record.__dict__.get(tag)
+        holder = record.__dict__
+        value = holder.get(tag)
         if value is None:
             msg = record.msg
             if type(msg) is not dict or msg.get(tag) is None:
                 return False
         elif value is False:
             return False
-        name = record.name
-        if name.startswith(_OWN_LOGGER) and (name == _OWN_LOGGER or name[_OWN_PREFIX_LEN] == "."):
-            return False
-        if in_delivery_callback():
+        if record.name.startswith(_OWN_LOGGER):  # "mp_logbridge" and its children
+            name = record.name
+            if len(name) == _OWN_PREFIX_LEN or name[_OWN_PREFIX_LEN] == ".":
+                return False
+        if _callback_idents and get_ident() in _callback_idents:
             # Logged from an on_error callback: if it failed too, it would call it again.
             self._bridge.lose("feedback_loop", "a tagged record logged from an on_error callback")
             return False
+        if (
+            type(value) is BuiltTag
+            and self._direct
+            and not record.exc_info
+            and SENT_MARK not in holder
+            and not _frontdoor.copies_claimed
+        ):
+            # The common case, kept short: one message a tag builder made, nothing else to copy.
+            fast = self._bridge.fast
+            if fast is not None:
+                holder[SENT_MARK] = self._mark
+                try:
+                    fast(value, record.created, record.getMessage, _bound_get())
+                except RecursionError:  # pragma: no cover - as the stdlib handlers do
+                    raise
+                except Exception as exc:
+                    self._bridge.lose("invalid", f"the record could not be captured: {exc!r}")
+                    self.handleError(record)
+                return record
         self.emit(record)
         return record
 

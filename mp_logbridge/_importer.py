@@ -54,7 +54,7 @@ from ._import_state import (
 from ._records import MAX_BATCH_RECORDS, MAX_REQUEST_BYTES, encode_message
 from ._retry import RetryPolicy, next_attempt
 from ._rules import check_record
-from ._tags import DEFAULT_TAG, BridgeSpec, Capture, TagMessage, split_tag
+from ._tags import DEFAULT_TAG, BridgeSpec, Capture, split_tag
 from ._transport import Credentials, Endpoints, Transport
 
 __all__ = [
@@ -197,7 +197,7 @@ def records_of_line(line: Any, *, tag: str, spec: BridgeSpec | None) -> list[dic
                     "line",
                     f"only events can be imported; this tag holds a {kind.replace('_', ' ')}",
                 )
-            records.append(TagMessage(capture, kind, item, op, index).build())
+            records.append(capture.message_for(kind, item, op, index).build())
         return records
     if "event" in line and isinstance(line.get("properties"), dict):
         properties = line["properties"]

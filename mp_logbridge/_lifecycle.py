@@ -94,7 +94,9 @@ def unregister_sender_thread() -> None:
     _sender_idents.pop(threading.get_ident(), None)
 
 
-_callback_idents: set[int] = set()  # threads running an ``on_error`` callback now
+#: Threads running an ``on_error`` callback now (read on the handler's hot path).
+callback_thread_idents: set[int] = set()
+_callback_idents = callback_thread_idents
 
 
 @contextmanager

@@ -38,6 +38,7 @@ from ._vocabulary import GROUPS, PEOPLE, Operation
 __all__ = [
     "DEFAULT_TAG",
     "BridgeSpec",
+    "BuiltTag",
     "Capture",
     "TagBuilder",
     "TagExtra",
@@ -56,6 +57,32 @@ _EVENT_KEYS = frozenset({"event", "properties"})
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+class BuiltTag(dict[str, Any]):
+    """One message made by a tag builder: its values were checked and copied when it was built,
+    and it knows its kind, operation and size, so a front door takes it as it is."""
+
+    __slots__ = ("kind", "named", "op", "size")
+    kind: str
+    op: str | None
+    size: int
+    named: bool  # an event whose name is in the tag (not taken from the log message)
+
+    @classmethod
+    def make(
+        cls, record: dict[str, Any], kind: str, op: str | None, size: int, named: bool = True
+    ) -> BuiltTag:
+        """A built tag holding ``record``'s entries."""
+        built = cls(record)
+        built.kind = kind
+        built.op = op
+        built.size = size
+        built.named = named
+        return built
+
+    def __reduce__(self) -> Any:  # pickled (SocketHandler, multiprocessing) as a plain dict
+        return (dict, (dict(self),))
 
 
 class TagExtra(dict[str, Any]):
@@ -98,7 +125,13 @@ def _update_tag(
     record[op] = value
     if ip is not None:
         record["$ip"] = msg.check_ip(ip, "ip")
-    return record
+    kind = "group_update" if scope == "groups" else "profile_update"
+    return BuiltTag.make(record, kind, op, _size_of(record))
+
+
+def _size_of(record: Mapping[str, Any]) -> int:
+    """About how many bytes a checked record encodes to (its values were checked already)."""
+    return snapshot_mapping(record, "tag")[1]
 
 
 class _PeopleTags:
@@ -370,19 +403,39 @@ class TagBuilder:
         ``tag.track("Signed Up", distinct_id=uid, plan="pro")`` gives
         ``{"mixpanel": {"event": "Signed Up", "properties": {"distinct_id": uid, "plan": "pro"}}}``.
         """
-        props: dict[str, Any] = {}
+        size = 0
+        if properties is None:
+            props: dict[str, Any] = {}
+        else:
+            if type(properties) is not dict and not isinstance(properties, Mapping):
+                raise InvalidMessageError(
+                    "properties", f"must be a mapping, got {type(properties).__name__}"
+                )
+            props, size = snapshot_mapping(properties, "properties")
         if distinct_id is not None:
-            props["distinct_id"] = msg.check_distinct_id(distinct_id, "distinct_id")
-        if properties is not None:
-            props.update(msg.checked_mapping(properties, "properties"))
+            if type(distinct_id) is not str:
+                msg.check_distinct_id(distinct_id, "distinct_id")
+            props = {"distinct_id": distinct_id, **props}
+            size += 40
         if more:
-            props.update(msg.checked_mapping(more, "properties"))
-        record: dict[str, Any] = {}
-        if event is not None:
-            record["event"] = msg.check_name(event, "event")
+            checked, extra = snapshot_mapping(more, "properties")
+            props.update(checked)
+            size += extra
+        built = BuiltTag()
+        if event is None:
+            built.named = False
+        else:
+            if type(event) is not str or not event.strip():
+                msg.check_name(event, "event")
+            built["event"] = event
+            built.named = True
+            size += len(event) + 12
         if props:
-            record["properties"] = props
-        return self.message(record)
+            built["properties"] = props
+        built.kind = "event"
+        built.op = None
+        built.size = size
+        return TagExtra({self.key: built})
 
     def charge(
         self,
@@ -413,6 +466,8 @@ Part = tuple[str, Any, "str | None", int]  # (kind, item, operation, approximate
 
 
 def _split_item(item: Any, field: str) -> list[Part]:
+    if type(item) is BuiltTag:  # made by a tag builder: checked and copied already
+        return [(item.kind, item, item.op, item.size)]
     if not _is_mapping(item):
         if item is True:
             return [("event", {}, None, 0)]
@@ -482,6 +537,7 @@ class BridgeSpec:
         "default_distinct_id",
         "include_exception",
         "include_trace",
+        "needs_otel",
         "super_properties",
         "token",
     )
@@ -500,6 +556,9 @@ class BridgeSpec:
         self.default_distinct_id = default_distinct_id
         self.include_trace = include_trace
         self.include_exception = include_exception
+        # The OpenTelemetry context is read for trace ids and for the baggage entry
+        # ``enduser.id`` (the user of last resort).
+        self.needs_otel = True
 
 
 class Capture:
@@ -532,12 +591,87 @@ class Capture:
         self.extra = extra
         self.seed = seed
 
-    def insert_id(self, index: int) -> str:
-        """The ``$insert_id`` of message ``index`` of this capture (at most 36 characters)."""
+    def message_for(
+        self, kind: str, item: Any, op: str | None, index: int, weight: int = RECORD_OVERHEAD
+    ) -> TagMessage:
+        """Message ``index`` of this capture."""
+        return TagMessage(
+            self.spec,
+            self.created,
+            self.message,
+            self.context,
+            self.otel,
+            self.extra,
+            self.seed,
+            kind,
+            item,
+            op,
+            index,
+            weight,
+        )
+
+
+class TagMessage:
+    """One message of a tag, with what the caller's thread captured for it, built into a
+    Mixpanel record on the sender thread.
+
+    ``weight`` is its approximate encoded size, measured at the call (what it counts for
+    against a consumer's byte budget until it is encoded).
+    """
+
+    __slots__ = (
+        "context",
+        "created",
+        "extra",
+        "index",
+        "item",
+        "kind",
+        "message",
+        "op",
+        "otel",
+        "seed",
+        "spec",
+        "weight",
+    )
+    checked = True  # built from snapshots: the consumer need not walk the record again
+
+    def __init__(
+        self,
+        spec: BridgeSpec,
+        created: float,
+        message: str | None,
+        context: BoundContext,
+        otel: Any,
+        extra: Mapping[str, Any] | None,
+        seed: str | None,
+        kind: str,
+        item: Any,
+        op: str | None,
+        index: int = 0,
+        weight: int = RECORD_OVERHEAD,
+    ) -> None:
+        self.spec = spec
+        self.created = created
+        self.message = message
+        self.context = context
+        self.otel = otel
+        self.extra = extra
+        self.seed = seed
+        self.kind = kind
+        self.item = item
+        self.op = op
+        self.index = index
+        self.weight = weight
+
+    def __repr__(self) -> str:
+        return f"TagMessage({self.kind}, {self.item!r})"
+
+    def insert_id(self) -> str:
+        """This message's ``$insert_id`` (at most 36 characters)."""
         seed = self.seed
         if seed is None:
             return msg.new_insert_id()
-        return f"{seed}-{index:x}"
+        return f"{seed}-{self.index:x}"
 
     def distinct_id(self, given: Any, field: str) -> Any:
         """Resolve the user: the tag, the bound context, baggage ``enduser.id``, the default."""
@@ -550,36 +684,6 @@ class Capture:
             )
         return user
 
-
-class TagMessage:
-    """One message of a tag, built into a Mixpanel record on the sender thread.
-
-    ``weight`` is its approximate encoded size, measured at the call (what it counts for
-    against a consumer's byte budget until it is encoded).
-    """
-
-    __slots__ = ("capture", "index", "item", "kind", "op", "weight")
-    checked = True  # built from snapshots: the consumer need not walk the record again
-
-    def __init__(
-        self,
-        capture: Capture,
-        kind: str,
-        item: Any,
-        op: str | None,
-        index: int,
-        weight: int = RECORD_OVERHEAD,
-    ) -> None:
-        self.capture = capture
-        self.kind = kind
-        self.item = item
-        self.op = op
-        self.index = index
-        self.weight = weight
-
-    def __repr__(self) -> str:
-        return f"TagMessage({self.kind}, {self.item!r})"
-
     def build(self) -> dict[str, Any]:
         """The Mixpanel record (raises :class:`~mp_logbridge.InvalidMessageError` if impossible)."""
         item = self.item
@@ -588,7 +692,7 @@ class TagMessage:
         return self._update(item)
 
     def _event(self, item: Mapping[str, Any]) -> dict[str, Any]:
-        capture, spec = self.capture, self.capture.spec
+        capture, spec = self, self.spec
         props: dict[str, Any] = dict(spec.super_properties)
         props.update(capture.context.properties)
         if capture.extra:
@@ -612,18 +716,18 @@ class TagMessage:
             raise InvalidMessageError(
                 "tag.event", "no event name in the tag and the log message is empty"
             )
-        distinct_id = capture.distinct_id(props.pop("distinct_id", None), "tag.distinct_id")
+        distinct_id = self.distinct_id(props.pop("distinct_id", None), "tag.distinct_id")
         return msg.event(
             spec.token,
             distinct_id,
             name,
             props,
             time_ms=int(capture.created * 1000),
-            insert_id=capture.insert_id(self.index),
+            insert_id=self.insert_id(),
         )
 
     def _update(self, item: Mapping[str, Any]) -> dict[str, Any]:
-        capture, spec, op = self.capture, self.capture.spec, self.op
+        capture, spec, op = self, self.spec, self.op
         if op is None:
             ops = ", ".join(msg.GROUP_OPS if self.kind == "group_update" else msg.PROFILE_OPS)
             raise InvalidMessageError("tag", f"a {self.kind.replace('_', ' ')} needs one of {ops}")
@@ -650,7 +754,7 @@ class TagMessage:
             return msg.group_update(
                 spec.token, group_key, group_id, op, value, optional_params=params, time_ms=time_ms
             )
-        distinct_id = capture.distinct_id(item.get("$distinct_id"), "tag.$distinct_id")
+        distinct_id = self.distinct_id(item.get("$distinct_id"), "tag.$distinct_id")
         return msg.profile_update(
             spec.token, distinct_id, op, value, optional_params=params, time_ms=time_ms
         )
