@@ -126,8 +126,9 @@ def _fastest_otel_getter() -> Any:
 
         runtime = _otel._RUNTIME_CONTEXT
         variable = getattr(runtime, "_current_context", None)
-        if type(runtime).__name__ == "ContextVarsRuntimeContext" and hasattr(variable, "get"):
-            return variable.get
+        getter = getattr(variable, "get", None)
+        if type(runtime).__name__ == "ContextVarsRuntimeContext" and getter is not None:
+            return getter
     except Exception:  # pragma: no cover - another runtime context or a changed private API
         pass
     return _otel_get_current

@@ -30,8 +30,6 @@ from typing import Any
 from ._background import BackgroundConsumer
 from ._consumers import as_consumer
 from ._context import BoundContext, otel_context
-
-_otel_get = otel_context
 from ._diagnostics import DeliveryStats, warn
 from ._errors import ConfigurationError, InvalidMessageError, MixpanelError
 from ._messages import clean_token
@@ -121,6 +119,7 @@ class _SentCopies(threading.local):
     last: tuple[int, str, str] | None = None
 
 
+_otel_get = otel_context
 _sent_copies = _SentCopies()
 #: Whether any front door claims records from copies (an OpenTelemetry log processor): until
 #: one does, handlers need not look for its notes.
@@ -417,8 +416,9 @@ class Bridge:
         if send is None or self.closed:
             self._refuse()
             return
-        if type(value) is BuiltTag and not extra and seed is None:
-            self.fast(value, created, message, context)
+        fast = self.fast
+        if fast is not None and type(value) is BuiltTag and not extra and seed is None:
+            fast(value, created, message, context)
             return
         parts, problems = split_tag(value)
         for problem in problems:
