@@ -11,17 +11,19 @@ import json
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
-from time import perf_counter_ns
+from time import perf_counter_ns, thread_time_ns
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 HERE = Path(__file__).resolve().parent
 TOKEN = "bench-token"
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- the server
@@ -35,29 +37,37 @@ def closed_port_url() -> str:
     return f"http://127.0.0.1:{port}"
 
 
+def child_env() -> dict[str, str]:
+    """The environment for a child interpreter that imports the library from this checkout."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(HERE), str(HERE.parent), env.get("PYTHONPATH", "")])
+    )
+    return env
+
+
 class ServerProcess:
-    """``benchmarks/_server.py`` in a child process, so its CPU time is not the client's."""
+    """The fast receiver (``benchmarks/_server.py``) in a child process, so its CPU time is not
+    the client's. Commands are answered in order over its stdin/stdout."""
 
     def __init__(self, latency: float = 0.0) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [str(HERE.parent), env.get("PYTHONPATH", "")])
-        )
         self._process = subprocess.Popen(
-            [sys.executable, str(HERE / "_server.py"), "--latency", str(latency)],
+            [sys.executable, str(HERE / "_server.py")],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
             bufsize=1,
-            env=env,
+            env=child_env(),
         )
         self.url: str = self._read()["url"]
+        if latency:
+            self.set_latency(latency)
 
     def _read(self) -> dict[str, Any]:
         assert self._process.stdout is not None
         line = self._process.stdout.readline()
         if not line:
-            raise RuntimeError("the benchmark server process exited")
+            raise RuntimeError("the benchmark receiver process exited")
         answer: dict[str, Any] = json.loads(line)
         return answer
 
@@ -68,18 +78,26 @@ class ServerProcess:
         return self._read()
 
     def stats(self) -> dict[str, Any]:
-        """Records received per kind (``total`` for all), requests, refused records, CPU."""
+        """What arrived: ``total``, per ``endpoints`` and per ``sources`` (records and distinct
+        ids), requests, the hostile modes' counters, and the receiver's CPU seconds."""
         return self._ask("stats")
 
-    def wait(self, count: int, timeout: float = 5.0) -> dict[str, Any]:
-        """``stats()`` once ``count`` records in all arrived (or after ``timeout`` seconds)."""
-        return self._ask(f"wait {count} {timeout}")
+    def wait(self, count: int, timeout: float = 5.0, source: str | None = None) -> dict[str, Any]:
+        """``stats()`` once ``count`` records (of ``source``, or in all) arrived since the last
+        ``clear``, or after ``timeout`` seconds."""
+        return self._ask(f"wait {count} {timeout}" + (f" {source}" if source else ""))
 
     def clear(self) -> None:
         self._ask("clear")
 
     def set_latency(self, seconds: float) -> None:
         self._ask(f"latency {seconds}")
+
+    def set_mode(self, mode: str, argument: float | int | None = None) -> None:
+        """``normal``, ``stuck``, ``drip [seconds]`` or ``huge [bytes]`` (see ``_server.py``)."""
+        answer = self._ask(f"mode {mode}" + ("" if argument is None else f" {argument}"))
+        if not answer.get("ok"):
+            raise ValueError(answer.get("error"))
 
     def close(self) -> None:
         if self._process.poll() is None:
@@ -106,18 +124,54 @@ class ServerProcess:
         self.close()
 
 
+def source_count(stats: Mapping[str, Any], source: str | None) -> tuple[int, int]:
+    """``(records, distinct ids)`` of one source in a receiver ``stats()`` answer."""
+    entry = stats.get("sources", {}).get(source or "", {})
+    return int(entry.get("records", 0)), int(entry.get("distinct_ids", 0))
+
+
 # --------------------------------------------------------------------------- measuring
 
 
-def time_each_call(call: Callable[[int], object], count: int) -> list[int]:
-    """Nanoseconds spent in each of ``count`` calls ``call(i)`` (``perf_counter_ns`` around each)."""
+def time_each_call(call: Callable[[], object], count: int) -> list[int]:
+    """Nanoseconds spent in each of ``count`` calls (``perf_counter_ns`` around each)."""
     clock = perf_counter_ns
     samples = [0] * count
     for i in range(count):
         start = clock()
-        call(i)
+        call()
         samples[i] = clock() - start
     return samples
+
+
+def timed_loop(call: Callable[[], object], count: int) -> tuple[float, float]:
+    """Mean wall and caller-thread CPU nanoseconds per call over ``count`` calls in a tight loop.
+
+    Wall time is what the calling thread experiences, waits for the GIL included; CPU time
+    (``time.thread_time``) is only what runs on the calling thread.
+    """
+    wall, cpu = perf_counter_ns, thread_time_ns
+    w0, c0 = wall(), cpu()
+    for _ in range(count):
+        call()
+    c1, w1 = cpu(), wall()
+    return (w1 - w0) / count, (c1 - c0) / count
+
+
+def rotations(items: Sequence[T], rounds: int) -> Iterable[tuple[int, T]]:
+    """``(round, item)`` for ``rounds`` interleaved rounds, each round starting one item later,
+    so drifts of the machine and the order within a round hit every item alike."""
+    for index in range(rounds):
+        shift = index % len(items) if items else 0
+        for item in [*items[shift:], *items[:shift]]:
+            yield index, item
+
+
+def min_median(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """The smallest value (the least disturbed round) and the median, ``None`` when empty."""
+    if not values:
+        return None, None
+    return float(min(values)), float(statistics.median(values))
 
 
 def percentile(ordered: Sequence[float], fraction: float) -> float:
@@ -173,7 +227,7 @@ def reset_peak_rss() -> bool:
 # --------------------------------------------------------------------------- reporting
 
 
-def _cell(value: Any) -> str:
+def cell(value: Any) -> str:
     if value is None:
         return "n/a"
     if isinstance(value, bool):
@@ -208,7 +262,7 @@ def print_table(
 ) -> None:
     """Print ``rows`` as an aligned table; ``columns`` are ``(key, header)`` pairs."""
     headers = [header for _, header in columns]
-    cells = [[_cell(row.get(key)) for key, _ in columns] for row in rows]
+    cells = [[cell(row.get(key)) for key, _ in columns] for row in rows]
     widths = [max(len(line[i]) for line in [headers, *cells]) for i in range(len(columns))]
     print(f"\n{title}")
     print(_line(headers, widths))
@@ -219,12 +273,14 @@ def print_table(
 
 def environment() -> dict[str, Any]:
     """Where and with what the figures were measured."""
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in (
         "mp_logbridge",
         "mixpanel",
         "posthog",
         "segment-analytics-python",
+        "opentelemetry-sdk",
+        "structlog",
         "requests",
         "urllib3",
     ):
@@ -239,6 +295,7 @@ def environment() -> dict[str, Any]:
         "implementation": platform.python_implementation(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
+        "load_average": os.getloadavg(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "versions": versions,
     }
@@ -270,8 +327,10 @@ def _source_state() -> str | None:
 
 def print_environment(env: Mapping[str, Any]) -> None:
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
+    load = " ".join(f"{value:.2f}" for value in env.get("load_average") or ())
     print(
-        f"{env['date']} · {env['implementation']} {env['python']} · {env['cpus']} CPUs · {env['platform']}"
+        f"{env['date']} · {env['implementation']} {env['python']} · {env['cpus']} CPUs · "
+        f"{env['platform']} · load average {load}"
     )
     print(f"{versions} · source {env.get('source') or 'unknown'}")
     print(f"$ {env['command']}")

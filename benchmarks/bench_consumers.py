@@ -1,445 +1,317 @@
-"""Consumers side by side: caller-thread cost, end-to-end throughput, memory, batch size.
+"""Clients side by side: caller cost, delivery throughput and sender CPU, batch size.
 
-Compares ``mp_logbridge.AsyncConsumer`` (through ``Tracker`` and through the official package's
-``Mixpanel`` API) with the official ``mixpanel`` package's ``BufferedConsumer`` and
-``Consumer``, PostHog's and Segment's clients, and bare ``queue.Queue.put`` /
-``deque.append`` baselines — in one process, against one ``MixpanelServer`` running in a child
-process (so its CPU is not counted as the client's), with 0 ms and 50 ms of server latency and
-with the server down (a closed port).
+One run compares, against the fast receiver running in a child process (``_server.py``), with
+0 ms and 50 ms of server latency and with the server down (a closed port):
+
+* references: ``logging.NullHandler``, the stdlib ``QueueHandler``, structlog without processor;
+* peers: OpenTelemetry's ``LoggingHandler`` + ``BatchLogRecordProcessor`` (posting to the
+  receiver), PostHog, Segment, the official ``mixpanel`` package's ``Consumer`` and
+  ``BufferedConsumer``;
+* mp_logbridge: ``MixpanelHandler``, the structlog ``MixpanelProcessor``, ``@instrument``,
+  ``Tracker``, and the official package's API on this library's background consumer.
 
 Sections (``--sections``, default all):
 
-* ``caller``: per-call cost on the caller's thread (mean, p50, p99, max);
-* ``throughput``: messages delivered per second (send N, then flush) and process CPU seconds
-  per 10 000 messages, for the client and, separately, the server;
-* ``memory``: peak memory with the server down after 100 000 messages (each case in a fresh
-  child process: peak RSS growth, and tracemalloc's peak in another child);
-* ``sweep``: ``AsyncConsumer`` throughput and CPU for several ``batch_size`` values.
+* ``caller``: interleaved rounds; in each, every subject makes its untagged and tagged calls in
+  a tight loop (wall time and caller-thread CPU per call) and its tagged calls once more timed
+  one by one (p99). Figures are ratios to a ``NullHandler`` logging the same record, from the
+  fastest round (min) and the median round. Between loops (not timed) every client delivers
+  what it holds, or, with the server down, settles.
+* ``throughput``: interleaved delivery runs (send N, then flush; counted at the receiver):
+  records/s and its ratio to the official ``BufferedConsumer``, process CPU per 10 000 records,
+  and sender CPU per record (process CPU minus the caller thread's, per record delivered).
+* ``sweep``: the background consumer's throughput for several ``batch_size`` values.
 
-Usage: ``python benchmarks/bench_consumers.py [--quick] [--json out.json]``.
+Usage: ``python benchmarks/bench_consumers.py [--quick] [--json out.json] [--sections ...]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
-import subprocess
 import sys
 import time
-import tracemalloc
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from _common import (
-    HERE,
     ServerProcess,
     closed_port_url,
     environment,
+    min_median,
+    percentile,
     print_environment,
     print_table,
     ratio,
-    reset_peak_rss,
-    rss_kib,
-    summarize_ns,
+    rotations,
+    source_count,
     time_each_call,
+    timed_loop,
     write_json,
 )
-from _subjects import SUBJECTS, Subject
+from _subjects import SUBJECTS, OursTracker, Subject
 
-MODES = {"0 ms": 0.0, "50 ms": 0.05, "down": None}
+STATES = {"0 ms": 0.0, "50 ms": 0.05, "down": None}
 LATENCIES = {"0 ms": 0.0, "50 ms": 0.05}
-CALLER_ORDER = (
-    "queue_put",
-    "deque_append",
-    "ours",
-    "ours_official_api",
-    "official_buffered",
-    "official_consumer",
-    "posthog",
-    "segment",
-)
-THROUGHPUT_ORDER = (
-    "ours",
-    "ours_official_api",
-    "official_buffered",
-    "official_consumer",
-    "posthog",
-    "segment",
-)
-MEMORY_CASES = {
-    "ours": ("mp_logbridge AsyncConsumer, default bounds", "ours", {}),
-    "ours_1mb": (
-        "mp_logbridge AsyncConsumer, max_queue_bytes=1 MB",
-        "ours",
-        {"max_queue_bytes": 1_000_000},
-    ),
-    "ours_1mb_1k": (
-        "mp_logbridge AsyncConsumer, max_queue_bytes=1 MB, max_queue_size=1000",
-        "ours",
-        {"max_queue_bytes": 1_000_000, "max_queue_size": 1000},
-    ),
-    "official_buffered": ("mixpanel BufferedConsumer", "official_buffered", {}),
-}
-MEMORY_TOTAL = 100_000
+REFERENCE = "null"
+BASELINE_THROUGHPUT = "official_buffered"
 
 
 @dataclass
 class Plan:
-    """How many messages each measurement sends (smaller for clients that block per request)."""
+    """How many rounds, and how many calls per round (each subject's own counts, scaled)."""
 
     quick: bool
-    caller: dict[str, Any] = field(default_factory=dict)
-    throughput: dict[str, Any] = field(default_factory=dict)
-    memory_official: int = 1000
+    caller_rounds: dict[str, int]
+    throughput_rounds: int
     sweep_sizes: tuple[int, ...] = (50, 100, 250, 500, 1000, 2000)
     sweep_messages: int = 10_000
     sweep_rounds: int = 2
-    rounds: int = 2
+
+    @property
+    def scale(self) -> int:
+        return 10 if self.quick else 1
+
+    def calls(self, subject: Subject, state: str) -> int:
+        return max(10, subject.calls[state] // self.scale)
+
+    def records(self, subject: Subject, latency: str) -> int:
+        return max(10, subject.throughput[latency] // self.scale)
 
     @classmethod
-    def make(cls, quick: bool) -> Plan:
-        scale = 10 if quick else 1
-        caller = {
-            key: {"0 ms": 10_000, "50 ms": 10_000, "down": 10_000}
-            for key in ("queue_put", "deque_append", "ours", "ours_official_api")
-        }
-        caller["official_buffered"] = {"0 ms": 5000, "50 ms": 5000, "down": 2000}
-        caller["official_consumer"] = {"0 ms": 500, "50 ms": 60, "down": 500}
-        caller["posthog"] = caller["segment"] = {"0 ms": 5000, "50 ms": 5000, "down": 5000}
-        throughput = {
-            key: {"0 ms": 10_000, "50 ms": 10_000} for key in ("ours", "ours_official_api")
-        }
-        throughput["official_buffered"] = {"0 ms": 10_000, "50 ms": 1000}
-        throughput["official_consumer"] = {"0 ms": 500, "50 ms": 40}
-        throughput["posthog"] = throughput["segment"] = {"0 ms": 5000, "50 ms": 3000}
-        for table in (caller, throughput):
-            for key, counts in table.items():
-                table[key] = {mode: max(10, n // scale) for mode, n in counts.items()}
-        plan = cls(quick, caller, throughput)
+    def make(cls, quick: bool, rounds: int | None) -> Plan:
         if quick:
-            plan.memory_official = 500
-            plan.sweep_sizes = (50, 500, 2000)
-            plan.sweep_messages = 2000
-            plan.sweep_rounds = 1
-            plan.rounds = 1
-        return plan
+            return cls(
+                True,
+                {state: 1 for state in STATES},
+                1,
+                sweep_sizes=(100, 2000),
+                sweep_messages=2000,
+                sweep_rounds=1,
+            )
+        caller = {"0 ms": 16, "50 ms": 8, "down": 8}
+        if rounds:
+            caller = {state: rounds for state in STATES}
+        return cls(False, caller, 6)
+
+
+def make_subjects(keys: list[str], url: str, down: bool) -> list[Subject]:
+    return [SUBJECTS[key](url, down) for key in keys]
+
+
+def warm_up(subjects: list[Subject], server: ServerProcess | None) -> None:
+    """Start threads, open connections, fill caches; then forget what arrived."""
+    for subject in subjects:
+        for _ in range(subject.warm_up_calls):
+            subject.tagged()
+            if subject.untagged is not None:
+                subject.untagged()
+        subject.between()
+    if server is not None:
+        server.clear()
+
+
+def close_all(subjects: list[Subject]) -> None:
+    for subject in subjects:
+        try:
+            subject.close()
+        except Exception as exc:  # a client that fails to close must not hide the figures
+            print(f"  closing {subject.label} failed: {exc!r}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- caller cost
 
 
-def warm_up(subject: Subject, server: ServerProcess | None, calls: int = 100) -> None:
-    """Start threads and connections outside the measurement, then forget what arrived."""
-    for i in range(calls):
-        subject.call(i)
-    if server is not None:
-        subject.finish(60.0)
-        server.clear()
+def caller_state(
+    server: ServerProcess, state: str, subjects: list[Subject], plan: Plan
+) -> list[dict[str, Any]]:
+    """Interleaved rounds of every subject's loops in one server state."""
+    down = STATES[state] is None
+    cases: list[tuple[Subject, str]] = []
+    for subject in subjects:
+        if subject.untagged is not None:
+            cases.append((subject, "untagged"))
+        cases += [(subject, "tagged"), (subject, "p99")]
+    walls: dict[tuple[str, str], list[float]] = {}
+    cpus: dict[tuple[str, str], list[float]] = {}
+    p99s: dict[str, list[float]] = {}
+    sent = dict.fromkeys((s.key for s in subjects), 0)
+    dropped_before = {s.key: s.dropped() for s in subjects}
+    flush_failures = dict.fromkeys(sent, 0)
+    began = time.perf_counter()
+    for _round, (subject, kind) in rotations(cases, plan.caller_rounds[state]):
+        count = plan.calls(subject, state)
+        gc.collect()
+        if kind == "p99":
+            samples = sorted(time_each_call(subject.tagged, count))
+            p99s.setdefault(subject.key, []).append(percentile(samples, 0.99) / 1000)
+        else:
+            call = subject.tagged if kind == "tagged" else subject.untagged
+            assert call is not None
+            wall_ns, cpu_ns = timed_loop(call, count)
+            walls.setdefault((subject.key, kind), []).append(wall_ns / 1000)
+            cpus.setdefault((subject.key, kind), []).append(cpu_ns / 1000)
+        if kind != "untagged" or subject.untagged_delivers:
+            sent[subject.key] += count
+        if not subject.between() and not down:
+            flush_failures[subject.key] += 1
+    print(f"  caller {state:>5}: {time.perf_counter() - began:.1f} s", file=sys.stderr)
+    rows = []
+    for subject in subjects:
+        row: dict[str, Any] = {"key": subject.key, "subject": subject.label, "group": subject.group}
+        for kind in ("untagged", "tagged"):
+            if (subject.key, kind) not in walls:
+                continue
+            row[f"{kind}_wall_us_min"], row[f"{kind}_wall_us_median"] = min_median(
+                walls[subject.key, kind]
+            )
+            row[f"{kind}_cpu_us_min"], row[f"{kind}_cpu_us_median"] = min_median(
+                cpus[subject.key, kind]
+            )
+        row["p99_us_min"], row["p99_us_median"] = min_median(p99s.get(subject.key, []))
+        row["calls_per_round"] = plan.calls(subject, state)
+        row["sent"] = sent[subject.key] if subject.source else None
+        if subject.source and not down:
+            arrived_now = server.wait(sent[subject.key], 5.0, subject.source)
+            records, distinct = source_count(arrived_now, subject.source)
+            row["delivered"] = records
+            row["duplicates"] = records - distinct if subject.has_ids else None
+        before, after = dropped_before[subject.key], subject.dropped()
+        row["dropped"] = None if before is None or after is None else after - before
+        row["flush_failures"] = flush_failures[subject.key] or None
+        rows.append(row)
+    reference = next(row for row in rows if row["key"] == REFERENCE)
+    for row in rows:
+        for kind in ("untagged", "tagged"):
+            for clock in ("wall", "cpu"):
+                for stat in ("min", "median"):
+                    name = f"{kind}_{clock}_us_{stat}"
+                    row[f"{kind}_{clock}_x_{stat}"] = ratio(row.get(name), reference.get(name))
+    return rows
 
 
-def caller_cost(server: ServerProcess, plan: Plan) -> dict[str, list[dict[str, Any]]]:
-    results: dict[str, list[dict[str, Any]]] = {}
-    for mode, latency in MODES.items():
-        down = latency is None
-        if not down:
-            server.set_latency(latency)
-        rows = []
-        for key in CALLER_ORDER:
-            began = time.perf_counter()
-            count = plan.caller[key][mode]
-            url = closed_port_url() if down else server.url
-            subject = SUBJECTS[key](url, down)
-            try:
-                warm_up(subject, None if down else server, min(100, max(2, count // 10)))
-                refused_before = subject.refused()
-                gc.collect()
-                samples = time_each_call(subject.call, count)
-                row: dict[str, Any] = {"key": key, "client": subject.label, **summarize_ns(samples)}
-                refused = subject.refused()
-                if refused is not None and refused_before is not None:
-                    row["refused"] = refused - refused_before
-                if subject.delivers and not down:
-                    subject.finish(120.0)
-                    row["delivered"] = server.wait(count, 5.0)["total"]
-            finally:
-                subject.close()
-            rows.append(row)
-            spent = time.perf_counter() - began
-            print(f"  caller {mode:>5} {subject.label}: {spent:.1f} s", file=sys.stderr)
-        ours = next(r for r in rows if r["key"] == "ours")
-        for row in rows:
-            row["mean_x_ours"] = ratio(row["mean_us"], ours["mean_us"])
-            row["p99_x_ours"] = ratio(row["p99_us"], ours["p99_us"])
-        results[mode] = rows
-    return results
-
-
-def print_caller(results: dict[str, list[dict[str, Any]]]) -> None:
+def print_caller(state: str, rows: list[dict[str, Any]], rounds: int) -> None:
     columns = [
-        ("client", "client"),
-        ("n", "calls"),
-        ("mean_us", "mean µs"),
-        ("p50_us", "p50 µs"),
-        ("p99_us", "p99 µs"),
-        ("max_us", "max µs"),
-        ("mean_x_ours", "mean xours"),
-        ("p99_x_ours", "p99 xours"),
+        ("subject", "subject"),
+        ("calls_per_round", "calls"),
+        ("untagged_cpu_x_min", "untagged CPU x min"),
+        ("untagged_cpu_x_median", "x med"),
+        ("untagged_wall_x_min", "untagged wall x min"),
+        ("tagged_cpu_us_min", "tagged CPU µs"),
+        ("tagged_cpu_x_min", "tagged CPU x min"),
+        ("tagged_cpu_x_median", "x med"),
+        ("tagged_wall_x_min", "tagged wall x min"),
+        ("tagged_wall_x_median", "x med"),
+        ("p99_us_median", "tagged p99 µs"),
+        ("sent", "sent"),
         ("delivered", "delivered"),
-        ("refused", "refused/raised"),
+        ("duplicates", "dup"),
+        ("dropped", "dropped/raised"),
     ]
-    for mode, rows in results.items():
-        title = f"Caller-thread cost per message, server {'down (closed port)' if mode == 'down' else 'latency ' + mode}"
-        print_table(title, columns, rows)
+    where = "down (closed port)" if state == "down" else f"latency {state}"
+    print_table(
+        f"Caller cost, server {where}: {rounds} interleaved rounds; x = ratio to NullHandler "
+        "logging the same record (min: fastest rounds, med: median rounds)",
+        columns,
+        rows,
+    )
 
 
 # --------------------------------------------------------------------------- throughput
 
 
-def deliver(
-    server: ServerProcess, key: str, count: int, options: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """Send ``count`` messages, flush, and measure rate and CPU (client and server)."""
-    cls = SUBJECTS[key]
-    subject = cls(server.url, False, **options) if options else cls(server.url, False)
-    try:
-        warm_up(subject, server, min(100, max(2, count // 10)))
-        refused_before = subject.refused()
-        gc.collect()
-        before = server.stats()
-        cpu0, t0 = time.process_time(), time.perf_counter()
-        samples = time_each_call(subject.call, count)
-        flushed = subject.finish(300.0)
-        elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-        after = server.wait(before["total"] + count, 5.0)
-        refused = subject.refused()
-        if refused is not None and refused_before is not None:
-            refused -= refused_before
-    finally:
-        subject.close()
-    delivered = after["total"] - before["total"]
+def deliver(server: ServerProcess, subject: Subject, count: int) -> dict[str, Any]:
+    """Send ``count`` records, flush; rate and CPU (process, caller thread, receiver)."""
+    before = server.stats()
+    records_before, distinct_before = source_count(before, subject.source)
+    dropped_before = subject.dropped()
+    call = subject.tagged
+    gc.collect()
+    p0, c0, t0 = time.process_time(), time.thread_time(), time.perf_counter()
+    for _ in range(count):
+        call()
+    flushed = subject.between()
+    elapsed = time.perf_counter() - t0
+    process_cpu, caller_cpu = time.process_time() - p0, time.thread_time() - c0
+    after = server.wait(records_before + count, 10.0, subject.source)
+    records_after, distinct_after = source_count(after, subject.source)
+    delivered = records_after - records_before
+    duplicates = delivered - (distinct_after - distinct_before) if subject.has_ids else None
+    dropped_after = subject.dropped()
     return {
-        "key": key,
-        "client": subject.label,
         "sent": count,
         "delivered": delivered,
-        "refused": refused,
+        "duplicates": duplicates,
         "flushed": flushed,
+        "dropped": None
+        if dropped_before is None or dropped_after is None
+        else dropped_after - dropped_before,
         "seconds": elapsed,
         "per_second": delivered / elapsed if elapsed > 0 else None,
         "requests": after["requests"] - before["requests"],
-        "client_cpu_10k": cpu / count * 10_000,
-        "caller_p99_us": summarize_ns(samples)["p99_us"],
-        "server_cpu_10k": (after["cpu"] - before["cpu"]) / max(1, delivered) * 10_000,
+        "process_cpu_10k": process_cpu / max(1, delivered) * 10_000,
+        "caller_cpu_us": caller_cpu / count * 1e6,
+        "sender_cpu_us": (process_cpu - caller_cpu) / max(1, delivered) * 1e6,
+        "receiver_cpu_10k": (after["cpu"] - before["cpu"]) / max(1, delivered) * 10_000,
     }
 
 
-def best_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The fastest of repeated runs, with the lowest CPU figures seen (each run is disturbed
-    differently by the rest of the machine)."""
-    best = dict(max(runs, key=lambda r: r["per_second"] or 0))
-    for key in ("client_cpu_10k", "server_cpu_10k", "caller_p99_us"):
-        best[key] = min(r[key] for r in runs)
-    best["runs"] = len(runs)
-    return best
+def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Fastest and median rate; lowest and median CPU (each run is disturbed differently)."""
+    summary: dict[str, Any] = {"runs": len(runs)}
+    rates = [r["per_second"] or 0.0 for r in runs]
+    summary["per_second_max"] = max(rates)
+    summary["per_second_median"] = min_median(rates)[1]
+    for key in ("process_cpu_10k", "sender_cpu_us", "caller_cpu_us", "receiver_cpu_10k"):
+        summary[f"{key}_min"], summary[f"{key}_median"] = min_median([r[key] for r in runs])
+    for key in ("sent", "delivered", "duplicates", "requests", "dropped"):
+        values = [r[key] for r in runs if r[key] is not None]
+        summary[key] = sum(values) if values else None
+    summary["flush_failures"] = sum(1 for r in runs if not r["flushed"]) or None
+    return summary
 
 
-def throughput(server: ServerProcess, plan: Plan) -> dict[str, list[dict[str, Any]]]:
-    results: dict[str, list[dict[str, Any]]] = {}
-    for mode, latency in LATENCIES.items():
-        server.set_latency(latency)
-        rows = []
-        for key in THROUGHPUT_ORDER:
-            began = time.perf_counter()
-            count = plan.throughput[key][mode]
-            rows.append(best_of([deliver(server, key, count) for _ in range(plan.rounds)]))
-            spent = time.perf_counter() - began
-            print(f"  throughput {mode:>5} {rows[-1]['client']}: {spent:.1f} s", file=sys.stderr)
-        official = next(r for r in rows if r["key"] == "official_buffered")
-        ours = next(r for r in rows if r["key"] == "ours")
-        for row in rows:
-            row["x_official_buffered"] = ratio(row["per_second"], official["per_second"])
-            row["cpu_x_ours"] = ratio(row["client_cpu_10k"], ours["client_cpu_10k"])
-        results[mode] = rows
-    return results
-
-
-def print_throughput(results: dict[str, list[dict[str, Any]]]) -> None:
-    columns = [
-        ("client", "client"),
-        ("sent", "sent"),
-        ("delivered", "delivered"),
-        ("requests", "requests"),
-        ("seconds", "seconds"),
-        ("per_second", "msgs/s"),
-        ("x_official_buffered", "xBuffered"),
-        ("client_cpu_10k", "client CPU s/10k"),
-        ("cpu_x_ours", "CPU xours"),
-        ("server_cpu_10k", "server CPU s/10k"),
+def throughput_latency(
+    server: ServerProcess, latency: str, subjects: list[Subject], plan: Plan
+) -> list[dict[str, Any]]:
+    delivering = [s for s in subjects if s.source]
+    runs: dict[str, list[dict[str, Any]]] = {s.key: [] for s in delivering}
+    began = time.perf_counter()
+    for _round, subject in rotations(delivering, plan.throughput_rounds):
+        runs[subject.key].append(deliver(server, subject, plan.records(subject, latency)))
+    print(f"  throughput {latency:>5}: {time.perf_counter() - began:.1f} s", file=sys.stderr)
+    rows = [
+        {"key": s.key, "subject": s.label, "group": s.group, **summarize_runs(runs[s.key])}
+        for s in delivering
     ]
-    for mode, rows in results.items():
-        print_table(
-            f"End-to-end delivery (send N, then flush; best of {rows[0]['runs']}), "
-            f"server latency {mode}",
-            columns,
-            rows,
-        )
-
-
-# --------------------------------------------------------------------------- memory
-
-
-def _settle(consumer: Any) -> dict[str, Any]:
-    """Wait until the sender has encoded every message it accepted; return its stats.
-
-    Reads two private counters of ``AsyncConsumer`` when they exist (messages not yet taken by
-    the sender, and being encoded: the public ``stats()`` counts them together with the encoded
-    ones), and in any case waits until the encoded bytes stop changing.
-    """
-    deadline = time.monotonic() + 60
-    stats: dict[str, Any] = consumer.stats()
-    steady = 0
-    while time.monotonic() < deadline:
-        busy = bool(getattr(consumer, "_incoming", ())) or bool(getattr(consumer, "_admitting", 0))
-        if not busy and steady >= 2:
-            break
-        time.sleep(0.02)
-        previous, stats = stats, consumer.stats()
-        same = stats["queue_bytes"] == previous["queue_bytes"]
-        steady = steady + 1 if same and not busy else 0
-    return stats
-
-
-def memory_child(case: str, count: int, use_tracemalloc: bool) -> dict[str, Any]:
-    """In a fresh process: send ``count`` messages to a closed port and measure peak memory."""
-    _label, key, options = MEMORY_CASES[case]
-    cls = SUBJECTS[key]
-    subject = cls(closed_port_url(), True, **options) if options else cls(closed_port_url(), True)
-    warm_up(subject, None)
-    consumer = subject.consumer  # type: ignore[attr-defined]
-    ours = hasattr(consumer, "stats")
-
-    def held() -> int:
-        if ours:
-            return int(_settle(consumer)["queue_depth"])
-        return sum(len(buffer) for buffer in consumer._buffers.values())
-
-    held_before = held()
-    refused_before = subject.refused() or 0
-    gc.collect()
-    if use_tracemalloc:
-        tracemalloc.start()
-        base = tracemalloc.get_traced_memory()[0]
-    else:
-        reset_peak_rss()
-        base = rss_kib()[0] * 1024
-    t0 = time.perf_counter()
-    call = subject.call
-    for i in range(count):
-        call(i)
-    send_seconds = time.perf_counter() - t0
-    held_after = held()
-    stats = consumer.stats() if ours else {}
-    if use_tracemalloc:
-        current, peak = tracemalloc.get_traced_memory()
-        retained, peak = current - base, peak - base
-        tracemalloc.stop()
-    else:
-        current_kib, peak_kib = rss_kib()
-        retained, peak = current_kib * 1024 - base, peak_kib * 1024 - base
-    result = {
-        "case": case,
-        "sent": count,
-        "held": held_after - held_before,
-        "refused": (subject.refused() or 0) - refused_before,
-        "peak_bytes": peak,
-        "retained_bytes": retained,
-        "send_seconds": send_seconds,
-        "queue_bytes": stats.get("queue_bytes"),
-        "max_queue_bytes": getattr(consumer, "max_queue_bytes", None),
-        "max_queue_size": getattr(consumer, "max_queue_size", None),
-        "dropped": {k: v for k, v in stats.get("dropped", {}).items() if v},
-    }
-    subject.close()
-    return result
-
-
-def _memory_child_run(case: str, count: int, use_tracemalloc: bool) -> dict[str, Any]:
-    command = [sys.executable, str(HERE / "bench_consumers.py"), "--memory-child", case]
-    command += ["--count", str(count)] + (["--tracemalloc"] if use_tracemalloc else [])
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"memory child {case} failed: {done.stderr[-2000:]}")
-    child: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return child
-
-
-def memory(plan: Plan) -> list[dict[str, Any]]:
-    """Peak RSS growth of each case, each in a fresh child process.
-
-    RSS is the measure (what the machine pays, allocator overhead included): tracemalloc slows
-    the allocating sender thread far more than the caller, so under it ``AsyncConsumer`` fills
-    its queue and drops messages it would not drop otherwise.
-
-    The official ``BufferedConsumer`` tries a request on every call once its buffer is full,
-    so with the server down it cannot send 100 000 messages in reasonable time: it sends fewer
-    and its peak is extrapolated — measured RSS growth plus, for each further message, what one
-    held message retains (tracemalloc, in another child: the buffer grows linearly, the memory
-    of the one failing request in flight does not; the slope between two counts is used).
-    """
-    rows = []
-    total = MEMORY_TOTAL // (10 if plan.quick else 1)
-    for case, (label, key, _options) in MEMORY_CASES.items():
-        began = time.perf_counter()
-        count = plan.memory_official if key == "official_buffered" else total
-        child = _memory_child_run(case, count, False)
-        row: dict[str, Any] = {"client": label, **child}
-        row["peak_mb"] = child["peak_bytes"] / 1e6
-        row["retained_mb"] = child["retained_bytes"] / 1e6
-        row["extrapolated"] = count != total
-        per_held = child["retained_bytes"] / max(1, child["held"])
-        if count != total:
-            # Slope between two runs, so what is retained once (caches, the connection pool)
-            # is not counted as growing with the messages.
-            small = _memory_child_run(case, count // 2, True)
-            large = _memory_child_run(case, count, True)
-            grown = large["retained_bytes"] - small["retained_bytes"]
-            per_held = grown / max(1, large["held"] - small["held"])
-            if per_held <= 0:  # too few messages to see the slope: an upper bound instead
-                per_held = large["retained_bytes"] / max(1, large["held"])
-            row["peak_mb"] += per_held * (total - count) / 1e6
-        row["bytes_per_held"] = per_held
-        bound = row.get("max_queue_bytes")
-        row["bound_mb"] = bound / 1e6 if bound else None
-        row["peak_x_bound"] = ratio(row["peak_mb"], row["bound_mb"])
-        rows.append(row)
-        print(f"  memory {label}: {time.perf_counter() - began:.1f} s", file=sys.stderr)
-    ours = rows[0]
+    baseline = next(row for row in rows if row["key"] == BASELINE_THROUGHPUT)
     for row in rows:
-        row["x_ours"] = ratio(row["peak_mb"], ours["peak_mb"])
+        row["x_buffered_max"] = ratio(row["per_second_max"], baseline["per_second_max"])
+        row["x_buffered_median"] = ratio(row["per_second_median"], baseline["per_second_median"])
     return rows
 
 
-def print_memory(rows: list[dict[str, Any]], total: int) -> None:
+def print_throughput(latency: str, rows: list[dict[str, Any]]) -> None:
     columns = [
-        ("client", "client"),
+        ("subject", "subject"),
         ("sent", "sent"),
-        ("held", "held at end"),
-        ("refused", "refused"),
-        ("send_seconds", "send s"),
-        ("peak_mb", "peak RSS growth MB"),
-        ("x_ours", "xours"),
-        ("bytes_per_held", "retained B/held msg"),
-        ("bound_mb", "max_queue_bytes MB"),
-        ("peak_x_bound", "peak xbound"),
-        ("extrapolated", f"extrapolated to {total:,}"),
+        ("delivered", "delivered"),
+        ("duplicates", "dup"),
+        ("dropped", "dropped"),
+        ("requests", "requests"),
+        ("per_second_max", "records/s max"),
+        ("per_second_median", "median"),
+        ("x_buffered_max", "xBuffered max"),
+        ("x_buffered_median", "median"),
+        ("process_cpu_10k_min", "process CPU s/10k min"),
+        ("process_cpu_10k_median", "median"),
+        ("sender_cpu_us_min", "sender CPU µs/rec min"),
+        ("sender_cpu_us_median", "median"),
+        ("receiver_cpu_10k_min", "receiver CPU s/10k"),
     ]
     print_table(
-        f"Peak memory, server down, {total:,} messages sent in a tight loop "
-        "(fresh process per row)",
+        f"Delivery, server latency {latency} (send N, then flush; {rows[0]['runs']} interleaved "
+        "runs; counted at the receiver)",
         columns,
         rows,
     )
@@ -450,18 +322,23 @@ def print_memory(rows: list[dict[str, Any]], total: int) -> None:
 
 def sweep(server: ServerProcess, plan: Plan) -> list[dict[str, Any]]:
     rows = []
-    for mode, latency in LATENCIES.items():
-        server.set_latency(latency)
-        for size in plan.sweep_sizes:
+    for latency, seconds in LATENCIES.items():
+        server.set_latency(seconds)
+        subjects = {
+            size: OursTracker(server.url, False, batch_size=size) for size in plan.sweep_sizes
+        }
+        try:
+            warm_up(list(subjects.values()), server)
+            runs: dict[int, list[dict[str, Any]]] = {size: [] for size in subjects}
             began = time.perf_counter()
-            count = plan.sweep_messages if latency == 0 else min(plan.sweep_messages, 40 * size)
-            runs = [
-                deliver(server, "ours", count, {"batch_size": size})
-                for _ in range(plan.sweep_rounds)
-            ]
-            rows.append({"latency": mode, "batch_size": size, **best_of(runs)})
-            spent = time.perf_counter() - began
-            print(f"  sweep {mode:>5} batch_size={size}: {spent:.1f} s", file=sys.stderr)
+            for _round, size in rotations(list(subjects), plan.sweep_rounds):
+                count = plan.sweep_messages if seconds == 0 else min(plan.sweep_messages, 40 * size)
+                runs[size].append(deliver(server, subjects[size], count))
+            print(f"  sweep {latency:>5}: {time.perf_counter() - began:.1f} s", file=sys.stderr)
+        finally:
+            close_all(list(subjects.values()))
+        for size, size_runs in runs.items():
+            rows.append({"latency": latency, "batch_size": size, **summarize_runs(size_runs)})
     return rows
 
 
@@ -472,120 +349,94 @@ def print_sweep(rows: list[dict[str, Any]]) -> None:
         ("sent", "sent"),
         ("delivered", "delivered"),
         ("requests", "requests"),
-        ("per_second", "msgs/s"),
-        ("client_cpu_10k", "client CPU s/10k"),
-        ("server_cpu_10k", "server CPU s/10k"),
-        ("caller_p99_us", "caller p99 µs"),
+        ("per_second_max", "records/s max"),
+        ("per_second_median", "median"),
+        ("process_cpu_10k_min", "process CPU s/10k"),
+        ("sender_cpu_us_min", "sender CPU µs/rec"),
     ]
-    print_table("AsyncConsumer batch_size sweep (best of rounds)", columns, rows)
+    print_table("Background consumer batch_size sweep (Tracker)", columns, rows)
 
 
-# --------------------------------------------------------------------------- targets
+# --------------------------------------------------------------------------- main
 
 
-def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    caller = results.get("caller")
-    if caller:
-        base = next(r for r in caller["0 ms"] if r["key"] == "ours")
-        for mode in ("50 ms", "down"):
-            row = next(r for r in caller[mode] if r["key"] == "ours")
-            rows.append(
-                {
-                    "target": f"caller p99 independent of the server: p99 at {mode} / p99 at 0 ms",
-                    "value": ratio(row["p99_us"], base["p99_us"]),
-                    "goal": "≈ 1",
-                }
-            )
-    tput = results.get("throughput")
-    if tput:
-        row = next(r for r in tput["50 ms"] if r["key"] == "ours")
-        official = next(r for r in tput["50 ms"] if r["key"] == "official_buffered")
-        rows.append(
-            {
-                "target": "throughput at 50 ms vs official BufferedConsumer (default batch_size)",
-                "value": row["x_official_buffered"],
-                "goal": "≥ 10",
-            }
-        )
-        for swept in results.get("sweep") or ():
-            if swept["latency"] == "50 ms":
-                rows.append(
-                    {
-                        "target": f"  same with batch_size={swept['batch_size']} (sweep)",
-                        "value": ratio(swept["per_second"], official["per_second"]),
-                        "goal": "≥ 10",
-                    }
-                )
-    mem = results.get("memory")
-    if mem:
-        for row in mem:
-            if row.get("bound_mb"):
-                rows.append(
-                    {
-                        "target": f"peak RSS growth / max_queue_bytes: {row['client']}",
-                        "value": row["peak_x_bound"],
-                        "goal": "≤ 1 if max_queue_bytes bounded memory",
-                    }
-                )
-    return rows
+def run(plan: Plan, sections: set[str], keys: list[str]) -> dict[str, Any]:
+    results: dict[str, Any] = {"caller": {}, "throughput": {}}
+    with ServerProcess() as server:
+        for state, latency in STATES.items():
+            if not sections & {"caller", "throughput"}:
+                break
+            if state == "down" and "caller" not in sections:
+                continue
+            down = latency is None
+            if latency is not None:
+                server.set_latency(latency)
+            server.clear()
+            subjects = make_subjects(keys, closed_port_url() if down else server.url, down)
+            try:
+                warm_up(subjects, None if down else server)
+                if "caller" in sections:
+                    results["caller"][state] = caller_state(server, state, subjects, plan)
+                if "throughput" in sections and not down:
+                    results["throughput"][state] = throughput_latency(server, state, subjects, plan)
+            finally:
+                close_all(subjects)
+        if "sweep" in sections:
+            results["sweep"] = sweep(server, plan)
+    return results
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a ~15 s smoke run (fewer messages)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 round, 1/10 calls")
     parser.add_argument("--json", metavar="PATH", help="also write every figure to this file")
+    parser.add_argument("--rounds", type=int, help="caller rounds per server state")
     parser.add_argument(
         "--sections",
-        default="caller,throughput,memory,sweep",
-        help="comma-separated subset of caller,throughput,memory,sweep",
+        default="caller,throughput,sweep",
+        help="comma-separated subset of caller,throughput,sweep",
     )
-    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
-    parser.add_argument("--count", type=int, default=MEMORY_TOTAL, help=argparse.SUPPRESS)
-    parser.add_argument("--tracemalloc", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--subjects",
+        default=",".join(SUBJECTS),
+        help=f"comma-separated subset of {','.join(SUBJECTS)} (null and official_buffered "
+        "are always included: they are the references)",
+    )
     args = parser.parse_args(argv)
-    if args.memory_child:
-        print(json.dumps(memory_child(args.memory_child, args.count, args.tracemalloc)))
-        return
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
-    plan = Plan.make(args.quick)
+    wanted = {s.strip() for s in args.subjects.split(",") if s.strip()} | {
+        REFERENCE,
+        BASELINE_THROUGHPUT,
+    }
+    keys = [key for key in SUBJECTS if key in wanted]
+    plan = Plan.make(args.quick, args.rounds)
     env = environment()
-    results: dict[str, Any] = {"environment": env, "quick": args.quick}
     started = time.perf_counter()
-    durations: dict[str, float] = {}
-    with ServerProcess() as server:
-        for name, run in (("caller", caller_cost), ("throughput", throughput), ("sweep", sweep)):
-            if name in sections:
-                t0 = time.perf_counter()
-                results[name] = run(server, plan)
-                durations[name] = time.perf_counter() - t0
-    if "memory" in sections:
-        t0 = time.perf_counter()
-        results["memory"] = memory(plan)
-        durations["memory"] = time.perf_counter() - t0
-    results["section_seconds"] = durations
+    results: dict[str, Any] = {"environment": env, "quick": args.quick, "plan": plan.__dict__}
+    results.update(run(plan, sections, keys))
     results["seconds"] = time.perf_counter() - started
     print()
     print_environment(env)
-    if "caller" in results:
-        print_caller(results["caller"])
-    if "throughput" in results:
-        print_throughput(results["throughput"])
-    if "memory" in results:
-        print_memory(results["memory"], MEMORY_TOTAL // (10 if plan.quick else 1))
-    if "sweep" in results:
+    for state, rows in results["caller"].items():
+        print_caller(state, rows, plan.caller_rounds[state])
+    for latency, rows in results["throughput"].items():
+        print_throughput(latency, rows)
+    if results.get("sweep"):
         print_sweep(results["sweep"])
-    results["targets"] = targets(results)
-    if results["targets"]:
-        print_table(
-            "Targets",
-            [("target", "target"), ("value", "measured"), ("goal", "goal")],
-            results["targets"],
-        )
-    sections_run = ", ".join(f"{k} {v:.0f} s" for k, v in durations.items())
-    print(f"\nran in {results['seconds']:.0f} s ({sections_run})")
+    missing = [
+        f"{row['subject']} ({section} {state}: {row['delivered']:,} of {row['sent']:,})"
+        for section in ("caller", "throughput")
+        for state, rows in results[section].items()
+        for row in rows
+        if row.get("delivered") is not None and row["delivered"] < (row.get("sent") or 0)
+    ]
+    results["missing"] = missing
+    print(f"\nran in {results['seconds']:.0f} s")
+    if missing:
+        print("records that did not arrive: " + "; ".join(missing))
     write_json(args.json, results)
+    return 1 if missing else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,8 +7,8 @@ Subjects, all wrapping the same small function ``work(a, b=2)``:
   decorator;
 * ``instrument, disabled``: ``@instrument`` whose logger is not enabled for INFO (the fast path:
   one level check, then the call);
-* ``instrument, enabled``: ``@instrument`` whose logger has a ``MixpanelHandler`` sending to a
-  ``MixpanelServer`` running in a child process (the caller pays for timing, building the tagged
+* ``instrument, enabled``: ``@instrument`` whose logger has a ``MixpanelHandler`` sending to the
+  fast receiver running in a child process (the caller pays for timing, building the tagged
   record and queueing it; delivery happens on the sender thread);
 * ``instrument, enabled + capture``: the same with ``distinct_id`` and ``capture_args`` read from
   the bound arguments;
@@ -37,9 +37,16 @@ from time import perf_counter_ns
 from typing import Any
 
 import wrapt
-from _common import ServerProcess, environment, print_environment, print_table, write_json
+from _common import (
+    ServerProcess,
+    environment,
+    print_environment,
+    print_table,
+    source_count,
+    write_json,
+)
 
-from mp_logbridge import MixpanelHandler, instrument, tag
+from mp_logbridge import instrument, tag, MixpanelHandler
 
 TOKEN = "bench-instrument"
 
@@ -157,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             subjects = make_subjects(enabled, disabled, null)
             samples, sent = measure(subjects, handler, rounds, cheap_calls, sending_calls)
             delivered = handler.flush(30)
-            arrived = server.wait(sent, timeout=30)
+            arrived = source_count(server.wait(sent, 30, TOKEN), TOKEN)[0]
             stats = handler.stats()
         finally:
             enabled.removeHandler(handler)
@@ -198,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         f"it replaces ({best['instrument, enabled'] / best['tagged log.info']:.2f}x)"
     )
     print(
-        f"events sent {sent:,}, arrived {arrived['events']:,}, flush complete: "
+        f"events sent {sent:,}, arrived {arrived:,}, flush complete: "
         f"{'yes' if delivered else 'no'}, dropped {stats.get('dropped_total', 0):,}"
     )
     write_json(
@@ -210,10 +217,10 @@ def main(argv: list[str] | None = None) -> int:
             "sending_calls": sending_calls,
             "rows": rows,
             "samples_ns": samples,
-            "events": {"sent": sent, "arrived": arrived["events"], "stats": stats},
+            "events": {"sent": sent, "arrived": arrived, "stats": stats},
         },
     )
-    return 0 if arrived["events"] >= sent else 1
+    return 0 if arrived >= sent else 1
 
 
 if __name__ == "__main__":
