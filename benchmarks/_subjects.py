@@ -25,7 +25,7 @@ from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any
 
 import mp_logbridge
-from mp_logbridge import instrument, tag, MixpanelHandler, MixpanelProcessor, Tracker
+from mp_logbridge import MixpanelHandler, MixpanelProcessor, Tracker, instrument, tag
 
 #: The library's background consumer (it may be renamed; either name works).
 BackgroundConsumer: Any = (

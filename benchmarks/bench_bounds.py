@@ -66,7 +66,7 @@ from _subjects import (
     settle,
 )
 
-from mp_logbridge import tag, MixpanelHandler, Tracker
+from mp_logbridge import MixpanelHandler, Tracker, tag
 
 MiB = 1024 * 1024
 DOWN_RECORDS = 100_000

@@ -57,7 +57,7 @@ from _common import (
 )
 from _subjects import MESSAGE, log_calls, make_logger
 
-from mp_logbridge import tag, MixpanelHandler
+from mp_logbridge import MixpanelHandler, tag
 
 ITEM = {"event": "Signed Up", "properties": {"distinct_id": "u1", "plan": "pro"}}
 

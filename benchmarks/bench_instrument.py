@@ -46,7 +46,7 @@ from _common import (
     write_json,
 )
 
-from mp_logbridge import instrument, tag, MixpanelHandler
+from mp_logbridge import MixpanelHandler, instrument, tag
 
 TOKEN = "bench-instrument"
 
