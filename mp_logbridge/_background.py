@@ -24,6 +24,7 @@ from ._records import (
     EncodedRecord,
     JsonText,
     normalize_send_args,
+    route,
 )
 from ._retry import RetryPolicy
 from ._worker import BatchWorker
@@ -189,10 +190,10 @@ class BackgroundConsumer(_ConsumerBase):
         """
         if api_key is None and api_secret is None and kind in _KIND_SET:
             if type(message) is EncodedRecord:  # a Tracker's: encoded and checked already
-                return self._worker.put(kind, message, None, len(message))
+                return self._worker.put(route(kind, message), message, None, len(message))
             if type(message) is dict:
                 payload = self._encode(message)
-                return self._worker.put(kind, payload, None, len(payload))
+                return self._worker.put(route(kind, message), payload, None, len(payload))
             weight = getattr(message, "weight", None)
             if weight is not None:
                 return self._worker.put(kind, message, None, weight)
@@ -201,14 +202,15 @@ class BackgroundConsumer(_ConsumerBase):
     def _send_checked(self, kind: Any, message: Any, api_key: Any, api_secret: Any) -> bool:
         """``send`` off the common path: other forms of arguments and messages."""
         if type(message) is EncodedRecord:
-            name, _ = normalize_send_args(kind, {})
+            name = route(normalize_send_args(kind, message)[0], message)
             credentials = self._message_credentials(api_key, api_secret)
             return self._worker.put(name, message, credentials, len(message))
-        if isinstance(message, (str, bytes)):  # the mixpanel package's form: decoded later
-            message = JsonText(message)
+        if isinstance(message, (str, bytes)) and normalize_send_args(kind, {})[0] != "import":
+            message = JsonText(message)  # the mixpanel package's form: decoded later
             name, _ = normalize_send_args(kind, {})
-        else:
+        else:  # imports are decoded now: a $merge goes its own way
             name, message = normalize_send_args(kind, message)
+            name = route(name, message)
         credentials = self._message_credentials(api_key, api_secret)
         if type(message) is dict:
             payload = self._encode(message)

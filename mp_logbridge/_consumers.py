@@ -37,6 +37,7 @@ from ._records import (
     decode_record,
     encode_message,
     normalize_send_args,
+    route,
     take_batch,
 )
 from ._retry import RetryPolicy, next_attempt
@@ -346,6 +347,7 @@ class Consumer(_ConsumerBase):
             return _capture.take(kind, message)
         credentials = self._message_credentials(api_key, api_secret)
         payload = self._encode(message)
+        kind = route(kind, payload)  # a $merge goes to /import on its own
         left, error = self._deliver(kind, [payload], credentials)
         if left:
             self._drop(
@@ -415,6 +417,7 @@ class BufferedConsumer(_ConsumerBase):
             return _capture.take(kind, message)
         credentials = self._message_credentials(api_key, api_secret)
         payload = self._encode(message)
+        kind = route(kind, payload)  # a $merge goes to /import on its own
         with self._lock:
             buffer = self._buffers.setdefault((kind, credentials), deque())
             buffer.append(payload)

@@ -120,7 +120,8 @@ class MixpanelHandler(logging.Handler):
         retry: Mapping[str, Any] | None = None,
         **delivery: Any,
     ) -> None:
-        super().__init__(level)
+        # Everything is checked (and the bridge made) before ``Handler.__init__`` registers the
+        # handler with logging: a handler refused here never reaches ``logging.shutdown``.
         if not isinstance(tag, str) or not tag.isidentifier() or tag in RESERVED_RECORD_ATTRIBUTES:
             raise ConfigurationError(
                 f"tag must be an identifier that is not a LogRecord attribute, got {tag!r}"
@@ -151,6 +152,11 @@ class MixpanelHandler(logging.Handler):
             retry=retry,
             options=delivery,
         )
+        try:
+            logging.Handler.__init__(self, level)
+        except BaseException:
+            self._bridge.close()
+            raise
         self.enabled = self._bridge.enabled
         self.token = self._bridge.spec.token if self.enabled else None
         # ``handle`` may skip ``emit`` for plain records unless a subclass changed ``emit``.

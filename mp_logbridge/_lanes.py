@@ -99,17 +99,16 @@ class Lane:
     ) -> float:
         """When the next batch should leave (``-INF``: now; ``INF``: nothing to send).
 
-        ``urgent`` (a close) sends whatever is queued now; ``urgent_gen`` counts flushes, and a
-        flush newer than a backoff cuts it short — but not a wait the server asked for with
-        ``Retry-After``.
+        ``urgent`` (a close) sends whatever is queued now; ``urgent_gen`` counts flushes and the
+        close, and one newer than a backoff cuts it short — once, and not a wait the server asked
+        for with ``Retry-After``.
         """
         if self.in_flight is not None:
             return INF
         if self.retry is not None:
+            # A flush or close made since this retry was scheduled cuts its backoff short, once.
             error = self.error
-            if (urgent or urgent_gen > self.retry_gen) and (
-                error is None or error.retry_after is None
-            ):
+            if urgent_gen > self.retry_gen and (error is None or error.retry_after is None):
                 return -INF
             return self.retry_at
         if self.ready:

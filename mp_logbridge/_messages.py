@@ -62,8 +62,9 @@ LIB_NAME = "mp_logbridge"
 MAX_PROPERTIES = 255
 #: An encoded record must stay under this size (Mixpanel: "under 1 MB").
 MAX_RECORD_BYTES = 1_000_000
-#: The kinds of message a consumer accepts (the Ruby SDK's message types).
-KINDS = ("event", "profile_update", "group_update", "import")
+#: The kinds of message a consumer accepts (the Ruby SDK's message types, plus ``merge``: a
+#: ``$merge`` event, sent to ``/import`` on its own, without ``strict``, as the official SDKs do).
+KINDS = ("event", "profile_update", "group_update", "import", "merge")
 #: Profile update operations, in the order Mixpanel documents them.
 PROFILE_OPS = ("$set", "$set_once", "$add", "$append", "$union", "$remove", "$unset", "$delete")
 #: Group update operations (groups have no ``$add``/``$append``).

@@ -30,6 +30,7 @@ __all__ = [
     "encode_record",
     "join",
     "normalize_send_args",
+    "route",
     "take_batch",
 ]
 
@@ -61,6 +62,23 @@ def normalize_kind(kind: Any) -> str:
             "kind", f"unknown message kind {kind!r}; expected one of {', '.join(KINDS)}"
         )
     return name
+
+
+def route(kind: str, message: Any) -> str:
+    """The kind a message really goes as: a ``$merge`` event given as an ``import`` (as the
+    official ``mixpanel`` package sends it) is a ``merge`` — sent to ``/import`` in requests of
+    its own, without ``strict``, in the shape the official SDKs use, so it never fails a batch of
+    strict imports."""
+    if kind == "import":
+        if type(message) is dict:
+            if message.get("event") == "$merge":
+                return "merge"
+        elif isinstance(message, bytes) and message.startswith(_MERGE_PREFIX):
+            return "merge"
+    return kind
+
+
+_MERGE_PREFIX = b'{"event":"$merge"'  # how an encoded $merge record starts
 
 
 def normalize_send_args(kind: Any, message: Any) -> tuple[str, Any]:

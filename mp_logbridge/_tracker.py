@@ -240,7 +240,10 @@ class Tracker:
         return self._send("event", msg.alias_event(self.token, alias_id, real_id))
 
     def merge(self, distinct_id1: str | int, distinct_id2: str | int) -> bool:
-        """Merge two identities (a ``$merge`` event sent to ``/import``; needs credentials)."""
+        """Merge two identities: a ``$merge`` event for ``/import`` (needs credentials), given to
+        the consumer as an import as the official package does; this library's consumers send it
+        in a request of its own, not strict (as the official SDKs do), so it never fails a batch
+        of imported events."""
         self._require_credentials("merge")
         return self._send("import", msg.merge_event(self.token, distinct_id1, distinct_id2))
 

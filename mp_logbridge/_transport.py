@@ -73,8 +73,11 @@ _PATHS = {
     "profile_update": "/engage",
     "group_update": "/groups",
     "import": "/import",
+    "merge": "/import",
 }
-_GZIP_KINDS = frozenset({"event", "import"})  # the API documents no gzip for /engage, /groups
+_GZIP_KINDS = frozenset(
+    {"event", "import", "merge"}
+)  # the API documents no gzip for /engage, /groups
 _VERBOSE_PARAMS = {"verbose": "1", "ip": "0"}
 _RETRYABLE_STATUS = frozenset({408, 429}) | (frozenset(range(500, 600)) - {501, 505})
 
@@ -110,7 +113,7 @@ class Endpoints:
 
     def url(self, kind: str) -> str:
         """The URL for a kind of message (``"event"``, ``"profile_update"``, ...)."""
-        return self.import_ if kind == "import" else str(getattr(self, kind))
+        return self.import_ if kind in ("import", "merge") else str(getattr(self, kind))
 
     @classmethod
     def for_host(cls, host: str) -> Endpoints:
@@ -143,13 +146,15 @@ def resolve_endpoints(
         ConfigurationError: for an unknown region or a malformed host/URL.
     """
     env = os.environ if environ is None else environ
+    source = "region"
     if api_host is None and region is None:
         api_host = env.get("MIXPANEL_API_HOST") or None
         region = env.get("MIXPANEL_REGION") or None
+        source = "MIXPANEL_REGION"
     if api_host is not None:
         base = Endpoints.for_host(api_host)
     else:
-        base = Endpoints.for_host(REGIONS[normalize_region(region or "us")])
+        base = Endpoints.for_host(REGIONS[normalize_region(region or "us", source)])
     overrides = {
         "event": events_url,
         "profile_update": people_url,
@@ -167,12 +172,13 @@ def resolve_endpoints(
     )
 
 
-def normalize_region(region: str) -> str:
-    """Return the canonical region name, or raise naming the valid ones."""
+def normalize_region(region: str, source: str = "region") -> str:
+    """Return the canonical region name, or raise naming where it came from and the valid ones."""
     key = str(region).strip().lower()
     if key not in REGIONS:
         valid = ", ".join(f"{name!r} ({host})" for name, host in REGIONS.items())
-        raise ConfigurationError(f"unknown Mixpanel region {region!r}; valid regions are {valid}")
+        given = "unknown Mixpanel region" if source == "region" else f"{source}: unknown region"
+        raise ConfigurationError(f"{given} {region!r}; valid regions are {valid}")
     return key
 
 
@@ -642,7 +648,7 @@ class Transport:
         """
         url = self.endpoints.url(kind)
         headers = {"Content-Type": "application/json"}
-        if kind == "import":
+        if kind in ("import", "merge"):
             creds = credentials or self.credentials
             if creds is None:
                 raise RejectedError(
@@ -650,7 +656,10 @@ class Transport:
                     "api_secret=... to the consumer",
                     endpoint=kind,
                 )
-            params: dict[str, str] = {"strict": "1", **creds.query()}
+            # ``$merge`` events go as the official SDKs send them: not strict (strict mode
+            # requires time, distinct_id and $insert_id, which a merge has no use for).
+            strict = {"strict": "1"} if kind == "import" else {"strict": "0", "verbose": "1"}
+            params: dict[str, str] = {**strict, **creds.query()}
             headers["Authorization"] = creds.authorization()
         else:
             params = _VERBOSE_PARAMS

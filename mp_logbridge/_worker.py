@@ -197,6 +197,7 @@ class BatchWorker:
         self._wake_bytes = max(1, min(self.max_batch_bytes, self.max_queue_bytes // 8))
         self._close_deadline = INF
         self._closing = False
+        self._close_seen = False
         self._finished = threading.Event()
         self._lanes: dict[tuple[str, Credentials | None], Lane] = {}
         self._waiters: list[_FlushWaiter] = []
@@ -490,6 +491,9 @@ class BatchWorker:
             self._apply_results(now)
             self._admit(now)
             closing = self._closing
+            if closing and not self._close_seen:
+                self._close_seen = True
+                self._urgent_gen += 1  # the close cuts every backoff short, once
             if closing and now >= self._close_deadline:
                 self._expire()
             else:

@@ -298,7 +298,8 @@ def test_pool_terminated_by_with_delivers_with_the_signal_hook(server, tmp_path)
         import mp_logbridge
         from mp_logbridge import MixpanelHandler, tag
 
-        handler = MixpanelHandler("TOKEN", api_host=os.environ["SERVER_URL"], flush_interval=60)
+        handler = MixpanelHandler("TOKEN", api_host=os.environ["SERVER_URL"], flush_interval=60,
+                                  exit_timeout=20)
         log = logging.getLogger("work")
         log.addHandler(handler)
         log.setLevel(logging.INFO)
