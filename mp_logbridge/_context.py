@@ -26,6 +26,9 @@ from opentelemetry import baggage as _baggage
 from opentelemetry import trace as _trace
 from opentelemetry.context import get_current as _otel_get_current
 
+from ._errors import InvalidMessageError
+from ._values import describe, snapshot_mapping
+
 __all__ = [
     "BoundContext",
     "baggage_distinct_id",
@@ -89,16 +92,25 @@ def bind(
     """Bind a user and/or super-properties on top of what is already bound.
 
     ``distinct_id=None`` keeps the outer binding's user; properties are merged over the outer
-    ones. Returns a token for :func:`unbind`.
+    ones (copied now: changing them later changes nothing). Returns a token for :func:`unbind`.
+
+    Raises:
+        InvalidMessageError: for a ``distinct_id`` that is not a string or an integer, or a
+            property that cannot be sent.
     """
     outer = _bound.get()
     if distinct_id is not None and (
         isinstance(distinct_id, bool) or not isinstance(distinct_id, (str, int))
     ):
-        raise TypeError(f"distinct_id must be a string or an integer, got {distinct_id!r}")
-    merged = (
-        MappingProxyType({**outer.properties, **properties}) if properties else outer.properties
-    )
+        raise InvalidMessageError(
+            "distinct_id", f"must be a string or an integer, got {describe(distinct_id)}"
+        )
+    merged: Mapping[str, Any]
+    if properties:
+        copied = snapshot_mapping(properties, "properties")[0]  # as they are now, checked
+        merged = MappingProxyType({**outer.properties, **copied})
+    else:
+        merged = outer.properties
     user = outer.distinct_id if distinct_id is None else distinct_id
     return _bound.set(BoundContext(user, merged))
 
@@ -162,7 +174,7 @@ def resolve_distinct_id(
     for candidate in (given, context.distinct_id):
         if candidate is not None and candidate != "":
             return candidate
-    from_baggage = baggage_distinct_id(otel)
+    from_baggage = baggage_distinct_id(otel) if otel is None or otel else None
     if from_baggage is not None:
         return from_baggage
     return default if default is not None and default != "" else None

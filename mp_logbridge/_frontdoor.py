@@ -65,6 +65,7 @@ DELIVERY_OPTIONS = (
     "verify",
     "flush_timeout",
     "exit_timeout",
+    "max_in_flight",
     "on_error",
 )
 

@@ -43,6 +43,7 @@ __all__ = [
     "check_distinct_id",
     "check_ip",
     "check_name",
+    "checked_event",
     "checked_mapping",
     "clean_token",
     "event",
@@ -98,28 +99,28 @@ def now_ms() -> int:
 class _InsertIds:
     """Cheap unique ``$insert_id`` values: a random per-process prefix plus a counter.
 
-    The prefix is replaced in a forked child (checked by PID, so it also holds under servers
-    that fork without running Python's fork hooks), so parent and child never share ids.
+    The prefix is replaced in a forked child — by the fork hook, and by the background worker
+    when it notices a child forked without hooks — so parent and child never share a series.
     """
 
-    __slots__ = ("_counter", "_pid", "_prefix")
+    __slots__ = ("_counter", "_prefix")
 
     def __init__(self) -> None:
-        self._reset()
+        self.reset()
 
-    def _reset(self) -> None:
-        self._pid = os.getpid()
+    def reset(self) -> None:
+        """Start a new series (a new random prefix)."""
         self._prefix = os.urandom(8).hex()
         self._counter = itertools.count(1)
 
     def __call__(self) -> str:
-        if os.getpid() != self._pid:
-            self._reset()
         return f"{self._prefix}{next(self._counter):x}"
 
 
 #: Return a new ``$insert_id`` (at most 36 characters, hex digits only).
 new_insert_id = _InsertIds()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=new_insert_id.reset)
 
 
 def event_time_ms(value: Any, field: str = "properties.time") -> int:
@@ -320,6 +321,42 @@ def event(
     if ip is not None:
         props["ip"] = check_ip(ip, "ip")
     check_count(props, "properties")
+    return {"event": name, "properties": props}
+
+
+def checked_event(
+    token: str,
+    distinct_id: Any,
+    name: Any,
+    properties: dict[str, Any],
+    time_ms: int,
+    insert_id: str,
+) -> dict[str, Any]:
+    """:func:`event` for properties already checked and copied (captured with
+    :func:`~mp_logbridge._values.snapshot`): the library's own path, with nothing walked again.
+    ``token`` and ``insert_id`` are the library's own (checked when made)."""
+    if type(name) is not str or not name:
+        check_name(name, "event")
+    if type(distinct_id) is not str or not distinct_id:
+        check_distinct_id(distinct_id, "distinct_id")
+    props: dict[str, Any] = {
+        "token": token,
+        "distinct_id": distinct_id,
+        "time": time_ms,
+        "$insert_id": insert_id,
+        "mp_lib": LIB_NAME,
+        "$lib_version": __version__,
+    }
+    if properties:
+        props.update(properties)
+        if "time" in properties:
+            props["time"] = event_time_ms(properties["time"])
+        if "$insert_id" in properties:
+            check_insert_id(properties["$insert_id"])
+        if "distinct_id" in properties:
+            check_distinct_id(props["distinct_id"], "distinct_id")
+        if len(props) >= MAX_PROPERTIES:
+            check_count(props, "properties")
     return {"event": name, "properties": props}
 
 

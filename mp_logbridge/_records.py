@@ -112,7 +112,7 @@ def decode_json_message(text: str | bytes) -> dict[str, Any]:
         InvalidMessageError: when the text is not JSON or does not hold one record.
     """
     try:
-        decoded = json.loads(text)
+        decoded = json.loads(text, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as exc:
         raise InvalidMessageError("message", f"is not valid JSON: {exc}") from None
     if isinstance(decoded, dict) and set(decoded) <= {"data", "api_key"} and "data" in decoded:
@@ -120,6 +120,10 @@ def decode_json_message(text: str | bytes) -> dict[str, Any]:
     if not isinstance(decoded, dict):
         raise InvalidMessageError("message", "JSON text must hold one record (an object)")
     return decoded
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a valid JSON number")
 
 
 class JsonText:
@@ -164,13 +168,14 @@ def encode_message(message: Any) -> bytes:
 
 
 def encode_record(record: dict[str, Any]) -> bytes:
-    """Encode a record whose values were already checked (built from snapshots).
+    """Encode a record whose values were already checked (built from snapshots, or walked by
+    :func:`encode_message`).
 
     Raises:
         InvalidMessageError: a value cannot be encoded; ``MessageTooLargeError`` when the record
             is not under Mixpanel's per-record limit.
     """
-    payload = encode(record, "message")
+    payload = encode(record, "message", checked=True)
     if len(payload) >= MAX_RECORD_BYTES:
         raise MessageTooLargeError(
             "message",

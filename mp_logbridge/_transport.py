@@ -568,7 +568,7 @@ class Transport:
         credentials: Credentials | None = None,
         timeout: float = 10.0,
         verify: bool | str = True,
-        gzip_level: int = 6,
+        gzip_level: int = 1,
         gzip_min_bytes: int = 1024,
     ) -> None:
         if (

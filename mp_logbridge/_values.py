@@ -231,6 +231,16 @@ def find_invalid(value: Any, field: str, depth: int = 0) -> InvalidMessageError 
     return find_invalid(converted, field, depth + 1)
 
 
+try:  # the optional fast encoder (``pip install mp_logbridge[fast]``)
+    import orjson as _orjson
+
+    _orjson_dumps: Callable[..., bytes] | None = _orjson.dumps
+    # datetimes and dates take this module's form (UTC text), not orjson's RFC 3339.
+    _ORJSON_OPTIONS = _orjson.OPT_PASSTHROUGH_DATETIME
+except ImportError:  # pragma: no cover - depends on the installation
+    _orjson_dumps = None
+    _ORJSON_OPTIONS = 0
+
 _encoder = json.JSONEncoder(
     ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_convert
 )
@@ -262,12 +272,23 @@ def _dumps(value: Any, field: str) -> str:
         raise problem from None
 
 
-def encode(record: Mapping[str, Any], field: str = "message") -> bytes:
+def encode(record: Mapping[str, Any], field: str = "message", *, checked: bool = False) -> bytes:
     """Encode one Mixpanel record as compact UTF-8 JSON, converting values on the way.
+
+    ``checked``: the record's values were checked already (captured with :func:`snapshot`), so
+    the optional ``orjson`` encoder may be used (``mp_logbridge[fast]``; it would write NaN as
+    ``null`` instead of refusing it, hence only for checked records). Whatever it cannot encode
+    goes through the standard encoder, which names the problem.
 
     Raises:
         InvalidMessageError: naming the offending field when a value cannot be sent.
     """
+    if checked and _orjson_dumps is not None:
+        try:
+            payload: bytes = _orjson_dumps(record, default=_convert, option=_ORJSON_OPTIONS)
+            return payload
+        except (TypeError, ValueError):  # a huge integer, a surrogate, ...: the slow way says
+            pass
     text = _dumps(record, field)
     try:
         return text.encode("utf-8")

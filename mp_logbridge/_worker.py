@@ -38,7 +38,8 @@ from ._errors import (
     MixpanelConnectionError,
 )
 from ._export import Batch, Exporter, Outcome, classify
-from ._lanes import INF, Lane
+from ._lanes import INF, Flight, Lane
+from ._messages import new_insert_id
 from ._records import decode_record, encode_message
 from ._retry import RetryPolicy, next_attempt
 from ._transport import Credentials
@@ -79,25 +80,37 @@ class _FlushWaiter:
 class _Job:
     """One batch handed to a lane's sender thread."""
 
-    __slots__ = ("abandoned", "batch", "counted_lost", "deadline", "lane", "outcome")
+    __slots__ = (
+        "abandoned",
+        "batch",
+        "counted_lost",
+        "deadline",
+        "flight",
+        "lane",
+        "outcome",
+        "sender",
+    )
 
-    def __init__(self, lane: Lane, batch: Batch, deadline: float) -> None:
+    def __init__(self, lane: Lane, flight: Flight, batch: Batch, deadline: float) -> None:
         self.lane = lane
+        self.flight = flight
         self.batch = batch
         self.deadline = deadline  # time.monotonic(): exports always run on real time
         self.outcome: Outcome | None = None
         self.abandoned = False  # the dispatcher stopped waiting for it
         self.counted_lost = False  # counted as shutdown_timeout when abandoned at a deadline
+        self.sender: _LaneSender | None = None
 
 
 _STOP = object()
 
 
 class _LaneSender:
-    """The thread that runs one lane's exports, one at a time."""
+    """A thread that runs a lane's exports, one at a time (a lane has up to ``max_in_flight``)."""
 
     def __init__(self, worker: BatchWorker, lane: Lane) -> None:
         self.worker = worker
+        self.busy = False  # set by the dispatcher when it gives a job, cleared when it is done
         self.jobs: deque[Any] = deque()
         self.wakeup = threading.Lock()
         self.wakeup.acquire()
@@ -123,7 +136,8 @@ class _LaneSender:
                 job = jobs.popleft()
                 if job is _STOP:
                     return
-                worker._export(job)
+                job.sender = self
+                worker._export(job, self)
                 if job.abandoned:  # replaced by another thread: this one retires
                     return
         finally:
@@ -155,8 +169,10 @@ class BatchWorker:
         clock: Any = None,
         rng: random.Random | None = None,
         name: str = "mp_logbridge-dispatcher",
+        max_in_flight: int = 2,
     ) -> None:
         self.exporter = exporter
+        self.max_in_flight = max_in_flight
         self.batch_size = batch_size
         self.max_batch_bytes = max_batch_bytes
         self.flush_interval = flush_interval
@@ -193,6 +209,7 @@ class BatchWorker:
         self._first_arrival = INF  # when the first message now queued arrived
         self._asleep = False
         self._wake_on_arrival = True  # a new message must leave before the dispatcher wakes
+        self._admitted_now = False  # whether the current round admitted anything
         self._wake_count = self.batch_size
         self._wake_bytes = max(1, min(self.max_batch_bytes, self.max_queue_bytes // 8))
         self._close_deadline = INF
@@ -208,6 +225,8 @@ class BatchWorker:
 
     def reinit_after_fork(self) -> None:
         """In a forked child: forget the parent's queue, threads and connections."""
+        if self._pid != _getpid():
+            new_insert_id.reset()  # a fork without hooks: this process's own id series
         closed = self._closed
         self._stats.reinit()  # this process's own counters (and a lock nobody holds)
         try:
@@ -426,9 +445,7 @@ class BatchWorker:
         snapshot["queue_depth"] = pending + self._held_records
         snapshot["queue_bytes"] = self._held_bytes + max(0, self._in_bytes - self._out_bytes)
         snapshot["in_flight"] = sum(
-            len(lane.in_flight.batch.records)
-            for lane in list(self._lanes.values())
-            if lane.in_flight is not None
+            len(flight.records) for lane in list(self._lanes.values()) for flight in lane.flights
         )
         return snapshot
 
@@ -489,6 +506,7 @@ class BatchWorker:
             clock = self._clock
             now = clock.monotonic()
             self._apply_results(now)
+            self._admitted_now = False
             self._admit(now)
             closing = self._closing
             if closing and not self._close_seen:
@@ -527,13 +545,23 @@ class BatchWorker:
             )
             fullest_count = max(fullest_count, len(lane.queue))
             fullest_bytes = max(fullest_bytes, lane.queue_bytes)
-            if lane.in_flight is not None:
-                overrun = min(overrun, lane.in_flight.deadline + OVERRUN_GRACE)
+            for flight in lane.flights:
+                overrun = min(overrun, flight.job.deadline + OVERRUN_GRACE)
         self._wake_count = max(1, self.batch_size - fullest_count)
         self._wake_bytes = max(
             1, min(self.max_batch_bytes - fullest_bytes, self.max_queue_bytes // 8)
         )
-        self._wake_on_arrival = wake_at > now + self.flush_interval
+        # Real-time limits on the sleep: an export's deadline, and while busy the next look at
+        # the queue (rather than be woken by every message — a thread switch per message — look
+        # again within flush_interval; a message waits at most that long anyway; a round that
+        # finds nothing new goes back to sleeping until woken: never poll while idle).
+        real_until = overrun
+        if wake_at > now + self.flush_interval:
+            self._wake_on_arrival = not self._admitted_now
+            if self._admitted_now:
+                real_until = min(real_until, time.monotonic() + self.flush_interval)
+        else:
+            self._wake_on_arrival = False
         self._asleep = True
         try:
             # Checked after ``_asleep`` is set: a message queued before this point is seen
@@ -541,9 +569,8 @@ class BatchWorker:
             if self._incoming or self._results:
                 return
             timeout = None if wake_at == INF else wake_at - now
-            if overrun != INF:
-                # An export's deadline is real time, whatever clock schedules the lanes.
-                real = max(0.0, overrun - time.monotonic())
+            if real_until != INF:
+                real = max(0.0, real_until - time.monotonic())
                 if timeout is None or real < timeout:
                     self._wakeup.acquire(timeout=real)
                     return
@@ -559,6 +586,7 @@ class BatchWorker:
             return
         arrived = min(now, self._first_arrival)
         self._first_arrival = INF
+        self._admitted_now = True
         while incoming:
             try:
                 item = incoming.popleft()
@@ -595,7 +623,7 @@ class BatchWorker:
             key = (kind, credentials)
             lane = self._lanes.get(key)
             if lane is None:
-                lane = self._lanes[key] = Lane(kind, credentials)
+                lane = self._lanes[key] = Lane(kind, credentials, self.max_in_flight)
             lane.add(payload, arrived)
             self._held_bytes += real
             self._held_records += 1
@@ -639,49 +667,53 @@ class BatchWorker:
             return
         still = []
         for waiter in self._waiters:
-            if all(lane.resolved >= mark for lane, mark in waiter.marks):
+            if all(lane.first_unresolved() >= mark for lane, mark in waiter.marks):
                 waiter.done.set()
             else:
                 still.append(waiter)
         self._waiters = still
 
     def _dispatch(self, now: float, closing: bool, inline: bool) -> None:
-        """Hand each lane's due batch to its sender."""
+        """Hand each lane's due batches to its senders."""
         for lane in list(self._lanes.values()):
-            due = lane.due(
-                urgent=closing,
-                urgent_gen=self._urgent_gen,
-                batch_size=self.batch_size,
-                max_batch_bytes=self.max_batch_bytes,
-                flush_interval=self.flush_interval,
-            )
-            if due > now:
-                continue
-            records, _again = lane.take(now, self.batch_size, self.max_batch_bytes)
-            if not records:  # pragma: no cover - nothing was due after all
-                continue
-            job = _Job(lane, Batch(lane.kind, records, lane.credentials), 0.0)
-            job.deadline = time.monotonic() + self.exporter.timeout
-            lane.in_flight = job
-            if inline or not self._submit(lane, job):
-                self._export(job)
-                self._apply_results(self._clock.monotonic())
+            while (
+                lane.due(
+                    urgent=closing,
+                    urgent_gen=self._urgent_gen,
+                    batch_size=self.batch_size,
+                    max_batch_bytes=self.max_batch_bytes,
+                    flush_interval=self.flush_interval,
+                )
+                <= now
+            ):
+                flight = lane.take(now, self.batch_size, self.max_batch_bytes)
+                if not flight.records:  # pragma: no cover - nothing was due after all
+                    lane.landed(flight)
+                    break
+                batch = Batch(lane.kind, flight.records, lane.credentials)
+                job = _Job(lane, flight, batch, time.monotonic() + self.exporter.timeout)
+                flight.job = job
+                if inline or not self._submit(lane, job):
+                    self._export(job, None)
+                    self._apply_results(self._clock.monotonic())
 
     def _submit(self, lane: Lane, job: _Job) -> bool:
-        """Give ``job`` to the lane's sender thread (made on first use); ``False`` when no
-        thread can be started (the interpreter is exiting): the caller exports it inline."""
-        sender = lane.thread
+        """Give ``job`` to an idle sender of the lane (one more is made while the lane has fewer
+        than ``max_in_flight``); ``False`` when no thread can be started (the interpreter is
+        exiting): the caller exports it inline."""
+        sender = next((each for each in lane.senders if not each.busy), None)
         if sender is None:
             sender = _LaneSender(self, lane)
             try:
                 sender.thread.start()
             except RuntimeError:
                 return False
-            lane.thread = sender
+            lane.senders.append(sender)
+        sender.busy = True
         sender.submit(job)
         return True
 
-    def _export(self, job: _Job) -> None:
+    def _export(self, job: _Job, sender: _LaneSender | None) -> None:
         """Run one export (on a lane's sender thread, or inline) and post the outcome."""
         try:
             outcome = self.exporter.export(job.batch, job.deadline)
@@ -692,6 +724,9 @@ class BatchWorker:
                 job.outcome = outcome
                 self._results.append(job)
                 raise
+        finally:
+            if sender is not None:
+                sender.busy = False
         job.outcome = outcome
         if job.abandoned:
             if job.counted_lost and outcome.delivered:
@@ -713,9 +748,9 @@ class BatchWorker:
 
     def _apply(self, job: _Job, outcome: Outcome, now: float) -> None:
         """What an export's outcome does to its lane: count, drop, split or schedule a retry."""
-        lane = job.lane
-        lane.in_flight = None
-        lane.attempts += 1
+        lane, flight = job.lane, job.flight
+        lane.landed(flight)
+        flight.attempts += 1
         if outcome.delivered:
             self._resolve(lane, outcome.delivered)
             self._stats.add_sent(len(outcome.delivered))
@@ -724,15 +759,15 @@ class BatchWorker:
             self._resolve(lane, items)
             self._drop_records(reason, error, items)
         if outcome.split:
-            lane.ready.extendleft(reversed(outcome.split))
+            lane.split(flight, outcome.split)
         elif outcome.retry:
             error = outcome.error or MixpanelConnectionError("export failed")
             deadline = self._close_deadline if self._closing else INF
             decision = next_attempt(
                 self.retry,
                 error,
-                lane.attempts,
-                lane.first_attempt,
+                flight.attempts,
+                flight.first_attempt,
                 now,
                 rng=self._rng.uniform,
                 deadline=deadline,
@@ -742,7 +777,9 @@ class BatchWorker:
                 self._drop_records(decision.reason or "retries_exhausted", error, outcome.retry)
             else:
                 self._stats.add_retry()
-                lane.schedule_retry(outcome.retry, decision.retry_at, error, self._urgent_gen)
+                lane.schedule_retry(
+                    flight, outcome.retry, decision.retry_at, error, self._urgent_gen
+                )
                 self._unreachable(now, error)
 
     def _unreachable(self, now: float, error: DeliveryError) -> None:
@@ -765,17 +802,20 @@ class BatchWorker:
         """An export running well past its deadline is given up on and its batch retried."""
         real = time.monotonic()
         for lane in self._lanes.values():
-            job = lane.in_flight
-            if job is None or real < job.deadline + OVERRUN_GRACE:
-                continue
-            job.abandoned = True
-            lane.thread = None  # the stuck thread retires when (if) its export returns
-            failure = MixpanelConnectionError(
-                f"the export of {len(job.batch.records)} record(s) did not finish within "
-                f"{self.exporter.timeout:g} s",
-                endpoint=lane.kind,
-            )
-            self._apply(job, classify(job.batch.records, failure), now)
+            for flight in list(lane.flights):
+                job = flight.job
+                if real < job.deadline + OVERRUN_GRACE:
+                    continue
+                job.abandoned = True
+                stuck = job.sender
+                if stuck is not None and stuck in lane.senders:
+                    lane.senders.remove(stuck)  # it retires when (if) its export returns
+                failure = MixpanelConnectionError(
+                    f"the export of {len(job.batch.records)} record(s) did not finish within "
+                    f"{self.exporter.timeout:g} s",
+                    endpoint=lane.kind,
+                )
+                self._apply(job, classify(job.batch.records, failure), now)
 
     def _expire(self) -> None:
         """The close deadline passed: count what is left as ``shutdown_timeout``."""
@@ -792,16 +832,16 @@ class BatchWorker:
                 self._waiters.append(item)
         for lane in self._lanes.values():
             retrying, rest = lane.take_all()
-            if retrying:
-                self._resolve(lane, retrying)
-                self._drop_records("shutdown_timeout", lane.error or late, retrying)
+            for records, error in retrying:
+                self._resolve(lane, records)
+                self._drop_records("shutdown_timeout", error or late, records)
             if rest:
                 self._resolve(lane, rest)
                 self._drop_records("shutdown_timeout", late, rest)
-            job = lane.in_flight
-            if job is not None:
+            for flight in list(lane.flights):
+                job = flight.job
                 job.abandoned = job.counted_lost = True
-                lane.in_flight = None
+                lane.landed(flight)
                 in_flight = MessagesDropped(
                     "shutdown_timeout",
                     "in flight when the close deadline passed (counted as sent if the server's "
@@ -816,10 +856,9 @@ class BatchWorker:
     def _stop_senders(self) -> None:
         idle = True
         for lane in self._lanes.values():
-            if lane.in_flight is not None:
+            if lane.flights:
                 idle = False
-            sender = lane.thread
-            if sender is not None:
+            for sender in lane.senders:
                 sender.submit(_STOP)
         if idle:
             try:

@@ -173,6 +173,7 @@ def test_failures_and_exhausted_retries_partition_the_messages(server, consumers
         batch_size=5,
         on_error=errors,
         retry={**FAST_RETRY, "max_attempts": 2},
+        max_in_flight=1,  # one batch at a time: the two failures hit the same batch
     )
     messages = mixed_messages(10)
     server.fail_next(2, 503, endpoint="/groups")  # the first /groups batch is given up

@@ -18,7 +18,7 @@ from opentelemetry import baggage, trace
 from opentelemetry import context as otel_context
 from support import RecordCollector
 
-from mp_logbridge import bind, bound, tag, unbind
+from mp_logbridge import InvalidMessageError, bind, bound, tag, unbind
 from mp_logbridge.context import BoundContext, current_context
 from mp_logbridge.stdlib import DEFAULT_RECORD_PROPERTIES
 from mp_logbridge.testing import MixpanelServer
@@ -154,10 +154,12 @@ def test_bind_and_unbind_restore_what_was_bound(
     log.info("first", extra=tag.track("First"))
     unbind(first)
     assert current_context() == BoundContext()
-    with pytest.raises(TypeError):
+    with pytest.raises(InvalidMessageError, match="distinct_id"):
         bind(True)
-    with pytest.raises(TypeError):
+    with pytest.raises(InvalidMessageError, match="distinct_id"):
         bind(1.5)  # type: ignore[arg-type]
+    with pytest.raises(InvalidMessageError, match=r"properties\.score"):
+        bind("u3", score=float("nan"))
     assert handler.flush(10)  # sent after the bindings ended: captured when logged
     events = _by_event(mixpanel_server.wait_for(2))
     assert (events["Second"]["distinct_id"], events["Second"]["shard"]) == ("u2", 2)
