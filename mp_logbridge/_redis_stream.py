@@ -155,9 +155,11 @@ class RedisStreamExporter:
         self._timeout = float(timeout)
         self._client: Any = None
         self._lock = threading.Lock()
-        self._head = (b"XADD", stream.encode()) + (
-            (b"MAXLEN", b"~", str(maxlen).encode()) if maxlen else ()
-        ) + (b"*",)
+        self._head = (
+            (b"XADD", stream.encode())
+            + ((b"MAXLEN", b"~", str(maxlen).encode()) if maxlen else ())
+            + (b"*",)
+        )
         connect(url, timeout=self._timeout)  # the URL and the package are checked now
 
     @property
@@ -476,7 +478,9 @@ class RedisBroker:
         entries: list[tuple[bytes, Any]] = reply[0][1]
         return entries
 
-    def claim(self, min_idle: float, count: int, cursor: bytes = b"0-0") -> tuple[bytes, list[tuple[bytes, Any]]]:
+    def claim(
+        self, min_idle: float, count: int, cursor: bytes = b"0-0"
+    ) -> tuple[bytes, list[tuple[bytes, Any]]]:
         """Take over entries idle for ``min_idle`` seconds on any consumer (a dead worker's).
 
         Returns the cursor to continue from (``b"0-0"``: the whole list was scanned) and the
@@ -491,9 +495,7 @@ class RedisBroker:
     def keep(self, ids: Sequence[bytes]) -> None:
         """Reset the idle time of entries this worker still works on, so nobody claims them."""
         for chunk in _chunks(ids, 1000):
-            self.client.xclaim(
-                self.stream, self.group, self.consumer, 0, list(chunk), justid=True
-            )
+            self.client.xclaim(self.stream, self.group, self.consumer, 0, list(chunk), justid=True)
 
     def release(self, ids: Sequence[bytes], idle: float) -> None:
         """Give entries back: mark them idle for ``idle`` seconds so other workers claim them
@@ -542,7 +544,9 @@ class RedisBroker:
         entries = self.client.xrange(self.stream, entry_id, entry_id, count=1)
         return dict(entries[0][1]) if entries else None
 
-    def take_rate(self, keys: Sequence[str], counts: Sequence[int], rate: float, burst: float) -> float:
+    def take_rate(
+        self, keys: Sequence[str], counts: Sequence[int], rate: float, burst: float
+    ) -> float:
         """Take tokens from the buckets of ``keys`` (all or none); seconds to wait first (0:
         taken)."""
         names = [f"{self.stream}:rate:{key}" for key in keys]
@@ -557,9 +561,7 @@ class RedisBroker:
         pipe.xlen(self.stream)
         pipe.xlen(self.dead_stream)
         groups, length, dead = pipe.execute()
-        mine = next(
-            (g for g in groups if g.get("name") in (self.group, self.group.encode())), None
-        )
+        mine = next((g for g in groups if g.get("name") in (self.group, self.group.encode())), None)
         return {
             "lag": None if mine is None else mine.get("lag"),
             "pending": 0 if mine is None else int(mine.get("pending") or 0),
@@ -621,7 +623,9 @@ class RedisBroker:
 
     def dead_entries(self, count: int = 100) -> list[tuple[bytes, dict[bytes, bytes]]]:
         """The oldest dead-lettered entries (for inspection)."""
-        return [(i, dict(f)) for i, f in self.client.xrange(self.dead_stream, "-", "+", count=count)]
+        return [
+            (i, dict(f)) for i, f in self.client.xrange(self.dead_stream, "-", "+", count=count)
+        ]
 
     def close(self) -> None:
         """Close the connections."""

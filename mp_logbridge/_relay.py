@@ -97,9 +97,7 @@ class Broker(Protocol):
     def release(self, ids: list[bytes], idle: float) -> None: ...
     def ack(self, ids: list[bytes]) -> None: ...
     def dead_letter(self, items: list[tuple[bytes, Mapping[bytes, bytes]]]) -> None: ...
-    def take_rate(
-        self, keys: list[str], counts: list[int], rate: float, burst: float
-    ) -> float: ...
+    def take_rate(self, keys: list[str], counts: list[int], rate: float, burst: float) -> float: ...
     def progress(self) -> dict[str, Any]: ...
     def forget_consumer(self) -> bool: ...
     def forget_idle_consumers(self, idle: float) -> int: ...
@@ -315,7 +313,9 @@ class Relay:
         self._ack_backlog: deque[bytes] = deque()
         self._dead_backlog: deque[tuple[bytes, Mapping[bytes, bytes]]] = deque()
         self._destinations: dict[Endpoints, _Destination] = {}
-        self._stop = threading.Event()
+        # A plain flag: stop() runs in signal handlers, where taking a lock (as Event.set
+        # does) could wait on the interrupted code itself. Every wait below is short.
+        self._stop_requested = False
         self._active = 0  # requests under way (what a stop waits for)
         self._handed_back = threading.Event()  # set once a stop gave back what was not sent
         self._broker_down_since: float | None = None
@@ -359,13 +359,12 @@ class Relay:
         """Stop reading, finish the requests under way (within ``stop_timeout``), hand the
         records not sent yet back to the group, then return from :meth:`run`. Safe from a
         signal handler and from any thread."""
-        self._stop.set()
-        self._room.set()
+        self._stop_requested = True
 
     @property
     def stopping(self) -> bool:
         """Whether :meth:`stop` was called."""
-        return self._stop.is_set()
+        return self._stop_requested
 
     def stats(self) -> dict[str, Any]:
         """This worker's counters (``delivered``, ``dead_lettered``, ``claimed``, ``held``,
@@ -389,7 +388,7 @@ class Relay:
             next_claim = now  # entries left by workers that died before this one started
             next_stats = now + self.stats_interval if self.stats_interval else float("inf")
             next_tidy = now + 60.0
-            while not self._stop.is_set():
+            while not self._stop_requested:
                 try:
                     self._retry_backlogs()
                     now = time.monotonic()
@@ -409,7 +408,9 @@ class Relay:
                         if self._capacity() <= 0:
                             self._room.wait(min(0.2, self.claim_idle / 6))
                         continue
-                    entries = self.broker.read(room, block=min(self.read_block, self.claim_idle / 6))
+                    entries = self.broker.read(
+                        room, block=min(self.read_block, self.claim_idle / 6)
+                    )
                     self._broker_back()
                     if entries:
                         with self._lock:
@@ -426,7 +427,9 @@ class Relay:
                     next_stats = now + self.stats_interval
             return self._finish()
         except Exception as exc:
-            warn("mp_logbridge relay stopped by an unexpected error: %s: %s", type(exc).__name__, exc)
+            warn(
+                "mp_logbridge relay stopped by an unexpected error: %s: %s", type(exc).__name__, exc
+            )
             self._abort()
             return EXIT_ERROR
 
@@ -439,8 +442,10 @@ class Relay:
             except Exception as exc:
                 if not _is_broker_error(self.broker, exc):
                     raise
-                if time.monotonic() >= deadline or self._stop.is_set():
-                    warn("mp_logbridge relay cannot reach the broker: %s", self.broker.describe(exc))
+                if time.monotonic() >= deadline or self._stop_requested:
+                    warn(
+                        "mp_logbridge relay cannot reach the broker: %s", self.broker.describe(exc)
+                    )
                     return False
                 time.sleep(0.25)
 
@@ -455,7 +460,7 @@ class Relay:
             if self._held or self._ack_backlog or self._dead_backlog:
                 return False
         progress = self.broker.progress()
-        return progress["pending"] == 0 and progress["lag"] == 0
+        return bool(progress["pending"] == 0 and progress["lag"] == 0)
 
     def _claim(self) -> int:
         """Take over entries idle on other workers; returns how many."""
@@ -491,7 +496,10 @@ class Relay:
                 parsed = parse_entry(entry_id, fields)
             except MalformedEntry as problem:
                 dead.append(
-                    (entry_id, _dead_fields(entry_id, fields, f"malformed entry: {problem}", "invalid"))
+                    (
+                        entry_id,
+                        _dead_fields(entry_id, fields, f"malformed entry: {problem}", "invalid"),
+                    )
                 )
                 continue
             endpoints = self._endpoints_for(parsed.destination)
@@ -500,7 +508,9 @@ class Relay:
                     f"unknown destination {parsed.destination!r}: this relay sends to "
                     f"{', '.join(sorted(self.routes))} (add --route LABEL=URL)"
                 )
-                dead.append((entry_id, _dead_fields(entry_id, fields, reason, "rejected_by_server")))
+                dead.append(
+                    (entry_id, _dead_fields(entry_id, fields, reason, "rejected_by_server"))
+                )
                 continue
             credentials = None
             if parsed.kind == "import":
@@ -512,7 +522,9 @@ class Relay:
                         if project
                         else "an /import entry that names no project (and no default project)"
                     )
-                    dead.append((entry_id, _dead_fields(entry_id, fields, reason, "rejected_by_server")))
+                    dead.append(
+                        (entry_id, _dead_fields(entry_id, fields, reason, "rejected_by_server"))
+                    )
                     continue
             record = parsed.record
             if self.max_rate:
@@ -539,7 +551,7 @@ class Relay:
             self._ack([_entry_id(record) for record in outcome.delivered])
         if outcome.dropped:
             positions = {id(record): index for index, record in enumerate(batch.records)}
-            dead = []
+            dead: list[tuple[bytes, Mapping[bytes, bytes]]] = []
             for reason, items, error in outcome.dropped:
                 for record in items:
                     why = _reason(error, positions.get(id(record)))
@@ -655,14 +667,16 @@ class Relay:
         elif first:
             warn("mp_logbridge relay: broker unreachable, retrying: %s", self.broker.describe(exc))
         if pause:
-            self._stop.wait(0.5)
+            time.sleep(0.5)
         return True
 
     def _broker_back(self) -> None:
         since = self._broker_down_since
         if since is not None:
             self._broker_down_since = None
-            warn("mp_logbridge relay: broker reachable again after %.1f s", time.monotonic() - since)
+            warn(
+                "mp_logbridge relay: broker reachable again after %.1f s", time.monotonic() - since
+            )
 
     # ------------------------------------------------------------------ progress and stop
 

@@ -40,16 +40,14 @@ def add_parser(commands: Any) -> None:
         description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    relay.add_argument(
-        "--redis", metavar="URL", help="Redis URL (default: MIXPANEL_REDIS_URL)"
-    )
-    relay.add_argument(
-        "--stream", help="stream key (default: MIXPANEL_STREAM, then 'mixpanel')"
-    )
+    relay.add_argument("--redis", metavar="URL", help="Redis URL (default: MIXPANEL_REDIS_URL)")
+    relay.add_argument("--stream", help="stream key (default: MIXPANEL_STREAM, then 'mixpanel')")
     relay.add_argument(
         "--group", default="mp-logbridge", help="consumer group (default: mp-logbridge)"
     )
-    relay.add_argument("--consumer", help="this worker's name in the group (default: host-pid-random)")
+    relay.add_argument(
+        "--consumer", help="this worker's name in the group (default: host-pid-random)"
+    )
     relay.add_argument(
         "--route",
         action="append",
@@ -65,9 +63,7 @@ def add_parser(commands: Any) -> None:
         '{"PROJECT_ID": {"username": ..., "secret": ...}} or {"NAME": {"api_secret": ...}}; '
         "MIXPANEL_SERVICE_ACCOUNT_USERNAME/_SECRET with MIXPANEL_PROJECT_ID add one",
     )
-    relay.add_argument(
-        "--default-project", help="project for /import entries that name none"
-    )
+    relay.add_argument("--default-project", help="project for /import entries that name none")
     relay.add_argument(
         "--claim-idle",
         type=float,
@@ -81,9 +77,14 @@ def add_parser(commands: Any) -> None:
         metavar="N",
         help="records per second per project, shared by all workers (kept in Redis)",
     )
-    relay.add_argument("--burst", type=float, metavar="N", help="records at once (default: max(N, batch size))")
     relay.add_argument(
-        "--batch-size", type=int, default=MAX_BATCH_RECORDS, help="records per request (at most 2000)"
+        "--burst", type=float, metavar="N", help="records at once (default: max(N, batch size))"
+    )
+    relay.add_argument(
+        "--batch-size",
+        type=int,
+        default=MAX_BATCH_RECORDS,
+        help="records per request (at most 2000)",
     )
     relay.add_argument(
         "--timeout", type=float, default=10.0, help="seconds per request (default 10)"
@@ -135,7 +136,9 @@ def add_parser(commands: Any) -> None:
         help="move the entries of STREAM:dead back to STREAM (after a fix) and exit; running "
         "workers deliver them",
     )
-    relay.add_argument("--limit", type=int, metavar="N", help="with --replay-dead: at most N entries")
+    relay.add_argument(
+        "--limit", type=int, metavar="N", help="with --replay-dead: at most N entries"
+    )
 
 
 class UsageError(Exception):
@@ -171,7 +174,7 @@ def _credentials(path: str | None) -> dict[str, Credentials]:
                     result[str(project)] = ServiceAccount(
                         entry.get("username"),  # type: ignore[arg-type]
                         entry.get("secret"),  # type: ignore[arg-type]
-                        entry.get("project_id", project),
+                        str(entry.get("project_id", project)),
                     )
             except ConfigurationError as exc:
                 raise UsageError(f"--credentials: project {project!r}: {exc}") from None
@@ -218,7 +221,9 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
             return EXIT_REDIS_UNREACHABLE
         finally:
             broker.close()
-        out.write(f"replayed {moved:,} entr{'y' if moved == 1 else 'ies'} from {broker.dead_stream} to {stream}\n")
+        out.write(
+            f"replayed {moved:,} entr{'y' if moved == 1 else 'ies'} from {broker.dead_stream} to {stream}\n"
+        )
         return EXIT_OK
 
     def stats_line(stats: dict[str, Any]) -> None:
@@ -250,7 +255,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
             os._exit(EXIT_INTERRUPTED)
         relay.stop()
 
-    previous: dict[int, Callable[..., Any] | int | None] = {}
+    previous: dict[signal.Signals, Callable[..., Any] | int | None] = {}
     for signum in (signal.SIGTERM, signal.SIGINT):
         previous[signum] = signal.signal(signum, on_signal)
     try:

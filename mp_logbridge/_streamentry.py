@@ -113,7 +113,9 @@ def parse_entry(entry_id: bytes, fields: Mapping[bytes, bytes] | None) -> Parsed
         raise MalformedEntry("the entry has no fields")
     version = fields.get(FIELD_VERSION)
     if version != ENTRY_FORMAT:
-        raise MalformedEntry(f"unknown entry format {version!r} (this relay reads {ENTRY_FORMAT!r})")
+        raise MalformedEntry(
+            f"unknown entry format {version!r} (this relay reads {ENTRY_FORMAT!r})"
+        )
     kind = _KIND_BYTES.get(fields.get(FIELD_KIND, b""))
     if kind is None:
         raise MalformedEntry(f"unknown kind {fields.get(FIELD_KIND)!r}")
@@ -124,7 +126,9 @@ def parse_entry(entry_id: bytes, fields: Mapping[bytes, bytes] | None) -> Parsed
     if not isinstance(payload, bytes) or not payload:
         raise MalformedEntry("field 'r' (the record) is missing or empty")
     if len(payload) >= MAX_RECORD_BYTES:
-        raise MalformedEntry(f"the record is {len(payload)} bytes; Mixpanel accepts under {MAX_RECORD_BYTES}")
+        raise MalformedEntry(
+            f"the record is {len(payload)} bytes; Mixpanel accepts under {MAX_RECORD_BYTES}"
+        )
     try:
         record = json.loads(payload)
     except (ValueError, RecursionError) as exc:

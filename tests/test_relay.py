@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import logging.config
-import os
 import signal
 import subprocess
 import sys
@@ -107,7 +106,9 @@ def children() -> Iterator[list[subprocess.Popen[str]]]:
             child.wait(10)
 
 
-def _spawn(children: list[subprocess.Popen[str]], args: list[str], out: Path) -> subprocess.Popen[str]:
+def _spawn(
+    children: list[subprocess.Popen[str]], args: list[str], out: Path
+) -> subprocess.Popen[str]:
     handle = out.open("w")
     child = subprocess.Popen(
         [sys.executable, *args],
@@ -144,8 +145,16 @@ def stats_lines(out: Path) -> list[dict[str, Any]]:
     return lines
 
 
-def prewrite(server: RedisServer, stream: str, count: int, *, kind: str = "event",
-             destination: str = "us", prefix: str = "pre", token: str = TOKEN) -> list[str]:
+def prewrite(
+    server: RedisServer,
+    stream: str,
+    count: int,
+    *,
+    kind: str = "event",
+    destination: str = "us",
+    prefix: str = "pre",
+    token: str = TOKEN,
+) -> list[str]:
     """Write ``count`` event entries straight into the stream (as producers would have)."""
     client = server.client()
     ids = []
@@ -157,11 +166,17 @@ def prewrite(server: RedisServer, stream: str, count: int, *, kind: str = "event
         ids.append(insert_id)
         record = {
             "event": "Backlog",
-            "properties": {"token": token, "distinct_id": f"u{i % 97}", "time": now,
-                           "$insert_id": insert_id, "i": i},
+            "properties": {
+                "token": token,
+                "distinct_id": f"u{i % 97}",
+                "time": now,
+                "$insert_id": insert_id,
+                "i": i,
+            },
         }
-        pipe.execute_command("XADD", stream, "*", *head, FIELD_RECORD,
-                             json.dumps(record, separators=(",", ":")))
+        pipe.execute_command(
+            "XADD", stream, "*", *head, FIELD_RECORD, json.dumps(record, separators=(",", ":"))
+        )
         if i % 5000 == 4999:
             pipe.execute()
     pipe.execute()
@@ -216,8 +231,12 @@ def test_entries_carry_kind_destination_project_and_no_secret(
     assert b"S3CR3T" not in everything
     kinds = [(f[b"k"], f[b"d"], f.get(b"p")) for _id, f in entries]
     assert sorted(kinds) == sorted(
-        [(b"event", b"eu", None), (b"import", b"eu", b"77"), (b"profile_update", b"eu", None),
-         (b"event", b"eu", None)]
+        [
+            (b"event", b"eu", None),
+            (b"import", b"eu", b"77"),
+            (b"profile_update", b"eu", None),
+            (b"event", b"eu", None),
+        ]
     )
     records = [json.loads(f[b"r"]) for _id, f in entries]
     raw = next(r for r in records if r.get("event") == "Raw")
@@ -289,9 +308,7 @@ def test_structlog_processor_writes_to_the_stream(redis_server: RedisServer, str
 
     consumer = RedisStreamConsumer(redis_server.url, stream, flush_interval=0.05)
     processor = MixpanelProcessor(TOKEN, consumer=consumer)
-    log = structlog.wrap_logger(
-        structlog.testing.ReturnLogger(), processors=[processor]
-    )
+    log = structlog.wrap_logger(structlog.testing.ReturnLogger(), processors=[processor])
     log.info("bought", mixpanel={"event": "Bought", "distinct_id": "u3"})
     assert consumer.flush(10)
     consumer.close()
@@ -361,8 +378,19 @@ def test_fleet_of_producers_and_workers_delivers_every_record_once(
         producers = [
             _spawn(
                 children,
-                ["-c", PRODUCER, json.dumps({"url": redis_server.url, "stream": stream,
-                                             "token": TOKEN, "producer": p, "count": 25_000})],
+                [
+                    "-c",
+                    PRODUCER,
+                    json.dumps(
+                        {
+                            "url": redis_server.url,
+                            "stream": stream,
+                            "token": TOKEN,
+                            "producer": p,
+                            "count": 25_000,
+                        }
+                    ),
+                ],
                 tmp_path / f"producer-{p}.out",
             )
             for p in range(4)
@@ -370,9 +398,22 @@ def test_fleet_of_producers_and_workers_delivers_every_record_once(
         # Records written before any worker started are delivered too.
         wait_until(lambda: redis_server.client().xlen(stream) > 1000, 60, "producers wrote nothing")
         workers = [
-            relay_cli(children, tmp_path / f"relay-{w}.out", "--redis", redis_server.url,
-                      "--stream", stream, "--group", "fleet", "--route", f"us={server.url}",
-                      "--stats-interval", "1", "--claim-idle", "30")
+            relay_cli(
+                children,
+                tmp_path / f"relay-{w}.out",
+                "--redis",
+                redis_server.url,
+                "--stream",
+                stream,
+                "--group",
+                "fleet",
+                "--route",
+                f"us={server.url}",
+                "--stats-interval",
+                "1",
+                "--claim-idle",
+                "30",
+            )
             for w in range(3)
         ]
         for producer in producers:
@@ -407,18 +448,35 @@ def test_killed_worker_entries_are_claimed_by_another(
     ids = prewrite(redis_server, stream, 2000)
     with MixpanelServer() as server:
         server.delay_next(1, 4.0)  # the first request hangs: worker A dies holding everything
-        a = relay_child(children, tmp_path / "a.out", url=redis_server.url, stream=stream,
-                        consumer="worker-a", routes={"us": server.url}, batch_size=500,
-                        claim_idle=1.5)
-        wait_until(lambda: group_pending(redis_server, stream).get("worker-a", 0) == 2000, 30,
-                   "worker A did not take the entries")
+        a = relay_child(
+            children,
+            tmp_path / "a.out",
+            url=redis_server.url,
+            stream=stream,
+            consumer="worker-a",
+            routes={"us": server.url},
+            batch_size=500,
+            claim_idle=1.5,
+        )
+        wait_until(
+            lambda: group_pending(redis_server, stream).get("worker-a", 0) == 2000,
+            30,
+            "worker A did not take the entries",
+        )
         time.sleep(0.3)
         a.kill()  # kill -9, mid-batch
         a.wait(10)
         assert group_pending(redis_server, stream) == {"worker-a": 2000}
-        b = relay_child(children, tmp_path / "b.out", url=redis_server.url, stream=stream,
-                        consumer="worker-b", routes={"us": server.url}, claim_idle=1.5,
-                        until_empty=True)
+        b = relay_child(
+            children,
+            tmp_path / "b.out",
+            url=redis_server.url,
+            stream=stream,
+            consumer="worker-b",
+            routes={"us": server.url},
+            claim_idle=1.5,
+            until_empty=True,
+        )
         assert b.wait(60) == EXIT_OK, (tmp_path / "b.out").read_text()
         final = stats_lines(tmp_path / "b.out")[-1]
         time.sleep(0.1)
@@ -473,14 +531,35 @@ def test_strict_import_partial_failure_acks_accepted_and_dead_letters_refused(
         consumer = RedisStreamConsumer(redis_server.url, stream, region="us", project="42")
         now = int(time.time())
         for i in range(3):
-            consumer.send("import", {"event": "Old", "properties": {
-                "token": TOKEN, "distinct_id": "u1", "time": now - 60, "$insert_id": f"ok-{i}"}})
-        consumer.send("import", {"event": "Future", "properties": {
-            "token": TOKEN, "distinct_id": "u1", "time": now + 86_400, "$insert_id": "bad-1"}})
+            consumer.send(
+                "import",
+                {
+                    "event": "Old",
+                    "properties": {
+                        "token": TOKEN,
+                        "distinct_id": "u1",
+                        "time": now - 60,
+                        "$insert_id": f"ok-{i}",
+                    },
+                },
+            )
+        consumer.send(
+            "import",
+            {
+                "event": "Future",
+                "properties": {
+                    "token": TOKEN,
+                    "distinct_id": "u1",
+                    "time": now + 86_400,
+                    "$insert_id": "bad-1",
+                },
+            },
+        )
         assert consumer.flush(10)
         consumer.close()
-        relay = make_relay(redis_server, stream, routes={"us": server.url},
-                           credentials={"42": account})
+        relay = make_relay(
+            redis_server, stream, routes={"us": server.url}, credentials={"42": account}
+        )
         assert relay.run(until_empty=True) == EXIT_OK
         imported = insert_ids(server.imports)
     assert set(imported) == {"ok-0", "ok-1", "ok-2"}
@@ -510,25 +589,55 @@ def test_rejected_records_replayed_after_a_fix_are_delivered(
         consumer = RedisStreamConsumer(redis_server.url, stream, region="us", project="42")
         now = int(time.time())
         for i in range(2):
-            consumer.send("import", {"event": "Old", "properties": {
-                "token": TOKEN, "distinct_id": "u1", "time": now - 60, "$insert_id": f"r-{i}"}})
+            consumer.send(
+                "import",
+                {
+                    "event": "Old",
+                    "properties": {
+                        "token": TOKEN,
+                        "distinct_id": "u1",
+                        "time": now - 60,
+                        "$insert_id": f"r-{i}",
+                    },
+                },
+            )
         assert consumer.flush(10)
         consumer.close()
         wrong = tmp_path / "wrong.json"
         wrong.write_text(json.dumps({"42": {"username": "importer", "secret": "wrong-secret"}}))
         right = tmp_path / "right.json"
         right.write_text(json.dumps({"42": {"username": "importer", "secret": "right-secret"}}))
-        common = ["--redis", redis_server.url, "--stream", stream, "--group", "relay",
-                  "--route", f"us={server.url}", "--until-empty", "--stats-interval", "0"]
+        common = [
+            "--redis",
+            redis_server.url,
+            "--stream",
+            stream,
+            "--group",
+            "relay",
+            "--route",
+            f"us={server.url}",
+            "--until-empty",
+            "--stats-interval",
+            "0",
+        ]
         first = relay_cli(children, tmp_path / "first.out", *common, "--credentials", str(wrong))
         assert first.wait(30) == EXIT_OK, (tmp_path / "first.out").read_text()
         assert server.imports == []
         dead = RedisBroker(redis_server.url, stream, "relay").dead_entries()
         assert len(dead) == 2
-        assert all(f[b"status"] == b"401" and b"Invalid credentials" in f[b"reason"] for _i, f in dead)
+        assert all(
+            f[b"status"] == b"401" and b"Invalid credentials" in f[b"reason"] for _i, f in dead
+        )
         assert b"wrong-secret" not in (tmp_path / "first.out").read_bytes()
-        replay = relay_cli(children, tmp_path / "replay.out", "--redis", redis_server.url,
-                           "--stream", stream, "--replay-dead")
+        replay = relay_cli(
+            children,
+            tmp_path / "replay.out",
+            "--redis",
+            redis_server.url,
+            "--stream",
+            stream,
+            "--replay-dead",
+        )
         assert replay.wait(30) == EXIT_OK
         assert "replayed 2 entries" in (tmp_path / "replay.out").read_text()
         second = relay_cli(children, tmp_path / "second.out", *common, "--credentials", str(right))
@@ -593,8 +702,9 @@ def test_garbage_entries_are_dead_lettered_and_spare_the_good_ones(
     assert set(arrived) == set(good)
     dead = RedisBroker(redis_server.url, stream, "relay").dead_entries()
     assert len(dead) == len(garbage)
-    assert all(f[b"reason"].startswith(b"malformed entry:") and f[b"drop"] == b"invalid"
-               for _i, f in dead)
+    assert all(
+        f[b"reason"].startswith(b"malformed entry:") and f[b"drop"] == b"invalid" for _i, f in dead
+    )
     assert relay.stats()["malformed"] == len(garbage)
 
 
@@ -603,11 +713,25 @@ def test_sigterm_mid_batch_finishes_the_request_and_hands_back_the_rest(
 ) -> None:
     ids = prewrite(redis_server, stream, 3000)
     with MixpanelServer(latency=0.8) as server:
-        common = ["--redis", redis_server.url, "--stream", stream, "--group", "relay",
-                  "--batch-size", "1000", "--route", f"us={server.url}", "--claim-idle", "30",
-                  "--stats-interval", "0"]
-        worker = relay_cli(children, tmp_path / "w.out", *common, "--stop-timeout", "15",
-                           "--consumer", "w")
+        common = [
+            "--redis",
+            redis_server.url,
+            "--stream",
+            stream,
+            "--group",
+            "relay",
+            "--batch-size",
+            "1000",
+            "--route",
+            f"us={server.url}",
+            "--claim-idle",
+            "30",
+            "--stats-interval",
+            "0",
+        ]
+        worker = relay_cli(
+            children, tmp_path / "w.out", *common, "--stop-timeout", "15", "--consumer", "w"
+        )
         wait_until(lambda: group_pending(redis_server, stream).get("w", 0) == 3000, 30)
         time.sleep(0.2)  # the first request is under way
         worker.send_signal(signal.SIGTERM)
@@ -619,8 +743,9 @@ def test_sigterm_mid_batch_finishes_the_request_and_hands_back_the_rest(
         assert final["stopped"] and final["delivered"] == len(delivered) == 1000
         assert group_pending(redis_server, stream) == {"w": 2000}
         # Handed back: another worker takes them at once, not after the 30 s claim time.
-        second = relay_cli(children, tmp_path / "second.out", *common, "--until-empty",
-                           "--consumer", "second")
+        second = relay_cli(
+            children, tmp_path / "second.out", *common, "--until-empty", "--consumer", "second"
+        )
         assert second.wait(40) == EXIT_OK, (tmp_path / "second.out").read_text()
         arrived = insert_ids(server.events)
     assert set(arrived) == set(ids) and max(arrived.values()) == 1
@@ -632,18 +757,39 @@ def test_sigterm_deadline_passed_mid_request_loses_nothing(
 ) -> None:
     ids = prewrite(redis_server, stream, 2000)
     with MixpanelServer(latency=1.5) as server:
-        common = ["--redis", redis_server.url, "--stream", stream, "--group", "relay",
-                  "--batch-size", "1000", "--route", f"us={server.url}", "--claim-idle", "30",
-                  "--stats-interval", "0"]
-        first = relay_cli(children, tmp_path / "first.out", *common, "--stop-timeout", "0.3",
-                          "--consumer", "first")
+        common = [
+            "--redis",
+            redis_server.url,
+            "--stream",
+            stream,
+            "--group",
+            "relay",
+            "--batch-size",
+            "1000",
+            "--route",
+            f"us={server.url}",
+            "--claim-idle",
+            "30",
+            "--stats-interval",
+            "0",
+        ]
+        first = relay_cli(
+            children,
+            tmp_path / "first.out",
+            *common,
+            "--stop-timeout",
+            "0.3",
+            "--consumer",
+            "first",
+        )
         wait_until(lambda: group_pending(redis_server, stream).get("first", 0) == 2000, 30)
         time.sleep(0.2)
         first.send_signal(signal.SIGTERM)
         assert first.wait(30) == EXIT_LEFT_PENDING, (tmp_path / "first.out").read_text()
         assert group_pending(redis_server, stream) == {"first": 2000}  # nothing acknowledged
-        second = relay_cli(children, tmp_path / "second.out", *common, "--until-empty",
-                           "--consumer", "second")
+        second = relay_cli(
+            children, tmp_path / "second.out", *common, "--until-empty", "--consumer", "second"
+        )
         assert second.wait(40) == EXIT_OK, (tmp_path / "second.out").read_text()
         time.sleep(1.6)  # the first worker's request may still land: at least once
         arrived = insert_ids(server.events)
@@ -659,13 +805,31 @@ def test_redis_restart_mid_run_loses_nothing(
         with MixpanelServer() as server:
             producer = _spawn(
                 children,
-                ["-c", PRODUCER, json.dumps({"url": redis.url, "stream": "restart",
-                                             "token": TOKEN, "producer": 7, "count": 20_000,
-                                             "pause": 0.1, "retry": FAST_RETRY})],
+                [
+                    "-c",
+                    PRODUCER,
+                    json.dumps(
+                        {
+                            "url": redis.url,
+                            "stream": "restart",
+                            "token": TOKEN,
+                            "producer": 7,
+                            "count": 20_000,
+                            "pause": 0.1,
+                            "retry": FAST_RETRY,
+                        }
+                    ),
+                ],
                 tmp_path / "producer.out",
             )
-            worker = relay_child(children, tmp_path / "relay.out", url=redis.url,
-                                 stream="restart", routes={"us": server.url}, claim_idle=3)
+            worker = relay_child(
+                children,
+                tmp_path / "relay.out",
+                url=redis.url,
+                stream="restart",
+                routes={"us": server.url},
+                claim_idle=3,
+            )
             wait_until(lambda: len(server.events) >= 2000, 60, "nothing delivered")
             redis.restart()  # mid-run: producer and relay both lose their connections
             assert producer.wait(90) == 0, (tmp_path / "producer.out").read_text()
@@ -687,9 +851,16 @@ def test_huge_backlog_drains_with_bounded_memory(
 ) -> None:
     ids = prewrite(redis_server, stream, 60_000)
     with MixpanelServer() as server:
-        worker = relay_child(children, tmp_path / "w.out", url=redis_server.url, stream=stream,
-                             routes={"us": server.url}, max_held=3000, stats_interval=0.2,
-                             until_empty=True)
+        worker = relay_child(
+            children,
+            tmp_path / "w.out",
+            url=redis_server.url,
+            stream=stream,
+            routes={"us": server.url},
+            max_held=3000,
+            stats_interval=0.2,
+            until_empty=True,
+        )
         assert worker.wait(90) == EXIT_OK, (tmp_path / "w.out").read_text()
         arrived = insert_ids(server.events)
     lines = stats_lines(tmp_path / "w.out")
@@ -725,8 +896,9 @@ def test_relay_with_a_rate_limit_still_delivers_everything(
 ) -> None:
     ids = prewrite(redis_server, stream, 3000)
     with MixpanelServer() as server:
-        relay = make_relay(redis_server, stream, routes={"us": server.url}, max_rate=5000.0,
-                           batch_size=1000)
+        relay = make_relay(
+            redis_server, stream, routes={"us": server.url}, max_rate=5000.0, batch_size=1000
+        )
         assert relay.run(until_empty=True) == EXIT_OK
         assert set(insert_ids(server.events)) == set(ids)
         assert len(server.requests) >= 3
@@ -738,7 +910,13 @@ def test_cli_usage_and_unreachable_redis_exit_codes(
     missing = relay_cli(children, tmp_path / "missing.out")
     assert missing.wait(30) == 2
     assert "--redis" in (tmp_path / "missing.out").read_text()
-    gone = relay_cli(children, tmp_path / "gone.out", "--redis",
-                     f"unix://{tmp_path}/nothing.sock", "--connect-timeout", "0.5")
+    gone = relay_cli(
+        children,
+        tmp_path / "gone.out",
+        "--redis",
+        f"unix://{tmp_path}/nothing.sock",
+        "--connect-timeout",
+        "0.5",
+    )
     assert gone.wait(30) == 3
     assert "cannot reach the broker" in (tmp_path / "gone.out").read_text()
