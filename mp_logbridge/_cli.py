@@ -3,6 +3,7 @@
 * ``demo`` — the library end to end against an embedded local receiver; no account needed.
 * ``serve`` — run the local receiver in the foreground, printing what arrives.
 * ``import`` — bulk-import historical events from JSON-lines or JSON-array files into ``/import``.
+* ``relay`` — deliver records a fleet wrote to a Redis Stream (``_relay_cli``).
 
 Errors are one line naming what to fix (exit code 2), never a traceback.
 """
@@ -21,6 +22,8 @@ from typing import Any, TextIO
 
 from ._errors import MixpanelError
 from ._records import MAX_BATCH_RECORDS
+from ._relay_cli import UsageError as _RelayUsageError
+from ._relay_cli import add_parser as add_relay_parser
 from ._retry import RetryPolicy
 from ._transport import REGIONS, Credentials, ServiceAccount, as_credentials, resolve_endpoints
 from ._version import __version__
@@ -148,6 +151,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="check every record with the server's rules; send nothing, keep no progress",
     )
+    add_relay_parser(commands)  # scale-out: kept in its own module
     return parser
 
 
@@ -364,11 +368,15 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             return run_demo(stream)
         if args.command == "serve":
             return _serve(args, stream)
+        if args.command == "relay":  # scale-out: kept in its own module
+            from ._relay_cli import run as run_relay
+
+            return run_relay(args, stream)
         return _import(args, stream)
     except KeyboardInterrupt:
         sys.stderr.write("mp-logbridge: interrupted\n")
         return EXIT_INTERRUPTED
-    except (_UsageError, MixpanelError) as exc:
+    except (_UsageError, _RelayUsageError, MixpanelError) as exc:
         sys.stderr.write(f"mp-logbridge: error: {exc}\n")
         return EXIT_USAGE
     except OSError as exc:

@@ -67,6 +67,10 @@ DELIVERY_OPTIONS = (
     "exit_timeout",
     "max_in_flight",
     "on_error",
+    # Scale-out (mp_logbridge.redis): write to a Redis Stream that relay workers deliver from.
+    "redis_url",
+    "stream",
+    "stream_maxlen",
 )
 
 
@@ -147,6 +151,21 @@ def _freeze(value: Any) -> Any:
     return value
 
 
+def _stream_options(settings: dict[str, Any]) -> dict[str, Any]:
+    """Take the Redis Stream options out of ``settings`` (``redis_url`` falls back on
+    ``MIXPANEL_REDIS_URL``); empty when the consumer posts to Mixpanel itself."""
+    url = settings.pop("redis_url", None) or os.environ.get("MIXPANEL_REDIS_URL") or None
+    stream = settings.pop("stream", None)
+    maxlen = settings.pop("stream_maxlen", None)
+    if url is None:
+        if stream is not None or maxlen is not None:
+            raise ConfigurationError(
+                "stream and stream_maxlen need redis_url (or MIXPANEL_REDIS_URL)"
+            )
+        return {}
+    return {"url": url, "stream": stream, "stream_maxlen": maxlen}
+
+
 class ConsumerShare:
     """The consumer behind one front door, and whether the front door holds a share of it.
 
@@ -198,8 +217,15 @@ class ConsumerShare:
         settings = {name: options[name] for name in options}
         if retry is not None:
             settings["retry"] = RetryPolicy.from_options(retry)
+        streaming = _stream_options(settings)
 
         def make() -> BackgroundConsumer:
+            if streaming:  # scale-out: a Redis Stream instead of HTTP
+                from ._redis_stream import RedisStreamConsumer
+
+                return RedisStreamConsumer(
+                    **streaming, region=region, api_host=api_host, credentials=creds, **settings
+                )
             return BackgroundConsumer(
                 endpoints.event,
                 endpoints.profile_update,
@@ -213,7 +239,7 @@ class ConsumerShare:
             make().close()  # options are checked even when there is no token to send with
             self.consumer = None
             return
-        key = (endpoints, creds, _freeze(settings))
+        key = (endpoints, creds, _freeze(settings), _freeze(streaming))
         self.consumer = _shared.acquire(key, make, pin=pin)
         self._key = None if pin else key
 

@@ -271,7 +271,12 @@ class Tracker:
 
     def _require_credentials(self, method: str) -> None:
         consumer = self.consumer
-        if hasattr(consumer, "credentials") and consumer.credentials is None:
+        if (
+            hasattr(consumer, "credentials")
+            and consumer.credentials is None
+            # a stream consumer whose relay holds the project's credentials (mp_logbridge.redis)
+            and not getattr(consumer, "credentials_elsewhere", False)
+        ):
             raise ConfigurationError(
                 f"{method} sends to /import, which needs credentials: give the Tracker (or its "
                 "consumer) credentials=ServiceAccount(username, secret, project_id) or api_secret=..."

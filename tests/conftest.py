@@ -24,7 +24,14 @@ from mp_logbridge.testing import MixpanelServer
 @pytest.fixture(autouse=True)
 def _no_real_mixpanel(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Anything built without an explicit host goes to a closed loopback port, never to Mixpanel."""
-    for name in ("MIXPANEL_TOKEN", "MIXPANEL_REGION", "MIXPANEL_API_SECRET", "MIXPANEL_PROJECT_ID"):
+    for name in (
+        "MIXPANEL_TOKEN",
+        "MIXPANEL_REGION",
+        "MIXPANEL_API_SECRET",
+        "MIXPANEL_PROJECT_ID",
+        "MIXPANEL_REDIS_URL",
+        "MIXPANEL_STREAM",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MIXPANEL_API_HOST", closed_port_url())
     yield
