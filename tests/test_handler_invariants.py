@@ -11,6 +11,7 @@ import logging
 import pickle
 import sys
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -284,12 +285,13 @@ def test_records_sharing_time_and_line_get_distinct_insert_ids(
     content: they are still separate occurrences, which Mixpanel must not merge."""
     handler = make_handler()
     log = make_logger(handler, name="tests.invariants.coarse_clock")
+    frozen = float(int(time.time()))
 
     def record(message: str, *args: Any, **properties: Any) -> logging.LogRecord:
         made = log.makeRecord(
             log.name, logging.INFO, __file__, 20, message, args, None, extra=tag.track(**properties)
         )
-        made.created = 1_700_000_000.0
+        made.created = frozen  # one clock tick, recent (/track takes the last 5 days only)
         return made
 
     for made in (
@@ -405,7 +407,9 @@ def test_log_calls_do_not_wait_for_a_server_that_is_down(down_url: str, make_log
     assert stats["queue_depth"] == 0
 
 
-def test_a_delivery_error_from_a_sink_without_counters_is_counted(make_handler, make_logger) -> None:
+def test_a_delivery_error_from_a_sink_without_counters_is_counted(
+    make_handler, make_logger
+) -> None:
     from mp_logbridge.errors import RejectedError
 
     def refuse(kind: str, message: Any) -> None:
