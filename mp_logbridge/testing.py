@@ -207,6 +207,15 @@ def _phrase(status: int) -> str:
         return "Error"
 
 
+def _injected_body(status: int) -> bytes:
+    """The body of a :meth:`MixpanelServer.fail_next` answer given none: a verbose failure for
+    a 2xx, else the documented error shape (with Mixpanel's words for 401, 413, 429)."""
+    error = _DOCUMENTED_ERRORS.get(status, f"injected failure {status}")
+    if 200 <= status < 300:
+        return json.dumps({"status": 0, "error": error}).encode()
+    return json.dumps({"code": status, "error": error, "status": _phrase(status)}).encode()
+
+
 def _refusal_answer(
     path: str, endpoint: Endpoint | None, refusal: Refusal
 ) -> tuple[int, dict[str, str], bytes]:
@@ -225,6 +234,188 @@ def _refusal_answer(
     if status in (401, 403):
         return _json_answer(status, {"error": refusal.message, "status": "error"}, **extra)
     return _json_answer(status, {"error": refusal.message, "status": 0}, **extra)
+
+
+# --------------------------------------------------------------------------- judging a request
+
+
+def _judge(
+    access: Access,
+    max_request_bytes: int,
+    method: str,
+    target: str,
+    headers: dict[str, str],
+    raw: bytes,
+    problem: Refusal | None = None,
+) -> _Verdict:
+    """Check one request against the rules and work out the answer; keeps nothing."""
+    parts = urlsplit(target)
+    path = parts.path
+    try:
+        pairs = parse_qsl(parts.query, keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        pairs = []
+        problem = problem or Refusal(400, "query", "the query string is not UTF-8")
+    query = dict(pairs)
+    request = ReceivedRequest(method, path, query, headers, raw, 200)
+    violations = request.violations
+
+    def violate(rule: str, message: str, index: int | None = None) -> None:
+        violations.append(SpecViolation(method, path, rule, message, index))
+
+    endpoint: Endpoint | None = None
+    try:
+        endpoint = endpoint_for(method, path)
+        if problem is not None:
+            raise problem
+        given: dict[str, set[str]] = {}
+        for key, value in pairs:
+            given.setdefault(key, set()).add(value)
+        repeated = [key for key, values in given.items() if len(values) > 1]
+        if repeated:
+            raise Refusal(400, "query", f"parameters given twice: {', '.join(sorted(repeated))}")
+        check_params(endpoint, query)
+        check_access(endpoint, request.header("Authorization"), query, access)
+        decoded = decode_records(
+            endpoint, method, query, headers, raw, max_request_bytes=max_request_bytes
+        )
+        request.body, request.gzipped, request.records = (
+            decoded.body,
+            decoded.gzipped,
+            decoded.records,
+        )
+        check_params(endpoint, decoded.params)
+    except Refusal as refusal:
+        if refusal.violation:
+            violate(refusal.rule, refusal.message)
+        status, answer_headers, body = _refusal_answer(path, endpoint, refusal)
+        request.status = status
+        return _Verdict(status, answer_headers, body, request)
+    verdict = _check_records(access.token, endpoint, decoded.params, request, violate)
+    request.status = verdict.status
+    return verdict
+
+
+def _check_records(
+    project_token: str | None,
+    endpoint: Endpoint,
+    params: Mapping[str, str],
+    request: ReceivedRequest,
+    violate: Callable[[str, str, int | None], None],
+) -> _Verdict:
+    """Check each record of a well-formed request; records of another project's token are
+    refused (not a breach of the spec), then the answer is worked out."""
+    now = time.time()
+    # spec: /import marks `strict` required, with a default of 1; the official SDKs omit it.
+    strict = params.get("strict", "1" if endpoint.authenticated else "0") == "1"
+    accepted: list[Any] = []
+    refused: list[tuple[Any, str]] = []
+    failed: list[dict[str, Any]] = []
+    foreign = dropped = 0
+    for index, record in enumerate(request.records):
+        if endpoint.kind in ("event", "import"):
+            problem = check_event(record, endpoint.path, now=now)
+        else:
+            problem = check_update(record, group=endpoint.kind == "group_update")
+        if problem is None and project_token is not None and not endpoint.authenticated:
+            token = (
+                record.get("$token")
+                if endpoint.kind != "event"
+                else record["properties"].get("token")
+            )
+            if token != project_token:
+                foreign += 1
+                refused.append((record, f"token {token!r} is not this project's token"))
+                continue
+        if problem is None:
+            accepted.append(record)
+            continue
+        field_name, message = problem
+        violate(f"record.{field_name or 'record'}", message, index)
+        refused.append((record, message))
+        if is_silent_drop(problem):
+            dropped += 1
+            continue
+        props = record.get("properties") if isinstance(record, dict) else None
+        insert_id = props.get("$insert_id") if isinstance(props, dict) else None
+        failed.append(
+            {"index": index, "insert_id": insert_id, "field": field_name, "message": message}
+        )
+    status, headers, body = _record_answer(
+        endpoint, params, strict, len(request.records), len(accepted) + dropped, failed, foreign
+    )
+    return _Verdict(status, headers, body, request, accepted, refused)
+
+
+def _record_answer(
+    endpoint: Endpoint,
+    params: Mapping[str, str],
+    strict: bool,
+    total: int,
+    accepted: int,
+    failed: list[dict[str, Any]],
+    foreign: int,
+) -> tuple[int, dict[str, str], bytes]:
+    """The answer to a well-formed request, in the documented shape for its mode; ``accepted``
+    counts the records answered as well formed."""
+    if endpoint.authenticated:
+        if "strict" not in params and params.get("verbose") == "1":
+            # What the official Python SDK sends and reads (its import checks `status`,
+            # then `error`); the docs do not say which answer this request gets.
+            error = None if accepted else (failed[0]["message"] if failed else "no records")
+            return _json_answer(200, {"status": 1 if accepted else 0, "error": error})
+        if not strict:
+            return 200, {"Content-Type": "text/plain"}, b"1" if accepted else b"0"
+        if failed:
+            return _json_answer(
+                400,
+                {
+                    "code": 400,
+                    "error": "some data points in the request failed validation",
+                    "status": "Bad Request",
+                    "num_records_imported": accepted,
+                    "failed_records": failed,
+                },
+            )
+        return _json_answer(200, {"code": 200, "num_records_imported": accepted, "status": "OK"})
+    if foreign and not accepted and foreign == total:
+        return _json_answer(
+            401, {"error": "the project token is not this project's", "status": "error"}
+        )
+    if strict and failed:  # /engage and /groups with strict=1: per-record messages
+        return _json_answer(
+            400,
+            {
+                "error": "some data points in the request failed validation",
+                "status": 0,
+                "num_records_imported": accepted,
+                "failed_records": [
+                    {"index": f["index"], "field": f["field"], "message": f["message"]}
+                    for f in failed
+                ],
+            },
+        )
+    if params.get("img") == "1":
+        return 200, {"Content-Type": "image/gif"}, _PIXEL
+    if params.get("verbose") == "1":
+        error = (
+            None
+            if accepted or total == 0
+            else (failed[0]["message"] if failed else "no valid records")
+        )
+        payload: Any = {"status": 1 if accepted else 0, "error": error}
+    else:
+        payload = 1 if accepted else 0
+    callback = params.get("callback")
+    if callback:
+        return (
+            200,
+            {"Content-Type": "text/javascript"},
+            f"{callback}({json.dumps(payload)})".encode(),
+        )
+    if isinstance(payload, int):
+        return 200, {"Content-Type": "text/plain"}, str(payload).encode()
+    return _json_answer(200, payload)
 
 
 # --------------------------------------------------------------------------- the server
@@ -519,6 +710,18 @@ class MixpanelServer:
 
     # ------------------------------------------------------------------ request handling
 
+    def _judge(
+        self,
+        method: str,
+        target: str,
+        headers: dict[str, str],
+        raw: bytes,
+        problem: Refusal | None = None,
+    ) -> _Verdict:
+        """Check one request against the rules, with the server's settings of the moment."""
+        access = Access(self.service_account, self.api_secret, self.token)
+        return _judge(access, self.max_request_bytes, method, target, headers, raw, problem)
+
     def _keep(self, verdict: _Verdict, *, store: bool) -> None:
         """Record a request, its violations and (with ``store``) what it delivered."""
         request = verdict.request
@@ -545,188 +748,6 @@ class MixpanelServer:
         if self.on_record is not None:
             for record in accepted:
                 self.on_record(_STORES[path], record)
-
-    def _judge(
-        self,
-        method: str,
-        target: str,
-        headers: dict[str, str],
-        raw: bytes,
-        problem: Refusal | None = None,
-    ) -> _Verdict:
-        """Check one request against the rules and work out the answer; keeps nothing."""
-        parts = urlsplit(target)
-        path = parts.path
-        try:
-            pairs = parse_qsl(parts.query, keep_blank_values=True, errors="strict")
-        except UnicodeDecodeError:
-            pairs = []
-            problem = problem or Refusal(400, "query", "the query string is not UTF-8")
-        query = dict(pairs)
-        request = ReceivedRequest(method, path, query, headers, raw, 200)
-        violations = request.violations
-
-        def violate(rule: str, message: str, index: int | None = None) -> None:
-            violations.append(SpecViolation(method, path, rule, message, index))
-
-        endpoint: Endpoint | None = None
-        try:
-            endpoint = endpoint_for(method, path)
-            if problem is not None:
-                raise problem
-            given: dict[str, set[str]] = {}
-            for key, value in pairs:
-                given.setdefault(key, set()).add(value)
-            repeated = [key for key, values in given.items() if len(values) > 1]
-            if repeated:
-                raise Refusal(
-                    400, "query", f"parameters given twice: {', '.join(sorted(repeated))}"
-                )
-            check_params(endpoint, query)
-            check_access(endpoint, request.header("Authorization"), query, self._access)
-            decoded = decode_records(
-                endpoint, method, query, headers, raw, max_request_bytes=self.max_request_bytes
-            )
-            request.body, request.gzipped, request.records = (
-                decoded.body,
-                decoded.gzipped,
-                decoded.records,
-            )
-            check_params(endpoint, decoded.params)
-        except Refusal as refusal:
-            if refusal.violation:
-                violate(refusal.rule, refusal.message)
-            status, answer_headers, body = _refusal_answer(path, endpoint, refusal)
-            request.status = status
-            return _Verdict(status, answer_headers, body, request)
-        verdict = self._check_records(endpoint, decoded.params, request, violate)
-        request.status = verdict.status
-        return verdict
-
-    @property
-    def _access(self) -> Access:
-        return Access(self.service_account, self.api_secret, self.token)
-
-    def _check_records(
-        self,
-        endpoint: Endpoint,
-        params: Mapping[str, str],
-        request: ReceivedRequest,
-        violate: Callable[[str, str, int | None], None],
-    ) -> _Verdict:
-        now = time.time()
-        # spec: /import marks `strict` required, with a default of 1; the official SDKs omit it.
-        strict = params.get("strict", "1" if endpoint.authenticated else "0") == "1"
-        accepted: list[Any] = []
-        refused: list[tuple[Any, str]] = []
-        failed: list[dict[str, Any]] = []
-        foreign = dropped = 0
-        for index, record in enumerate(request.records):
-            if endpoint.kind in ("event", "import"):
-                problem = check_event(record, endpoint.path, now=now)
-            else:
-                problem = check_update(record, group=endpoint.kind == "group_update")
-            if problem is None and self.token is not None and not endpoint.authenticated:
-                token = (
-                    record.get("$token")
-                    if endpoint.kind != "event"
-                    else record["properties"].get("token")
-                )
-                if token != self.token:
-                    foreign += 1
-                    refused.append((record, f"token {token!r} is not this project's token"))
-                    continue
-            if problem is None:
-                accepted.append(record)
-                continue
-            field_name, message = problem
-            violate(f"record.{field_name or 'record'}", message, index)
-            refused.append((record, message))
-            if is_silent_drop(problem):
-                dropped += 1
-                continue
-            props = record.get("properties") if isinstance(record, dict) else None
-            insert_id = props.get("$insert_id") if isinstance(props, dict) else None
-            failed.append(
-                {"index": index, "insert_id": insert_id, "field": field_name, "message": message}
-            )
-        status, headers, body = self._record_answer(
-            endpoint, params, strict, len(request.records), len(accepted) + dropped, failed, foreign
-        )
-        return _Verdict(status, headers, body, request, accepted, refused)
-
-    @staticmethod
-    def _record_answer(
-        endpoint: Endpoint,
-        params: Mapping[str, str],
-        strict: bool,
-        total: int,
-        accepted: int,
-        failed: list[dict[str, Any]],
-        foreign: int,
-    ) -> tuple[int, dict[str, str], bytes]:
-        """The answer to a well-formed request, in the documented shape for its mode; ``accepted``
-        counts the records answered as well formed."""
-        if endpoint.authenticated:
-            if "strict" not in params and params.get("verbose") == "1":
-                # What the official Python SDK sends and reads (its import checks `status`,
-                # then `error`); the docs do not say which answer this request gets.
-                error = None if accepted else (failed[0]["message"] if failed else "no records")
-                return _json_answer(200, {"status": 1 if accepted else 0, "error": error})
-            if not strict:
-                return 200, {"Content-Type": "text/plain"}, b"1" if accepted else b"0"
-            if failed:
-                return _json_answer(
-                    400,
-                    {
-                        "code": 400,
-                        "error": "some data points in the request failed validation",
-                        "status": "Bad Request",
-                        "num_records_imported": accepted,
-                        "failed_records": failed,
-                    },
-                )
-            return _json_answer(
-                200, {"code": 200, "num_records_imported": accepted, "status": "OK"}
-            )
-        if foreign and not accepted and foreign == total:
-            return _json_answer(
-                401, {"error": "the project token is not this project's", "status": "error"}
-            )
-        if strict and failed:  # /engage and /groups with strict=1: per-record messages
-            return _json_answer(
-                400,
-                {
-                    "error": "some data points in the request failed validation",
-                    "status": 0,
-                    "num_records_imported": accepted,
-                    "failed_records": [
-                        {"index": f["index"], "field": f["field"], "message": f["message"]}
-                        for f in failed
-                    ],
-                },
-            )
-        if params.get("img") == "1":
-            return 200, {"Content-Type": "image/gif"}, _PIXEL
-        if params.get("verbose") == "1":
-            error = (
-                None
-                if accepted or total == 0
-                else (failed[0]["message"] if failed else "no valid records")
-            )
-            payload: Any = {"status": 1 if accepted else 0, "error": error}
-        else:
-            payload = 1 if accepted else 0
-        callback = params.get("callback")
-        if callback:
-            return (
-                200,
-                {"Content-Type": "text/javascript"},
-                f"{callback}({json.dumps(payload)})".encode(),
-            )
-        if isinstance(payload, int):
-            return 200, {"Content-Type": "text/plain"}, str(payload).encode()
-        return _json_answer(200, payload)
 
 
 class _RequestHandler(BaseHTTPRequestHandler):
@@ -857,17 +878,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
                 self._misbehave(fault)
             return
         if fault is not None and fault.action == "status":
-            body = fault.body
-            if body is None:
-                body = json.dumps(
-                    {
-                        "code": fault.status,
-                        "error": _DOCUMENTED_ERRORS.get(
-                            fault.status, f"injected failure {fault.status}"
-                        ),
-                        "status": _phrase(fault.status),
-                    }
-                ).encode()
+            body = fault.body if fault.body is not None else _injected_body(fault.status)
             request.status = fault.status
             owner._keep(verdict, store=False)
             extra = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
