@@ -74,6 +74,11 @@ def _parser() -> argparse.ArgumentParser:
         help="credentials /import requires (default: any Basic credentials)",
     )
     serve.add_argument(
+        "--token",
+        help="the project token: records carrying another one are refused, as Mixpanel refuses "
+        "data for another project (default: any token)",
+    )
+    serve.add_argument(
         "--quiet", action="store_true", help="do not print records (only the summary at exit)"
     )
 
@@ -159,7 +164,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace, out: TextIO) -> int:
-    from .testing import MixpanelServer
+    from .testing import MixpanelServer, SpecViolation
 
     account = None
     if args.service_account:
@@ -167,21 +172,42 @@ def _serve(args: argparse.Namespace, out: TextIO) -> int:
         if len(parts) != 3 or not all(parts):
             raise _UsageError("--service-account must look like USER:SECRET:PROJECT_ID")
         account = tuple(parts)
+    if args.token is not None and not args.token.strip():
+        raise _UsageError("--token must not be empty")
     sink = open(args.jsonl, "a", encoding="utf-8") if args.jsonl else None  # noqa: SIM115
     lock = threading.Lock()
 
+    def write(line: str) -> None:
+        with lock:
+            out.write(line + "\n")
+            out.flush()
+
     def show(kind: str, record: dict[str, Any]) -> None:
         line = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
-        with lock:
-            if not args.quiet:
-                out.write(f"{kind:<16} {line}\n")
-                out.flush()
-            if sink is not None:
+        if not args.quiet:
+            write(f"{kind:<16} {line}")
+        if sink is not None:
+            with lock:
                 sink.write(json.dumps({"kind": kind, "record": record}, ensure_ascii=False) + "\n")
                 sink.flush()
 
+    def refused(path: str, record: Any, reason: str) -> None:
+        line = json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str)
+        write(f"{'refused ' + path:<16} {reason}: {line[:2000]}")
+
+    def violation(found: SpecViolation) -> None:
+        if found.index is None:  # a refused record is shown by `refused`
+            write(f"{'refused ' + found.path:<16} [{found.rule}] {found.message}")
+
     try:
-        server = MixpanelServer(port=args.port, service_account=account, on_record=show).start()
+        server = MixpanelServer(
+            port=args.port,
+            service_account=account,
+            token=args.token,
+            on_record=show,
+            on_invalid=refused,
+            on_violation=violation,
+        ).start()
     except OSError as exc:
         raise _UsageError(
             f"cannot listen on 127.0.0.1:{args.port}: {exc.strerror or exc}"
@@ -210,7 +236,8 @@ def _serve(args: argparse.Namespace, out: TextIO) -> int:
     out.write(
         "\nstopped; received "
         + ", ".join(f"{n} {name.replace('_', ' ')}" for name, n in counts.items())
-        + "\n"
+        + f"; refused {len(server.invalid)} records"
+        + f"; {len(server.spec_violations)} spec violations\n"
     )
     return EXIT_OK
 

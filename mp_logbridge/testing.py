@@ -2,10 +2,11 @@
 
 :class:`MixpanelServer` is a real HTTP server that accepts what Mixpanel's ``/track``,
 ``/engage``, ``/groups`` and ``/import`` accept — JSON array bodies (gzip where allowed), NDJSON
-on ``/import``, and the legacy form body ``data=`` holding plain or base64 JSON — checks each
-record against the ingestion API's rules, answers the way the API documents (``verbose``
-answers, strict ``/import`` with ``failed_records``, 401, 413, 429, ...), and keeps what it
-accepted::
+on ``/import``, and the legacy form body ``data=`` holding plain or base64 JSON — checks every
+request against the ingestion API's published rules (method, parameters and their values,
+content type and encoding, credentials, each record's fields and types per operation, limits),
+answers the way the API documents (``verbose`` answers, strict ``/import`` with
+``failed_records``, 401, 413, ...), and keeps what it accepted::
 
     from mp_logbridge import Tracker, Consumer
     from mp_logbridge.testing import MixpanelServer
@@ -14,6 +15,11 @@ accepted::
         tracker = Tracker("TOKEN", Consumer(api_host=server.url))
         tracker.track("user-1", "Signed Up", {"plan": "pro"})
         assert server.events[0]["event"] == "Signed Up"
+        assert server.spec_violations == []
+
+Every request that breaks a rule of the spec is listed in :attr:`MixpanelServer.spec_violations`
+(and collected by :func:`collect_spec_violations`, whichever server saw it), besides being
+answered as Mixpanel would.
 
 For tests that need no HTTP at all, :func:`capture_messages` collects the exact records a block
 of code produced (the ``mixpanel_messages`` pytest fixture does the same per test)::
@@ -36,25 +42,37 @@ started server per test.
 from __future__ import annotations
 
 import base64
-import binascii
-import gzip
-import hmac
+import http
 import json
 import socket
 import threading
 import time
-import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from . import _capture
 from ._capture import Capture, CapturedMessage
-from ._rules import check_event, check_record, check_update
+from ._rules import (
+    ENDPOINTS,
+    Access,
+    Endpoint,
+    Refusal,
+    SpecViolation,
+    check_access,
+    check_event,
+    check_params,
+    check_record,
+    check_update,
+    decode_records,
+    endpoint_for,
+    is_silent_drop,
+    too_large,
+)
 
 
 @contextmanager
@@ -77,16 +95,35 @@ def capture_messages() -> Iterator[Capture]:
             _capture.active.remove(capture)
 
 
+_collectors: list[list[SpecViolation]] = []
+_collectors_lock = threading.Lock()
+
+
+@contextmanager
+def collect_spec_violations() -> Iterator[list[SpecViolation]]:
+    """Collect every :class:`SpecViolation` that any :class:`MixpanelServer` of this process
+    sees during the block (from any thread), in arrival order. Blocks nest; each collects."""
+    found: list[SpecViolation] = []
+    with _collectors_lock:
+        _collectors.append(found)
+    try:
+        yield found
+    finally:
+        with _collectors_lock:
+            _collectors.remove(found)
+
+
 __all__ = [
     "Capture",
     "CapturedMessage",
     "MixpanelServer",
     "ReceivedRequest",
+    "SpecViolation",
     "capture_messages",
     "check_record",
+    "collect_spec_violations",
 ]
 
-_MAX_RECORDS = 2000
 _PIXEL = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
 _STORES = {
     "/track": "events",
@@ -94,11 +131,27 @@ _STORES = {
     "/groups": "group_updates",
     "/import": "imports",
 }
+_KINDS = (*_STORES.values(), "all")
+#: A gzip body may be this much larger than the uncompressed limit (incompressible data).
+_GZIP_SLACK = 1024
+#: Bodies over the limit are read (and dropped) up to this size so that the client reads the
+#: 413; past it the connection is closed unread.
+_DRAIN_LIMIT = 64 * 1024 * 1024
+#: Documented answers for statuses :meth:`MixpanelServer.fail_next` injects without a body.
+_DOCUMENTED_ERRORS = {
+    401: "Invalid credentials",
+    413: "request exceeds max limit of 2097152 bytes",
+    429: "Project exceeded rate limits. Please retry the request with exponential backoff.",
+}
 
 
 @dataclass
 class ReceivedRequest:
-    """One request as the server saw it (body already decompressed)."""
+    """One request as the server saw it (body already decompressed).
+
+    ``query`` is the URL's query string; ``records`` what the body carried (accepted or not);
+    ``violations`` the rules of the spec it broke.
+    """
 
     method: str
     path: str
@@ -108,6 +161,7 @@ class ReceivedRequest:
     status: int
     records: list[Any] = field(default_factory=list)
     gzipped: bool = False
+    violations: list[SpecViolation] = field(default_factory=list)
 
     def header(self, name: str) -> str | None:
         """A request header, looked up case-insensitively."""
@@ -130,11 +184,238 @@ class _Fault:
     size: int = 0
 
 
-class _Reject(Exception):
-    def __init__(self, status: int, payload: Mapping[str, Any]) -> None:
-        super().__init__(payload.get("error"))
-        self.status = status
-        self.payload = payload
+@dataclass
+class _Verdict:
+    """What the server makes of one request: the answer, and what to keep."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    request: ReceivedRequest
+    accepted: list[Any] = field(default_factory=list)
+    refused: list[tuple[Any, str]] = field(default_factory=list)
+
+
+def _json_answer(status: int, payload: Any, **headers: str) -> tuple[int, dict[str, str], bytes]:
+    return status, {"Content-Type": "application/json", **headers}, json.dumps(payload).encode()
+
+
+def _phrase(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def _injected_body(status: int) -> bytes:
+    """The body of a :meth:`MixpanelServer.fail_next` answer given none: a verbose failure for
+    a 2xx, else the documented error shape (with Mixpanel's words for 401, 413, 429)."""
+    error = _DOCUMENTED_ERRORS.get(status, f"injected failure {status}")
+    if 200 <= status < 300:
+        return json.dumps({"status": 0, "error": error}).encode()
+    return json.dumps({"code": status, "error": error, "status": _phrase(status)}).encode()
+
+
+def _refusal_answer(
+    path: str, endpoint: Endpoint | None, refusal: Refusal
+) -> tuple[int, dict[str, str], bytes]:
+    """A refused request's answer, in the shape the spec documents for that endpoint."""
+    status = refusal.status
+    extra = {}
+    allowed = ENDPOINTS.get(path.rstrip("/") or "/")
+    if status == 405 and allowed is not None:
+        extra["Allow"] = ", ".join(sorted(allowed.methods))
+    endpoint = endpoint or allowed
+    if endpoint is None or endpoint.authenticated or status == 413:
+        # /import's documented errors (StrictInvalid, StrictUnauthorized, StrictTooLarge).
+        return _json_answer(
+            status, {"code": status, "error": refusal.message, "status": _phrase(status)}, **extra
+        )
+    if status in (401, 403):
+        return _json_answer(status, {"error": refusal.message, "status": "error"}, **extra)
+    return _json_answer(status, {"error": refusal.message, "status": 0}, **extra)
+
+
+# --------------------------------------------------------------------------- judging a request
+
+
+def _judge(
+    access: Access,
+    max_request_bytes: int,
+    method: str,
+    target: str,
+    headers: dict[str, str],
+    raw: bytes,
+    problem: Refusal | None = None,
+) -> _Verdict:
+    """Check one request against the rules and work out the answer; keeps nothing."""
+    parts = urlsplit(target)
+    path = parts.path
+    try:
+        pairs = parse_qsl(parts.query, keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        pairs = []
+        problem = problem or Refusal(400, "query", "the query string is not UTF-8")
+    query = dict(pairs)
+    request = ReceivedRequest(method, path, query, headers, raw, 200)
+    violations = request.violations
+
+    def violate(rule: str, message: str, index: int | None = None) -> None:
+        violations.append(SpecViolation(method, path, rule, message, index))
+
+    endpoint: Endpoint | None = None
+    try:
+        endpoint = endpoint_for(method, path)
+        if problem is not None:
+            raise problem
+        given: dict[str, set[str]] = {}
+        for key, value in pairs:
+            given.setdefault(key, set()).add(value)
+        repeated = [key for key, values in given.items() if len(values) > 1]
+        if repeated:
+            raise Refusal(400, "query", f"parameters given twice: {', '.join(sorted(repeated))}")
+        check_params(endpoint, query)
+        check_access(endpoint, request.header("Authorization"), query, access)
+        decoded = decode_records(
+            endpoint, method, query, headers, raw, max_request_bytes=max_request_bytes
+        )
+        request.body, request.gzipped, request.records = (
+            decoded.body,
+            decoded.gzipped,
+            decoded.records,
+        )
+        check_params(endpoint, decoded.params)
+    except Refusal as refusal:
+        if refusal.violation:
+            violate(refusal.rule, refusal.message)
+        status, answer_headers, body = _refusal_answer(path, endpoint, refusal)
+        request.status = status
+        return _Verdict(status, answer_headers, body, request)
+    verdict = _check_records(access.token, endpoint, decoded.params, request, violate)
+    request.status = verdict.status
+    return verdict
+
+
+def _check_records(
+    project_token: str | None,
+    endpoint: Endpoint,
+    params: Mapping[str, str],
+    request: ReceivedRequest,
+    violate: Callable[[str, str, int | None], None],
+) -> _Verdict:
+    """Check each record of a well-formed request; records of another project's token are
+    refused (not a breach of the spec), then the answer is worked out."""
+    now = time.time()
+    # spec: /import marks `strict` required, with a default of 1; the official SDKs omit it.
+    strict = params.get("strict", "1" if endpoint.authenticated else "0") == "1"
+    accepted: list[Any] = []
+    refused: list[tuple[Any, str]] = []
+    failed: list[dict[str, Any]] = []
+    foreign = dropped = 0
+    for index, record in enumerate(request.records):
+        if endpoint.kind in ("event", "import"):
+            problem = check_event(record, endpoint.path, now=now)
+        else:
+            problem = check_update(record, group=endpoint.kind == "group_update")
+        if problem is None and project_token is not None and not endpoint.authenticated:
+            token = (
+                record.get("$token")
+                if endpoint.kind != "event"
+                else record["properties"].get("token")
+            )
+            if token != project_token:
+                foreign += 1
+                refused.append((record, f"token {token!r} is not this project's token"))
+                continue
+        if problem is None:
+            accepted.append(record)
+            continue
+        field_name, message = problem
+        violate(f"record.{field_name or 'record'}", message, index)
+        refused.append((record, message))
+        if is_silent_drop(problem):
+            dropped += 1
+            continue
+        props = record.get("properties") if isinstance(record, dict) else None
+        insert_id = props.get("$insert_id") if isinstance(props, dict) else None
+        failed.append(
+            {"index": index, "insert_id": insert_id, "field": field_name, "message": message}
+        )
+    status, headers, body = _record_answer(
+        endpoint, params, strict, len(request.records), len(accepted) + dropped, failed, foreign
+    )
+    return _Verdict(status, headers, body, request, accepted, refused)
+
+
+def _record_answer(
+    endpoint: Endpoint,
+    params: Mapping[str, str],
+    strict: bool,
+    total: int,
+    accepted: int,
+    failed: list[dict[str, Any]],
+    foreign: int,
+) -> tuple[int, dict[str, str], bytes]:
+    """The answer to a well-formed request, in the documented shape for its mode; ``accepted``
+    counts the records answered as well formed."""
+    if endpoint.authenticated:
+        if "strict" not in params and params.get("verbose") == "1":
+            # What the official Python SDK sends and reads (its import checks `status`,
+            # then `error`); the docs do not say which answer this request gets.
+            error = None if accepted else (failed[0]["message"] if failed else "no records")
+            return _json_answer(200, {"status": 1 if accepted else 0, "error": error})
+        if not strict:
+            return 200, {"Content-Type": "text/plain"}, b"1" if accepted else b"0"
+        if failed:
+            return _json_answer(
+                400,
+                {
+                    "code": 400,
+                    "error": "some data points in the request failed validation",
+                    "status": "Bad Request",
+                    "num_records_imported": accepted,
+                    "failed_records": failed,
+                },
+            )
+        return _json_answer(200, {"code": 200, "num_records_imported": accepted, "status": "OK"})
+    if foreign and not accepted and foreign == total:
+        return _json_answer(
+            401, {"error": "the project token is not this project's", "status": "error"}
+        )
+    if strict and failed:  # /engage and /groups with strict=1: per-record messages
+        return _json_answer(
+            400,
+            {
+                "error": "some data points in the request failed validation",
+                "status": 0,
+                "num_records_imported": accepted,
+                "failed_records": [
+                    {"index": f["index"], "field": f["field"], "message": f["message"]}
+                    for f in failed
+                ],
+            },
+        )
+    if params.get("img") == "1":
+        return 200, {"Content-Type": "image/gif"}, _PIXEL
+    if params.get("verbose") == "1":
+        error = (
+            None
+            if accepted or total == 0
+            else (failed[0]["message"] if failed else "no valid records")
+        )
+        payload: Any = {"status": 1 if accepted else 0, "error": error}
+    else:
+        payload = 1 if accepted else 0
+    callback = params.get("callback")
+    if callback:
+        return (
+            200,
+            {"Content-Type": "text/javascript"},
+            f"{callback}({json.dumps(payload)})".encode(),
+        )
+    if isinstance(payload, int):
+        return 200, {"Content-Type": "text/plain"}, str(payload).encode()
+    return _json_answer(200, payload)
 
 
 # --------------------------------------------------------------------------- the server
@@ -147,13 +428,22 @@ class MixpanelServer:
         service_account: ``(username, secret, project_id)`` (or an object with those attributes)
             that ``/import`` requires; by default ``/import`` accepts any Basic credentials.
         api_secret: a project secret ``/import`` also accepts as Basic ``secret:``.
+        token: the project token: records carrying another one are refused as Mixpanel refuses
+            data for another project (401 when no record of the request is this project's);
+            ``/import`` also accepts it as Basic ``token:``. By default any token is accepted.
         latency: seconds to wait before answering every request.
         max_request_bytes: uncompressed request size above which the server answers 413.
+        read_timeout: seconds a client may take to send its request before it is answered 408
+            and disconnected (a client that declares more body than it sends).
         port: the port to listen on (default: a free one).
+        on_record: called with ``(kind, record)`` for each accepted record.
+        on_invalid: called with ``(path, record, reason)`` for each refused record.
+        on_violation: called with each :class:`SpecViolation`.
 
     Accepted records are kept per kind, in arrival order: :attr:`events` (``/track``),
     :attr:`profile_updates`, :attr:`group_updates`, :attr:`imports`; records the server refused
-    are in :attr:`invalid` and every request in :attr:`requests`. All are thread-safe snapshots.
+    are in :attr:`invalid`, the spec's rules broken in :attr:`spec_violations` and every
+    request in :attr:`requests`. All are thread-safe snapshots.
     """
 
     def __init__(
@@ -161,10 +451,14 @@ class MixpanelServer:
         *,
         service_account: Any = None,
         api_secret: str | None = None,
+        token: str | None = None,
         latency: float = 0.0,
         max_request_bytes: int = 2_097_152,
+        read_timeout: float = 30.0,
         port: int = 0,
         on_record: Callable[[str, dict[str, Any]], None] | None = None,
+        on_invalid: Callable[[str, Any, str], None] | None = None,
+        on_violation: Callable[[SpecViolation], None] | None = None,
     ) -> None:
         if service_account is not None and not isinstance(service_account, tuple):
             service_account = (
@@ -176,14 +470,19 @@ class MixpanelServer:
             tuple(str(part) for part in service_account) if service_account else None  # type: ignore[assignment]
         )
         self.api_secret = api_secret
+        self.token = token
         self.latency = latency
         self.max_request_bytes = max_request_bytes
+        self.read_timeout = read_timeout
         self.on_record = on_record
+        self.on_invalid = on_invalid
+        self.on_violation = on_violation
         self._port = port
         self._lock = threading.Condition()
         self._faults: list[_Fault] = []
         self._stores: dict[str, list[Any]] = {name: [] for name in _STORES.values()}
         self._invalid: list[tuple[str, Any, str]] = []
+        self._violations: list[SpecViolation] = []
         self._requests: list[ReceivedRequest] = []
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -203,6 +502,7 @@ class MixpanelServer:
 
         class Handler(_RequestHandler):
             owner = server
+            timeout = server.read_timeout
 
         httpd = ThreadingHTTPServer(("127.0.0.1", self._port), Handler)
         httpd.daemon_threads = True
@@ -284,6 +584,13 @@ class MixpanelServer:
             return list(self._invalid)
 
     @property
+    def spec_violations(self) -> list[SpecViolation]:
+        """Every rule of the ingestion spec a request broke, in arrival order (requests the
+        server was told to fail included)."""
+        with self._lock:
+            return list(self._violations)
+
+    @property
     def requests(self) -> list[ReceivedRequest]:
         """Every request received, faulted ones included."""
         with self._lock:
@@ -295,6 +602,7 @@ class MixpanelServer:
             for store in self._stores.values():
                 store.clear()
             self._invalid.clear()
+            self._violations.clear()
             self._requests.clear()
 
     def wait_for(
@@ -303,8 +611,11 @@ class MixpanelServer:
         """Wait until at least ``count`` records of ``kind`` arrived; return them.
 
         ``kind`` is ``"events"``, ``"profile_updates"``, ``"group_updates"``, ``"imports"`` or
-        ``"all"``. Raises ``TimeoutError`` with what did arrive when the time runs out.
+        ``"all"``. Raises ``TimeoutError`` saying what did arrive (and what was refused) when
+        the time runs out.
         """
+        if kind not in _KINDS:
+            raise ValueError(f"kind must be one of {', '.join(_KINDS)}, got {kind!r}")
         deadline = time.monotonic() + timeout
 
         def current() -> list[Any]:
@@ -319,8 +630,13 @@ class MixpanelServer:
                     return records
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    refused = "; ".join(
+                        f"{path}: {reason}" for path, _record, reason in self._invalid[-3:]
+                    )
                     raise TimeoutError(
-                        f"{len(records)} of {count} {kind} arrived within {timeout} s"
+                        f"only {len(records)} of {count} {kind} arrived within {timeout} s "
+                        f"({len(self._requests)} requests received, {len(self._invalid)} "
+                        f"records refused{': ' + refused if refused else ''})"
                     )
                 self._lock.wait(remaining)
 
@@ -336,7 +652,9 @@ class MixpanelServer:
         endpoint: str | None = None,
     ) -> None:
         """Answer the next ``count`` requests (to ``endpoint``, e.g. ``"/track"``, or any) with
-        ``status``, optionally with a ``Retry-After`` header and a given body."""
+        ``status``, optionally with a ``Retry-After`` header and a given body (by default
+        ``{"code", "error", "status"}``, with Mixpanel's documented words for 401, 413, 429).
+        Nothing they carry is accepted."""
         if isinstance(body, Mapping):
             body = json.dumps(body)
         if isinstance(body, str):
@@ -351,7 +669,8 @@ class MixpanelServer:
         self._add_fault(_Fault("delay", count, endpoint, seconds=seconds))
 
     def drop_next(self, count: int = 1, *, endpoint: str | None = None) -> None:
-        """Close the connection of the next ``count`` requests without answering."""
+        """Close the connection of the next ``count`` requests without answering (nothing they
+        carry is accepted)."""
         self._add_fault(_Fault("drop", count, endpoint))
 
     def stall_next(
@@ -391,207 +710,44 @@ class MixpanelServer:
 
     # ------------------------------------------------------------------ request handling
 
-    def _record(self, request: ReceivedRequest) -> None:
+    def _judge(
+        self,
+        method: str,
+        target: str,
+        headers: dict[str, str],
+        raw: bytes,
+        problem: Refusal | None = None,
+    ) -> _Verdict:
+        """Check one request against the rules, with the server's settings of the moment."""
+        access = Access(self.service_account, self.api_secret, self.token)
+        return _judge(access, self.max_request_bytes, method, target, headers, raw, problem)
+
+    def _keep(self, verdict: _Verdict, *, store: bool) -> None:
+        """Record a request, its violations and (with ``store``) what it delivered."""
+        request = verdict.request
+        path = request.path.rstrip("/") or "/"
+        accepted = verdict.accepted if store else []
+        refused = verdict.refused if store else []
         with self._lock:
             self._requests.append(request)
-
-    def _accept(
-        self, path: str, records: Iterable[Any], invalid: Iterable[tuple[Any, str]]
-    ) -> None:
-        accepted = list(records)
-        with self._lock:
-            self._stores[_STORES[path]].extend(accepted)
-            self._invalid.extend((path, record, reason) for record, reason in invalid)
+            self._violations.extend(request.violations)
+            if accepted:
+                self._stores[_STORES[path]].extend(accepted)
+            self._invalid.extend((path, record, reason) for record, reason in refused)
             self._lock.notify_all()
+        if request.violations:
+            with _collectors_lock:
+                for collector in _collectors:
+                    collector.extend(request.violations)
+            if self.on_violation is not None:
+                for violation in request.violations:
+                    self.on_violation(violation)
+        if self.on_invalid is not None:
+            for record, reason in refused:
+                self.on_invalid(path, record, reason)
         if self.on_record is not None:
             for record in accepted:
                 self.on_record(_STORES[path], record)
-
-    def _check_import_auth(self, header: str | None, query: Mapping[str, str]) -> None:
-        unauthorized = _Reject(
-            401, {"code": 401, "error": "Invalid credentials", "status": "Unauthorized"}
-        )
-        if not header or not header.startswith("Basic "):
-            raise unauthorized
-        try:
-            user, _, secret = base64.b64decode(header[6:]).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
-            raise unauthorized from None
-        if self.service_account is None and self.api_secret is None:
-            return
-        if self.service_account is not None:
-            name, key, project = self.service_account
-            if user == name and hmac.compare_digest(secret, key):
-                if query.get("project_id") != project:
-                    raise _Reject(
-                        400,
-                        {
-                            "code": 400,
-                            "error": "project_id does not match the service account",
-                            "status": "Bad Request",
-                        },
-                    )
-                return
-        if (
-            self.api_secret is not None
-            and secret == ""
-            and hmac.compare_digest(user, self.api_secret)
-        ):
-            return
-        raise unauthorized
-
-    def _handle(
-        self, method: str, path: str, query: dict[str, str], headers: dict[str, str], raw: bytes
-    ) -> tuple[int, dict[str, str], bytes, ReceivedRequest]:
-        """Process one request; returns ``(status, headers, body, record of the request)``."""
-        request = ReceivedRequest(method, path, query, headers, raw, 200)
-        lower = {key.lower(): value for key, value in headers.items()}
-        try:
-            if path not in _STORES:
-                raise _Reject(404, {"error": f"unknown endpoint {path}", "status": 0})
-            body = raw
-            if lower.get("content-encoding", "").lower() == "gzip":
-                if path in ("/engage", "/groups"):
-                    raise _Reject(
-                        400, {"error": f"{path} does not support gzip encoding", "status": 0}
-                    )
-                try:
-                    body = gzip.decompress(raw)
-                except (OSError, EOFError, zlib.error):
-                    raise _Reject(400, {"error": "body is not valid gzip", "status": 0}) from None
-                request.gzipped = True
-            request.body = body
-            if len(body) > self.max_request_bytes:
-                raise _Reject(
-                    413,
-                    {
-                        "code": 413,
-                        "error": f"request exceeds max limit of {self.max_request_bytes} bytes",
-                        "status": "Request Entity Too Large",
-                    },
-                )
-            fields = dict(query)
-            records = self._parse(method, lower.get("content-type", ""), body, fields)
-            request.records = records
-            if len(records) > _MAX_RECORDS:
-                raise _Reject(
-                    400,
-                    {"error": f"a request may carry at most {_MAX_RECORDS} records", "status": 0},
-                )
-            if path == "/import":
-                self._check_import_auth(lower.get("authorization"), fields)
-                status, payload = self._ingest_import(records, fields)
-            else:
-                if lower.get("authorization"):
-                    raise _Reject(
-                        400, {"error": f"credentials must not be sent to {path}", "status": 0}
-                    )
-                status, payload = self._ingest(path, records, fields)
-        except _Reject as reject:
-            status, payload = reject.status, reject.payload
-            if path in _STORES and path != "/import" and "code" not in payload:
-                payload = {"error": payload.get("error"), "status": 0}
-        request.status = status
-        if path == "/track" and _param(query, "img") == "1" and status == 200:
-            return status, {"Content-Type": "image/gif"}, _PIXEL, request
-        if isinstance(payload, (int, str)):
-            return status, {"Content-Type": "text/plain"}, str(payload).encode(), request
-        return status, {"Content-Type": "application/json"}, json.dumps(payload).encode(), request
-
-    @staticmethod
-    def _parse(method: str, content_type: str, body: bytes, fields: dict[str, str]) -> list[Any]:
-        """Records from a JSON/NDJSON body or a ``data=`` form field (plain or base64 JSON)."""
-        text = ""
-        ctype = content_type.split(";")[0].strip().lower()
-        if method == "GET" or ctype == "application/x-www-form-urlencoded":
-            if method == "POST":
-                for key, values in parse_qs(
-                    body.decode("utf-8", "replace"), keep_blank_values=True
-                ).items():
-                    fields[key] = values[-1]
-            data = fields.get("data")
-            if data is None:
-                raise _Reject(400, {"error": "no 'data' field in the request", "status": 0})
-            text = data
-            try:
-                decoded: Any = json.loads(text)
-            except ValueError:
-                try:
-                    padded = text + "=" * (-len(text) % 4)
-                    decoded = json.loads(
-                        base64.b64decode(padded.replace("-", "+").replace("_", "/"))
-                    )
-                except (ValueError, binascii.Error):
-                    raise _Reject(
-                        400, {"error": "'data' is neither JSON nor base64 JSON", "status": 0}
-                    ) from None
-        elif ctype == "application/x-ndjson":
-            try:
-                decoded = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
-            except ValueError as exc:
-                raise _Reject(400, {"error": f"invalid NDJSON: {exc}", "status": 0}) from None
-        elif ctype in ("application/json", ""):
-            try:
-                decoded = json.loads(body)
-            except ValueError as exc:
-                raise _Reject(400, {"error": f"invalid JSON: {exc}", "status": 0}) from None
-        else:
-            raise _Reject(415, {"error": f"unsupported content type {content_type!r}", "status": 0})
-        return decoded if isinstance(decoded, list) else [decoded]
-
-    def _ingest(self, path: str, records: list[Any], fields: Mapping[str, str]) -> tuple[int, Any]:
-        now = time.time()
-        good, bad = [], []
-        for record in records:
-            if path == "/track":
-                problem = check_event(record, False, now)
-                reason = problem[1] if problem else None
-            else:
-                reason = check_update(record, group=path == "/groups")
-            if reason is None:
-                good.append(record)
-            else:
-                bad.append((record, reason))
-        self._accept(path, good, bad)
-        verbose = _param(fields, "verbose") == "1"
-        if not verbose:
-            return 200, 1 if good else 0
-        if good or not records:
-            return 200, {"status": 1, "error": None}
-        return 200, {"status": 0, "error": bad[0][1] if bad else "no records"}
-
-    def _ingest_import(self, records: list[Any], fields: Mapping[str, str]) -> tuple[int, Any]:
-        now = time.time()
-        strict = _param(fields, "strict", "1") == "1"
-        good, bad, failed = [], [], []
-        for index, record in enumerate(records):
-            problem = check_event(record, strict, now)
-            if problem is None:
-                good.append(record)
-                continue
-            bad.append((record, problem[1]))
-            props = record.get("properties") if isinstance(record, dict) else None
-            insert_id = props.get("$insert_id") if isinstance(props, dict) else None
-            failed.append(
-                {"index": index, "insert_id": insert_id, "field": problem[0], "message": problem[1]}
-            )
-        self._accept("/import", good, bad)
-        if not strict:
-            return 200, 1 if good else 0
-        if failed:
-            return 400, {
-                "code": 400,
-                "error": "some data points in the request failed validation",
-                "status": "Bad Request",
-                "num_records_imported": len(good),
-                "failed_records": failed,
-            }
-        return 200, {"code": 200, "num_records_imported": len(good), "status": "OK"}
-
-
-def _param(fields: Mapping[str, str], key: str, default: str | None = None) -> str | None:
-    """A request parameter (query string or form field)."""
-    return fields.get(key, default)
 
 
 class _RequestHandler(BaseHTTPRequestHandler):
@@ -612,50 +768,127 @@ class _RequestHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._serve("POST")
 
+    def do_PUT(self) -> None:
+        self._serve("PUT")
+
+    def do_PATCH(self) -> None:
+        self._serve("PATCH")
+
+    def do_DELETE(self) -> None:
+        self._serve("DELETE")
+
+    # ------------------------------------------------------------------ reading
+
+    def _read_body(self) -> tuple[bytes, Refusal | None]:
+        """The request body, or why it could not be read whole (the connection is then closed:
+        what is left of it cannot be told from the next request)."""
+        limit = self.owner.max_request_bytes + _GZIP_SLACK
+        try:
+            encoding = self.headers.get("Transfer-Encoding")
+            if encoding is not None:
+                if encoding.strip().lower() != "chunked":
+                    self.close_connection = True
+                    return b"", Refusal(
+                        501, "transfer-encoding", f"Transfer-Encoding {encoding!r} is not supported"
+                    )
+                return self._read_chunked(limit)
+            declared = self.headers.get_all("Content-Length") or []
+            if not declared:
+                return b"", None
+            if len(set(declared)) != 1 or not declared[0].strip().isdigit():
+                self.close_connection = True
+                return b"", Refusal(400, "content-length", f"invalid Content-Length {declared!r}")
+            length = int(declared[0])
+            if length > limit:
+                self.close_connection = True
+                self._drain(length)
+                return b"", too_large(self.owner.max_request_bytes, length)
+            raw = self.rfile.read(length)
+        except TimeoutError:
+            self.close_connection = True
+            return b"", Refusal(408, "content-length", "the request body did not arrive in time")
+        if len(raw) < length:
+            self.close_connection = True
+            return raw, Refusal(
+                400,
+                "content-length",
+                f"the body is shorter ({len(raw)} bytes) than its Content-Length ({length})",
+            )
+        return raw, None
+
+    def _read_chunked(self, limit: int) -> tuple[bytes, Refusal | None]:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            line = self.rfile.readline(1024)
+            try:
+                chunk_size = int(line.split(b";")[0].strip(), 16)
+            except ValueError:
+                self.close_connection = True
+                return b"", Refusal(400, "transfer-encoding", "malformed chunked body")
+            if chunk_size == 0:
+                while self.rfile.readline(1024).strip():  # trailers
+                    pass
+                return b"".join(chunks), None
+            size += chunk_size
+            if size > limit:
+                self.close_connection = True
+                return b"", too_large(self.owner.max_request_bytes, size)
+            chunk = self.rfile.read(chunk_size)
+            self.rfile.readline(3)
+            if len(chunk) < chunk_size:
+                self.close_connection = True
+                return b"", Refusal(400, "transfer-encoding", "the chunked body ended early")
+            chunks.append(chunk)
+
+    def _drain(self, length: int) -> None:
+        """Read and drop up to :data:`_DRAIN_LIMIT` bytes of an oversized body, so that the
+        client gets to read the answer instead of a reset connection."""
+        left = min(length, _DRAIN_LIMIT)
+        while left > 0:
+            chunk = self.rfile.read(min(left, 1 << 16))
+            if not chunk:
+                return
+            left -= len(chunk)
+
+    # ------------------------------------------------------------------ answering
+
     def _serve(self, method: str) -> None:
         owner = self.owner
-        parts = urlsplit(self.path)
-        path = parts.path.rstrip("/") or "/"
-        query = {
-            key: values[-1] for key, values in parse_qs(parts.query, keep_blank_values=True).items()
-        }
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
+        raw, problem = self._read_body()
         headers = {key: value for key, value in self.headers.items()}
-        fault = owner._take_fault(path)
+        verdict = owner._judge(method, self.path, headers, raw, problem)
+        request = verdict.request
+        fault = owner._take_fault(request.path.rstrip("/") or "/")
         if owner.latency:
             time.sleep(owner.latency)
         if fault is not None and fault.action == "delay":
             time.sleep(fault.seconds)
             fault = None
-        if fault is not None and fault.action in ("stall", "drip"):
-            owner._record(ReceivedRequest(method, path, query, headers, raw, 0))
-            self._misbehave(fault)
-            return
-        if fault is not None and fault.action == "drop":
-            owner._record(ReceivedRequest(method, path, query, headers, raw, 0))
-            self.close_connection = True
-            try:
-                self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        if fault is not None and fault.action in ("stall", "drip", "drop"):
+            request.status = 0
+            owner._keep(verdict, store=False)
+            if fault.action == "drop":
+                self.close_connection = True
+                try:
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            else:
+                self._misbehave(fault)
             return
         if fault is not None and fault.action == "status":
-            body = fault.body
-            if body is None:
-                body = json.dumps(
-                    {"code": fault.status, "error": f"injected failure {fault.status}", "status": 0}
-                ).encode()
-            owner._record(ReceivedRequest(method, path, query, headers, raw, fault.status))
+            body = fault.body if fault.body is not None else _injected_body(fault.status)
+            request.status = fault.status
+            owner._keep(verdict, store=False)
             extra = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
             self._respond(fault.status, {"Content-Type": "application/json", **extra}, body)
             return
-        status, response_headers, body, request = owner._handle(method, path, query, headers, raw)
-        owner._record(request)
+        owner._keep(verdict, store=True)
         if fault is not None and fault.action == "huge":
             self._respond_huge(fault.size)
             return
-        self._respond(status, response_headers, body)
+        self._respond(verdict.status, verdict.headers, verdict.body)
 
     def _misbehave(self, fault: _Fault) -> None:
         """Stall without answering, or drip an answer one byte at a time."""
@@ -702,9 +935,14 @@ class _RequestHandler(BaseHTTPRequestHandler):
                 self.owner.huge_bytes_written.append(written)
 
     def _respond(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
-        self.send_response(status)
-        for key, value in headers.items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.send_response(status)
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.send_header("Content-Length", str(len(body)))
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError:  # the client went away
+            self.close_connection = True

@@ -1,4 +1,5 @@
-"""Shared fixtures: a safety net against real Mixpanel hosts, a child-process runner, and the
+"""Shared fixtures: a safety net against real Mixpanel hosts, a check that every request the
+library sent in a test conformed to the ingestion spec, a child-process runner, and the
 handlers, loggers, library-log capture and consumers that several test modules build.
 
 Importable helpers (plain functions and classes) are in ``support.py``.
@@ -18,7 +19,16 @@ from support import ROOT, RecordCollector, attached, child_env, closed_port_url
 
 from mp_logbridge import MixpanelHandler
 from mp_logbridge.consumers import BackgroundConsumer
-from mp_logbridge.testing import MixpanelServer
+from mp_logbridge.testing import MixpanelServer, SpecViolation, collect_spec_violations
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "allow_spec_violations(*rules): the test sends requests that break the ingestion spec "
+        "on purpose (only violations of the given rules, e.g. 'record.properties.token' or "
+        "'auth', when rules are given; any otherwise)",
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -35,6 +45,32 @@ def _no_real_mixpanel(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MIXPANEL_API_HOST", closed_port_url())
     yield
+
+
+@pytest.fixture(autouse=True)
+def _spec_conformance(request: pytest.FixtureRequest) -> Iterator[list[SpecViolation]]:
+    """Fail the test if a request any ``MixpanelServer`` of this process received during it
+    broke the ingestion spec, unless the test is marked ``allow_spec_violations``.
+
+    Requests sent to receivers in child processes are not seen here.
+    """
+    with collect_spec_violations() as found:
+        yield found
+    marker = request.node.get_closest_marker("allow_spec_violations")  # applymarker() included
+    if marker is None:
+        unexpected = list(found)
+    elif marker.args:
+        unexpected = [v for v in found if not v.rule.startswith(tuple(marker.args))]
+    else:
+        unexpected = []
+    if unexpected:
+        listed = "\n  ".join(str(violation) for violation in unexpected[:10])
+        more = f"\n  ... and {len(unexpected) - 10} more" if len(unexpected) > 10 else ""
+        pytest.fail(
+            f"{len(unexpected)} request(s) broke the ingestion spec:\n  {listed}{more}\n"
+            "(mark the test allow_spec_violations if it sends them on purpose)",
+            pytrace=False,
+        )
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ SDK do, with the official client as a caller where it applies."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import time
@@ -107,15 +108,18 @@ def test_merge_goes_alone_in_the_shape_the_server_accepts(server) -> None:
 
 
 def test_naive_datetimes_are_local_time_sent_as_utc(server, run_python) -> None:
-    """Under TZ=Asia/Kolkata (UTC+5:30) a naive 12:00 is 06:30 UTC, as the Ruby SDK sends it;
-    an aware value is converted the same way, and an event ``time`` means the same instant."""
+    """Under TZ=Asia/Kolkata (UTC+5:30) a naive local time is sent as UTC text, as the Ruby SDK
+    sends it; an aware value is converted the same way, and an event ``time`` means the same
+    instant."""
+    instant = int(time.time()) - 3600
     result = run_python(
         f"""
         import datetime as dt, time
         from mp_logbridge import Consumer, Tracker
+        assert time.strftime("%z") == "+0530"
         tracker = Tracker({TOKEN!r}, Consumer(api_host={server.url!r}))
-        naive = dt.datetime(2026, 3, 1, 12, 0, 0)
-        aware = dt.datetime(2026, 3, 1, 12, 0, 0, tzinfo=dt.timezone(dt.timedelta(hours=5, minutes=30)))
+        naive = dt.datetime.fromtimestamp({instant})  # local wall-clock time, no zone
+        aware = naive.astimezone()  # the same instant, with +05:30
         tracker.people.set("u", {{"Sign-Up Date": naive, "Aware": aware}})
         tracker.track("u", "Dated", {{"when": naive, "time": naive}})
         """,
@@ -123,17 +127,13 @@ def test_naive_datetimes_are_local_time_sent_as_utc(server, run_python) -> None:
         timeout=30,
     )
     assert result.returncode == 0, result
+    utc = datetime.datetime.fromtimestamp(instant, datetime.timezone.utc)
+    text = utc.strftime("%Y-%m-%dT%H:%M:%S")
     [update] = server.profile_updates
-    assert update["$set"] == {"Sign-Up Date": "2026-03-01T06:30:00", "Aware": "2026-03-01T06:30:00"}
+    assert update["$set"] == {"Sign-Up Date": text, "Aware": text}
     [event] = server.events
-    assert event["properties"]["when"] == "2026-03-01T06:30:00"
-    expected_ms = int(
-        __import__("datetime")
-        .datetime(2026, 3, 1, 6, 30, tzinfo=__import__("datetime").timezone.utc)
-        .timestamp()
-        * 1000
-    )
-    assert event["properties"]["time"] == expected_ms
+    assert event["properties"]["when"] == text
+    assert event["properties"]["time"] == instant * 1000
 
 
 # --------------------------------------------------------------------------- tokens and configuration

@@ -11,6 +11,7 @@ import logging
 import pickle
 import sys
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -284,12 +285,13 @@ def test_records_sharing_time_and_line_get_distinct_insert_ids(
     content: they are still separate occurrences, which Mixpanel must not merge."""
     handler = make_handler()
     log = make_logger(handler, name="tests.invariants.coarse_clock")
+    frozen = float(int(time.time()))
 
     def record(message: str, *args: Any, **properties: Any) -> logging.LogRecord:
         made = log.makeRecord(
             log.name, logging.INFO, __file__, 20, message, args, None, extra=tag.track(**properties)
         )
-        made.created = 1_700_000_000.0
+        made.created = frozen  # one clock tick, recent (/track takes the last 5 days only)
         return made
 
     for made in (

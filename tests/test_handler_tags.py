@@ -30,7 +30,6 @@ from mp_logbridge.testing import MixpanelServer
 TOKEN = "tags-test-token"
 SIGN_UP_DATE = dt.datetime(2024, 5, 17, 9, 30, 0)
 JAN_2_2013 = dt.datetime(2013, 1, 2)
-CREATED = 1_700_000_000.25  # a fixed LogRecord.created (2023-11-14T22:13:20.25Z)
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -434,16 +433,18 @@ def test_time_is_the_record_creation_time_and_charges_get_it_as_their_time(
         + tag.charge(6, {"$time": "2020-01-01T00:00:00"}, distinct_id="u1")
         + tag.groups.set("Company", "Acme", {"a": 1}),
     )
-    record.created = CREATED
+    created = int(time.time()) - 3600 + 0.25  # /track takes events of the last 5 days only
+    record.created = created
     log.handle(record)
     assert handler.flush(10)
 
-    expected_ms = 1_700_000_000_250
+    expected_ms = int(created * 1000)
     (event,) = mixpanel_server.wait_for(1, "events")
     assert event["properties"]["time"] == expected_ms
     stamped, given = mixpanel_server.wait_for(2, "profile_updates")
     assert stamped["$time"] == given["$time"] == expected_ms
-    assert stamped["$append"]["$transactions"]["$time"] == "2023-11-14T22:13:20"
+    as_text = dt.datetime.fromtimestamp(int(created), dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    assert stamped["$append"]["$transactions"]["$time"] == as_text
     assert given["$append"]["$transactions"]["$time"] == "2020-01-01T00:00:00"
     (group,) = mixpanel_server.wait_for(1, "group_updates")
     assert group["$time"] == expected_ms

@@ -486,13 +486,24 @@ json_scalars = (
     | st.floats(allow_nan=False, allow_infinity=False)
     | json_text
 )
+
+
+def object_depth(value: Any) -> int:
+    """How deep objects nest in a value (lists do not count)."""
+    if isinstance(value, dict):
+        return 1 + max((object_depth(inner) for inner in value.values()), default=0)
+    if isinstance(value, list):
+        return max((object_depth(inner) for inner in value), default=0)
+    return 0
+
+
 json_values = st.recursive(
     json_scalars,
     lambda children: (
         st.lists(children, max_size=4) | st.dictionaries(json_text, children, max_size=4)
     ),
     max_leaves=12,
-)
+).filter(lambda value: object_depth(value) <= 3)  # Mixpanel refuses deeper objects
 property_dicts = st.dictionaries(
     json_text.filter(lambda key: key not in RESERVED), json_values, max_size=12
 )

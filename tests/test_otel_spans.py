@@ -158,7 +158,7 @@ def test_processor_beside_an_in_memory_exporter(
 def test_old_and_new_http_conventions_give_the_same_properties(
     pipelines: Callable[..., Pipeline], mixpanel_server: MixpanelServer
 ) -> None:
-    pipe = pipelines(default_distinct_id="anon")
+    pipe = pipelines(default_distinct_id="visitor")
     with pipe.span("old", SpanKind.SERVER, **OLD_HTTP):
         pass
     with pipe.span("new", SpanKind.SERVER, **NEW_HTTP):
@@ -177,7 +177,7 @@ def test_old_and_new_http_conventions_give_the_same_properties(
 def test_default_rules_choose_http_server_spans_and_mixpanel_event_spans(
     pipelines: Callable[..., Pipeline], mixpanel_server: MixpanelServer
 ) -> None:
-    pipe = pipelines(default_distinct_id="anon")
+    pipe = pipelines(default_distinct_id="visitor")
     with pipe.span("GET", SpanKind.CLIENT, **{"http.request.method": "GET"}):
         pass  # an outgoing request is not a page view
     with pipe.span("grpc", SpanKind.SERVER, **{"rpc.system": "grpc"}):
@@ -197,7 +197,7 @@ def test_default_rules_choose_http_server_spans_and_mixpanel_event_spans(
 def test_error_spans_carry_the_exception(
     pipelines: Callable[..., Pipeline], mixpanel_server: MixpanelServer
 ) -> None:
-    pipe = pipelines(default_distinct_id="anon")
+    pipe = pipelines(default_distinct_id="visitor")
     with (
         pytest.raises(KeyError),
         pipe.span("GET /boom", SpanKind.SERVER, **{"http.request.method": "GET"}),
