@@ -26,8 +26,8 @@ from opentelemetry import baggage as _baggage
 from opentelemetry import trace as _trace
 from opentelemetry.context import get_current as _otel_get_current
 
-from ._errors import InvalidMessageError
-from ._values import describe, snapshot_mapping
+from ._messages import check_distinct_id
+from ._values import snapshot_mapping
 
 __all__ = [
     "BoundContext",
@@ -99,12 +99,8 @@ def bind(
             property that cannot be sent.
     """
     outer = _bound.get()
-    if distinct_id is not None and (
-        isinstance(distinct_id, bool) or not isinstance(distinct_id, (str, int))
-    ):
-        raise InvalidMessageError(
-            "distinct_id", f"must be a string or an integer, got {describe(distinct_id)}"
-        )
+    if distinct_id is not None:
+        check_distinct_id(distinct_id, "distinct_id")
     merged: Mapping[str, Any]
     if properties:
         copied = snapshot_mapping(properties, "properties")[0]  # as they are now, checked

@@ -32,7 +32,7 @@ from ._consumers import as_consumer
 from ._context import BoundContext, otel_context
 from ._diagnostics import DeliveryStats, warn
 from ._errors import ConfigurationError, InvalidMessageError, MixpanelError
-from ._messages import clean_token
+from ._messages import check_distinct_id, clean_token
 from ._retry import RetryPolicy
 from ._tags import (
     RECORD_OVERHEAD,
@@ -313,6 +313,11 @@ class Bridge:
     ) -> None:
         if super_properties is not None and not isinstance(super_properties, Mapping):
             raise ConfigurationError(f"{owner}: super_properties must be a mapping")
+        if default_distinct_id is not None:
+            try:
+                check_distinct_id(default_distinct_id, "default_distinct_id")
+            except InvalidMessageError as error:
+                raise ConfigurationError(f"{owner}: {error}") from None
         token = token if token is not None else os.environ.get("MIXPANEL_TOKEN")
         self.enabled = isinstance(token, str) and bool(token.strip())
         if self.enabled:

@@ -51,6 +51,7 @@ from ._import_state import (
     scan_entries,
     segment_of,
 )
+from ._messages import as_seconds
 from ._records import MAX_BATCH_RECORDS, MAX_REQUEST_BYTES, encode_message
 from ._retry import RetryPolicy, next_attempt
 from ._rules import check_record
@@ -153,7 +154,7 @@ def _line_time(line: Mapping[str, Any]) -> float | None:
     for key in _TIME_KEYS:
         value = line.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value) / 1000 if value > 100_000_000_000 else float(value)
+            return as_seconds(value)
         if isinstance(value, str):
             text = value.strip().replace("Z", "+00:00").replace(",", ".")
             try:

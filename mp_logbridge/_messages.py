@@ -31,18 +31,23 @@ from ._values import describe, snapshot_mapping
 from ._version import __version__
 
 __all__ = [
+    "BLOCKED_DISTINCT_IDS",
     "GROUP_OPS",
     "KINDS",
     "LIB_NAME",
     "MAX_PROPERTIES",
     "MAX_RECORD_BYTES",
     "PROFILE_OPS",
+    "SECONDS_LIMIT",
     "MessageSource",
     "alias_event",
+    "as_seconds",
     "charge_transaction",
     "check_distinct_id",
+    "check_id",
     "check_ip",
     "check_name",
+    "check_track_time",
     "checked_event",
     "checked_mapping",
     "clean_token",
@@ -73,7 +78,11 @@ GROUP_OPS = ("$set", "$set_once", "$union", "$remove", "$unset", "$delete")
 
 _PROFILE_OP_SET = frozenset(PROFILE_OPS)
 _INSERT_ID = re.compile(r"[A-Za-z0-9-]{1,36}")
-_SECONDS_LIMIT = 100_000_000_000  # below this a timestamp is in seconds (year 5138)
+#: Below this a timestamp is in seconds, at or above it in milliseconds (the year 5138).
+SECONDS_LIMIT = 100_000_000_000
+#: ``/track`` keeps events of the last 5 days, and none more than an hour in the future.
+TRACK_WINDOW = 5 * 86_400
+FUTURE_SLACK = 3_600
 
 
 class MessageSource(Protocol):
@@ -145,7 +154,26 @@ def event_time_ms(value: Any, field: str = "properties.time") -> int:
     number = float(value) if _is_finite(value) else math.nan
     if not math.isfinite(number) or number < 0:
         raise InvalidMessageError(field, f"{describe(value)} is not a valid time")
-    return int(number * 1000) if number < _SECONDS_LIMIT else int(number)
+    return int(number * 1000) if number < SECONDS_LIMIT else int(number)
+
+
+def as_seconds(value: float) -> float:
+    """An event time in seconds, whether it was given in seconds or in milliseconds."""
+    return value / 1000 if value >= SECONDS_LIMIT else float(value)
+
+
+def check_track_time(time_value: int, field: str = "properties.time") -> None:
+    """Refuse an event time ``/track`` would drop without a word: more than 5 days old (send it
+    with ``import_event``) or more than an hour in the future."""
+    age = _time.time() - as_seconds(time_value)
+    if age > TRACK_WINDOW:
+        raise InvalidMessageError(
+            field,
+            "is more than 5 days old: /track drops such events without a word; send it to "
+            "/import (Tracker.import_event)",
+        )
+    if age < -FUTURE_SLACK:
+        raise InvalidMessageError(field, "is more than an hour in the future")
 
 
 # --------------------------------------------------------------------------- checks
@@ -179,13 +207,61 @@ def check_token(token: Any) -> str:
     return token
 
 
-def check_distinct_id(value: Any, field: str) -> Any:
+#: ``distinct_id`` values Mixpanel refuses as placeholders (compared case-insensitively).
+BLOCKED_DISTINCT_IDS = frozenset(
+    {
+        "00000000-0000-0000-0000-000000000000",
+        "anon",
+        "anonymous",
+        "nil",
+        "none",
+        "null",
+        "n/a",
+        "na",
+        "undefined",
+        "unknown",
+        "<nil>",
+        "0",
+        "-1",
+        "true",
+        "false",
+        "[]",
+        "{}",
+    }
+)
+
+
+def check_id(value: Any, field: str) -> Any:
+    """``value`` when it can be an id (a group's): a non-empty string or an integer."""
     if type(value) is str and value:
         return value
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise InvalidMessageError(field, f"must be a string or an integer, got {describe(value)}")
-    if isinstance(value, str) and not value:
+    if isinstance(value, str):
         raise InvalidMessageError(field, "must not be empty")
+    return value
+
+
+def check_distinct_id(value: Any, field: str, *, allow_empty: bool = False) -> Any:
+    """``value`` when it can be a user's id: a string or an integer, not one of the placeholders
+    Mixpanel refuses (``"anon"``, ``"null"``, ``0``, ``-1``, ...), not empty (an event may say
+    ``allow_empty``: Mixpanel keeps it out of behavioural analysis)."""
+    if type(value) is str and value:
+        if len(value) <= 36 and value.strip().lower() in BLOCKED_DISTINCT_IDS:
+            raise InvalidMessageError(
+                field, f"{value!r} is a placeholder Mixpanel refuses as a user's id"
+            )
+        return value
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise InvalidMessageError(field, f"must be a string or an integer, got {describe(value)}")
+    if isinstance(value, str):
+        if not value and not allow_empty:
+            raise InvalidMessageError(field, "must not be empty")
+        return value
+    if value in (0, -1):
+        raise InvalidMessageError(
+            field, f"{value} is a placeholder Mixpanel refuses as a user's id"
+        )
     return value
 
 
@@ -288,8 +364,10 @@ def event(
     ip: str | int | None = None,
     time_ms: int | None = None,
     insert_id: str | None = None,
+    for_track: bool = False,
 ) -> dict[str, Any]:
-    """Build an event record (for ``/track``, or ``/import`` with a historical ``time``).
+    """Build an event record (for ``/track``, or ``/import`` with a historical ``time``;
+    ``for_track`` refuses a ``time`` that ``/track`` would drop).
 
     ``properties`` may override every default, ``time`` (a datetime or seconds/milliseconds)
     and ``$insert_id`` included. ``ip`` becomes the ``ip`` property (``0`` means "do not
@@ -309,6 +387,8 @@ def event(
         props.update(given)
         if "time" in given:
             props["time"] = event_time_ms(given["time"])
+            if for_track:
+                check_track_time(props["time"])
         if "$insert_id" in given:
             check_insert_id(given["$insert_id"])
     if not props["$insert_id"]:
@@ -317,7 +397,7 @@ def event(
         else:
             check_insert_id(insert_id, "$insert_id")
             props["$insert_id"] = insert_id
-    check_distinct_id(props["distinct_id"], "distinct_id")
+    check_distinct_id(props["distinct_id"], "distinct_id", allow_empty=True)
     if ip is not None:
         props["ip"] = check_ip(ip, "ip")
     check_count(props, "properties")
@@ -337,8 +417,8 @@ def checked_event(
     ``token`` and ``insert_id`` are the library's own (checked when made)."""
     if type(name) is not str or not name:
         check_name(name, "event")
-    if type(distinct_id) is not str or not distinct_id:
-        check_distinct_id(distinct_id, "distinct_id")
+    if type(distinct_id) is not str or not distinct_id or len(distinct_id) <= 36:
+        check_distinct_id(distinct_id, "distinct_id", allow_empty=True)
     props: dict[str, Any] = {
         "token": token,
         "distinct_id": distinct_id,
@@ -351,6 +431,7 @@ def checked_event(
         props.update(properties)
         if "time" in properties:
             props["time"] = event_time_ms(properties["time"])
+            check_track_time(props["time"])
         if "$insert_id" in properties:
             check_insert_id(properties["$insert_id"])
         if "distinct_id" in properties:
@@ -396,7 +477,7 @@ def group_update(
         "$token": check_token(token),
         "$time": now_ms() if time_ms is None else time_ms,
         "$group_key": check_name(group_key, "group_key"),
-        "$group_id": check_distinct_id(group_id, "group_id"),
+        "$group_id": check_id(group_id, "group_id"),
         op: operation_value(op, value, "group_update"),
     }
     return _apply_params(record, ip, optional_params)

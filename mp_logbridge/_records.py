@@ -155,7 +155,7 @@ def encode_message(message: Any) -> bytes:
     if type(message) is EncodedRecord:
         return message
     if isinstance(message, dict):
-        record = snapshot_mapping(message, "message")[0]
+        record = snapshot_mapping(message, "message", nest=None)[0]
     else:
         record = message.build()
         if not isinstance(record, dict):
@@ -163,7 +163,7 @@ def encode_message(message: Any) -> bytes:
                 "message", f"build() must return a record dict, got {type(record).__name__}"
             )
         if not getattr(message, "checked", False):  # the library's own are built from snapshots
-            record = snapshot_mapping(record, "message")[0]
+            record = snapshot_mapping(record, "message", nest=None)[0]
     return encode_record(record)
 
 

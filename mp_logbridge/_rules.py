@@ -27,6 +27,8 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import parse_qsl
 
+from ._messages import BLOCKED_DISTINCT_IDS, as_seconds
+
 __all__ = [
     "ENDPOINTS",
     "MAX_RECORDS_PER_REQUEST",
@@ -63,27 +65,7 @@ _TRACK_WINDOW = 5 * 86_400  # /track takes the last 5 days only
 _FUTURE_SLACK = 3_600  # no event more than 1 hour in the future
 _INSERT_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
 #: ``distinct_id`` values Mixpanel refuses (compared case-insensitively).
-_BLOCKED_IDS = frozenset(
-    {
-        "00000000-0000-0000-0000-000000000000",
-        "anon",
-        "anonymous",
-        "nil",
-        "none",
-        "null",
-        "n/a",
-        "na",
-        "undefined",
-        "unknown",
-        "<nil>",
-        "0",
-        "-1",
-        "true",
-        "false",
-        "[]",
-        "{}",
-    }
-)
+_BLOCKED_IDS = BLOCKED_DISTINCT_IDS
 _PROFILE_OPS = ("$set", "$set_once", "$add", "$append", "$union", "$remove", "$unset", "$delete")
 # spec: the group batch text also names $add, but no group operation, no official SDK and no
 # group page offers it; the operations with a page of their own are these.
@@ -570,7 +552,7 @@ def _time_problem(value: Any, now: float, endpoint: str) -> str | None:
     # Python SDK sends float seconds.
     if not _is_number(value):
         return "must be a number of seconds or milliseconds since epoch"
-    seconds = value / 1000 if value > 100_000_000_000 else value
+    seconds = as_seconds(value)
     if seconds < _EARLIEST:
         return "must be after 1971-01-01"
     # spec: "set in the future, it will be overwritten with the current time"; the import

@@ -133,7 +133,7 @@ def _update_tag(
 
 def _size_of(record: Mapping[str, Any]) -> int:
     """About how many bytes a checked record encodes to (its values were checked already)."""
-    return snapshot_mapping(record, "tag")[1]
+    return snapshot_mapping(record, "tag", nest=None)[1]
 
 
 class _PeopleTags:
@@ -299,7 +299,7 @@ class _GroupTags:
     ) -> TagExtra:
         record = {
             "$group_key": msg.check_name(group_key, "group_key"),
-            "$group_id": msg.check_distinct_id(group_id, "group_id"),
+            "$group_id": msg.check_id(group_id, "group_id"),
         }
         return self._tags.message(
             _update_tag(record, GROUPS[name], "groups", args, ip, optional_params)
@@ -478,16 +478,31 @@ def _split_item(item: Any, field: str) -> list[Part]:
         raise InvalidMessageError(
             field, f"must be a mapping, a list of mappings, a string or True, got {describe(item)}"
         )
-    copy, size = snapshot_mapping(item, field)
+    copy, size = snapshot_mapping(item, field, nest=None)
     kind = msg.infer_kind(copy)
     if kind == "event":
+        _check_property_limits(copy, field)
         return [("event", copy, None, size)]
     # Group items are split on every profile operation too, so that an operation groups do
     # not have (``$add``) is reported by name when the record is built.
     ops = [key for key in copy if key in _PROFILE_OPS]
     if not ops:
         return [(kind, copy, None, size)]
+    for op in ops:
+        if _is_mapping(copy[op]):
+            snapshot_mapping(copy[op], f"{field}.{op}")  # Mixpanel's limits on the values
     return [(kind, copy, op, size) for op in ops]
+
+
+def _check_property_limits(item: Mapping[str, Any], field: str) -> None:
+    """Mixpanel's limits on the values of a hand-written event tag (its ``properties`` and its
+    other keys), which were copied as a whole record."""
+    own = item.get("properties")
+    if isinstance(own, Mapping):
+        snapshot_mapping(own, f"{field}.properties")
+    others = {key: value for key, value in item.items() if key not in _EVENT_KEYS}
+    if others:
+        snapshot_mapping(others, field)
 
 
 def names_event(item: Any) -> bool:

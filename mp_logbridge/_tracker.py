@@ -210,7 +210,12 @@ class Tracker:
         ``ip`` is the user's IP address for geolocation, or ``0`` to skip geolocation.
         """
         record = msg.event(
-            self.token, distinct_id, event, self._event_properties(properties), ip=ip
+            self.token,
+            distinct_id,
+            event,
+            self._event_properties(properties),
+            ip=ip,
+            for_track=True,
         )
         return self._send("event", record)
 

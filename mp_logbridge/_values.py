@@ -36,6 +36,9 @@ from typing import Any
 from ._errors import InvalidMessageError
 
 __all__ = [
+    "MAX_LIST_ITEMS",
+    "MAX_NESTED_KEYS",
+    "MAX_NESTING",
     "describe",
     "encode",
     "find_invalid",
@@ -102,19 +105,40 @@ _IMMUTABLE = frozenset(
 _SEQUENCES = (list, tuple, set, frozenset)
 
 
+#: Mixpanel's limits on a property value: objects nest at most 3 deep, a nested object has fewer
+#: than 255 keys, a list fewer than 255 items (a record has fewer than 255 properties).
+MAX_NESTING = 3
+MAX_NESTED_KEYS = 255
+MAX_LIST_ITEMS = 255
+
+
 def snapshot_mapping(
-    mapping: Mapping[Any, Any], field: str, depth: int = 0
+    mapping: Mapping[Any, Any], field: str, depth: int = 0, nest: int | None = 0
 ) -> tuple[dict[str, Any], int]:
     """A private copy of a property mapping as it is now, and about how many bytes it encodes to.
 
-    Containers are copied (at any depth), immutable values are shared. Checks the structural
-    rules: string keys, finite floats, nesting depth.
+    Containers are copied (at any depth), immutable values are shared. Checks the rules: string
+    keys, finite floats, types that can be sent, and Mixpanel's limits on the values (objects
+    nested at most 3 deep, fewer than 255 keys in a nested object and 255 items in a list).
+    ``nest`` is how deep this mapping sits inside a property value (0: it holds properties);
+    ``None`` walks a whole record, where the limits are not counted.
 
     Raises:
         InvalidMessageError: naming the offending ``field.key``.
     """
     if depth > _MAX_DEPTH:
         raise InvalidMessageError(field, f"nested deeper than {_MAX_DEPTH} levels (or cyclic)")
+    if nest:
+        if nest > MAX_NESTING:
+            raise InvalidMessageError(
+                field, f"nests objects more than {MAX_NESTING} deep (Mixpanel's limit)"
+            )
+        if len(mapping) >= MAX_NESTED_KEYS:
+            raise InvalidMessageError(
+                field,
+                f"is an object of {len(mapping)} keys; Mixpanel keeps fewer than {MAX_NESTED_KEYS}",
+            )
+    inner = None if nest is None else nest + 1
     copy: dict[str, Any] = {}
     size = 2
     for key, value in mapping.items():
@@ -134,13 +158,13 @@ def snapshot_mapping(
                 raise InvalidMessageError(f"{field}.{key}", f"{value!r} is not a valid JSON number")
             size += len(key) + 24
         else:
-            value, extra = _snapshot_value(value, f"{field}.{key}", depth + 1)
+            value, extra = _snapshot_value(value, f"{field}.{key}", depth + 1, inner)
             size += len(key) + 4 + extra
         copy[key] = value
     return copy, size
 
 
-def _snapshot_value(value: Any, field: str, depth: int) -> tuple[Any, int]:
+def _snapshot_value(value: Any, field: str, depth: int, nest: int | None) -> tuple[Any, int]:
     kind = type(value)
     if kind is str:
         return value, len(value) + 2
@@ -151,21 +175,27 @@ def _snapshot_value(value: Any, field: str, depth: int) -> tuple[Any, int]:
             raise InvalidMessageError(field, f"{value!r} is not a valid JSON number")
         return value, 24
     if isinstance(value, Mapping):
-        return snapshot_mapping(value, field, depth)
+        return snapshot_mapping(value, field, depth, nest)
     if isinstance(value, _SEQUENCES):
         if depth > _MAX_DEPTH:
             raise InvalidMessageError(field, f"nested deeper than {_MAX_DEPTH} levels (or cyclic)")
+        if nest is not None and len(value) >= MAX_LIST_ITEMS:
+            raise InvalidMessageError(
+                field,
+                f"is a list of {len(value)} items; Mixpanel keeps fewer than {MAX_LIST_ITEMS}",
+            )
         items = []
         size = 2
         for index, item in enumerate(value):
-            item, extra = _snapshot_value(item, f"{field}[{index}]", depth + 1)
+            # Items of a list sit at the list's own level (a list does not nest objects deeper).
+            item, extra = _snapshot_value(item, f"{field}[{index}]", depth + 1, nest)
             items.append(item)
             size += extra + 1
         return items, size
     if isinstance(value, enum.Enum):
-        return _snapshot_value(value.value, field, depth)
+        return _snapshot_value(value.value, field, depth, nest)
     if isinstance(value, (str, int, float)):  # subclasses of the plain types
-        return _snapshot_value(_plain_of(value), field, depth)
+        return _snapshot_value(_plain_of(value), field, depth, nest)
     if isinstance(value, (_dt.date, decimal.Decimal, uuid.UUID)):
         return value, 24
     raise InvalidMessageError(field, f"values of type {kind.__name__} cannot be sent")
@@ -179,12 +209,12 @@ def _plain_of(value: Any) -> Any:
 
 
 def snapshot(value: Any, field: str) -> tuple[Any, int]:
-    """A private copy of any property value (mapping, sequence, scalar) and its approximate size.
+    """A private copy of one property value (mapping, sequence, scalar) and its approximate size.
 
     Raises:
         InvalidMessageError: naming ``field`` (or the part of it) that breaks a rule.
     """
-    return _snapshot_value(value, field, 0)
+    return _snapshot_value(value, field, 0, 1)
 
 
 def find_invalid(value: Any, field: str, depth: int = 0) -> InvalidMessageError | None:

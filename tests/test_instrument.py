@@ -29,7 +29,15 @@ from opentelemetry import baggage, trace
 from opentelemetry import context as otel_context
 from support import RecordCollector, attached
 
-from mp_logbridge import ConfigurationError, Consumer, MixpanelHandler, Tracker, bound, instrument
+from mp_logbridge import (
+    ConfigurationError,
+    Consumer,
+    InvalidMessageError,
+    MixpanelHandler,
+    Tracker,
+    bound,
+    instrument,
+)
 from mp_logbridge.consumers import CallableSink
 from mp_logbridge.instrumentation import (
     instrument_function,
@@ -1533,16 +1541,18 @@ def test_bad_targets_give_clear_errors(targets: Targets, tmp_path: Path) -> None
 def test_the_tracker_route_resolves_the_user_as_the_handler_does(
     tracker: Tracker, server: MixpanelServer
 ) -> None:
-    """A bound user ``0`` is a user (only ``None`` and ``""`` are not). Mixpanel refuses the
-    id ``0``, so the event reaches the server and is refused there, as it would be."""
+    """A bound user is the event's user on the Tracker route too; an integer id is kept as an
+    integer. (Placeholders such as ``0`` are refused already when bound.)"""
 
-    @instrument("Zero User", tracker=tracker)
+    @instrument("Numbered User", tracker=tracker)
     def work() -> None:
         return None
 
-    with bound(distinct_id=0):
+    with bound(distinct_id=42):
         work()
+    with pytest.raises(InvalidMessageError, match="placeholder"), bound(distinct_id=0):
+        pass
     tracker.flush()
     sent = [e for r in server.requests if r.path == "/track" for e in r.records]
-    [event] = [e for e in sent if e["event"] == "Zero User"]
-    assert event["properties"]["distinct_id"] == 0
+    [event] = [e for e in sent if e["event"] == "Numbered User"]
+    assert event["properties"]["distinct_id"] == 42

@@ -293,10 +293,19 @@ def test_bad_event_name(name: Any) -> None:
     assert field_of(msg.event, TOKEN, "u", name) == "event"
 
 
-@pytest.mark.parametrize("distinct_id", [None, 1.5, [], {}, True, False, "", b"u"])
+@pytest.mark.parametrize(
+    "distinct_id", [None, 1.5, [], {}, True, False, b"u", "anon", "NULL", " none ", 0, -1, "0"]
+)
 def test_bad_distinct_id(distinct_id: Any) -> None:
     assert field_of(msg.event, TOKEN, distinct_id, "e") == "distinct_id"
     assert field_of(msg.profile_update, TOKEN, distinct_id, "$set", {}) == "distinct_id"
+
+
+def test_an_empty_distinct_id_is_an_event_without_a_user_but_not_a_profile() -> None:
+    """Mixpanel takes events with ``distinct_id: ""`` (it keeps them out of behavioural
+    analysis); a profile needs an id."""
+    assert msg.event(TOKEN, "", "e")["properties"]["distinct_id"] == ""
+    assert field_of(msg.profile_update, TOKEN, "", "$set", {}) == "distinct_id"
 
 
 @pytest.mark.parametrize("properties", [[("a", 1)], [], "", 0, "props", 5])
@@ -420,9 +429,11 @@ def test_tracker_raises_at_the_call_and_sends_nothing(
     tracker: Tracker, captured: list[Any]
 ) -> None:
     with pytest.raises(InvalidMessageError):
-        tracker.track("", "Signed Up")
+        tracker.track("anon", "Signed Up")
     with pytest.raises(InvalidMessageError):
         tracker.track("u", "Signed Up", {"bad": object()})
+    with pytest.raises(InvalidMessageError, match="5 days"):
+        tracker.track("u", "Signed Up", {"time": 1_600_000_000})
     assert captured == []
 
 

@@ -243,7 +243,7 @@ def test_buffered_batches_every_endpoint(server: MixpanelServer) -> None:
     with BufferedConsumer(api_host=server.url, credentials=credentials(), max_size=3) as buffered:
         for index in range(2):
             buffered.send("event", event(f"user-{index}"))
-            buffered.send("profile_update", profile(str(index)))
+            buffered.send("profile_update", profile(f"u{index}"))
             buffered.send("group_update", group(str(index)))
             buffered.send("import", old_event(f"user-{index}"))
         assert server.requests == []
@@ -368,7 +368,7 @@ def test_buffered_failure_on_one_endpoint_does_not_hold_the_others(
         for record in events:
             buffered.send("event", record)
         for index in range(3):
-            buffered.send("profile_update", profile(str(index)))
+            buffered.send("profile_update", profile(f"u{index}"))
         server.drop_next(1, endpoint="/track")
         with pytest.raises(MixpanelConnectionError):
             buffered.flush()
