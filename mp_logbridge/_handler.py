@@ -23,7 +23,7 @@ from ._context import bound_context_getter, current_context
 from ._errors import ConfigurationError
 from ._frontdoor import SENT_MARK, Bridge
 from ._lifecycle import callback_thread_idents as _callback_idents
-from ._tags import DEFAULT_TAG, BuiltTag, exception_properties
+from ._tags import DEFAULT_TAG, BuiltTag, event_text, exception_properties
 from ._transport import Credentials
 
 __all__ = ["DEFAULT_RECORD_PROPERTIES", "RESERVED_RECORD_ATTRIBUTES", "MixpanelHandler"]
@@ -248,7 +248,7 @@ class MixpanelHandler(logging.Handler):
             if value is None:  # the tag is in structlog's event dict, in record.msg
                 holder = record.msg  # type: ignore[assignment]
                 value = holder.get(self.tag)
-                message = lambda: _event_name(holder)  # noqa: E731
+                message = lambda: event_text(holder)  # noqa: E731
             bridge = self._bridge
             if not bridge.enabled:
                 bridge.skipped += 1
@@ -308,8 +308,3 @@ def _describe(exc: BaseException) -> str:
         return f"{type(exc).__name__}: {exc}"
     except Exception:
         return type(exc).__name__
-
-
-def _event_name(event_dict: dict[str, Any]) -> str | None:
-    event = event_dict.get("event")
-    return None if event is None else str(event)

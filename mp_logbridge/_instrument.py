@@ -19,15 +19,10 @@ instrumented by dotted path with :mod:`mp_logbridge._patching`.
 
 from __future__ import annotations
 
-import datetime as _dt
-import decimal
-import enum
 import functools
 import inspect
 import logging
-import math
 import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar, overload
 
@@ -36,15 +31,16 @@ from opentelemetry import trace as _trace
 
 from ._context import current_context, format_span_ids, resolve_distinct_id, span_ids
 from ._diagnostics import DeliveryStats
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, InvalidMessageError
 from ._tags import DEFAULT_TAG, exception_properties
+from ._values import describe, snapshot
 from ._version import __version__
 
 __all__ = ["instrument", "instrumentation_stats", "is_instrumented"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_PLAIN = (str, int, float, bool, type(None), _dt.date, decimal.Decimal, uuid.UUID, enum.Enum)
+_SCALARS = frozenset({str, int, bool, type(None)})
 _stats = DeliveryStats()
 _tracer = _trace.get_tracer("mp_logbridge", __version__)
 
@@ -60,35 +56,20 @@ def _qualified_name(func: Any) -> str:
 
 
 def _plain(value: Any) -> Any:
-    """A captured argument or result as a property value: plain values as they are, else repr.
-
-    NaN and infinities are not JSON: they are recorded as their repr too, so one odd argument
-    does not make the whole event unsendable.
-    """
-    if isinstance(value, float) and not math.isfinite(value):
-        return repr(value)
-    if isinstance(value, _PLAIN):
+    """A captured argument or result as a property value: what the library can send, copied as
+    it is now (the same rules as every property value); anything else as its ``repr``, cut at 255
+    characters, so one odd argument does not make the whole event unsendable."""
+    if type(value) in _SCALARS:
         return value
-    if (
-        isinstance(value, (list, tuple, set, frozenset))
-        and len(value) <= 255
-        and all(isinstance(v, _PLAIN) and _finite(v) for v in value)
-    ):
-        return list(value)
-    if (
-        isinstance(value, Mapping)
-        and len(value) <= 255
-        and all(
-            isinstance(k, str) and isinstance(v, _PLAIN) and _finite(v) for k, v in value.items()
-        )
-    ):
-        return dict(value)
-    text = repr(value)
-    return text if len(text) <= 255 else text[:252] + "..."
-
-
-def _finite(value: Any) -> bool:
-    return not isinstance(value, float) or math.isfinite(value)
+    try:
+        copied, size = snapshot(value, "argument")
+    except (InvalidMessageError, RecursionError):
+        copied = None
+    else:
+        if size <= 4096:  # a huge argument is summarised, not sent whole
+            return copied
+    text = describe(value, 255)
+    return text
 
 
 def _code_location(raw: Any) -> tuple[str, int, str]:

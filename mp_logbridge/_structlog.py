@@ -41,7 +41,7 @@ from typing import Any
 from ._context import BoundContext, current_context
 from ._errors import ConfigurationError
 from ._frontdoor import Bridge
-from ._tags import DEFAULT_TAG, exception_properties
+from ._tags import DEFAULT_TAG, event_text, exception_properties
 from ._transport import Credentials
 
 __all__ = ["MixpanelProcessor"]
@@ -146,7 +146,7 @@ class MixpanelProcessor:
             bridge.send(
                 value,
                 time.time(),
-                lambda: _event_text(event_dict),
+                lambda: event_text(event_dict),
                 self._context(event_dict),
                 self._extra(event_dict),
             )
@@ -186,11 +186,6 @@ class MixpanelProcessor:
         """The consumer's delivery counters plus what the processor counted itself: losses that
         never reached the consumer, and ``skipped`` (events a disabled processor skipped)."""
         return self._bridge.stats()
-
-
-def _event_text(event_dict: Mapping[str, Any]) -> str | None:
-    event = event_dict.get("event")
-    return None if event is None else str(event)
 
 
 def _exception_of(exc_info: Any) -> BaseException | None:

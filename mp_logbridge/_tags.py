@@ -45,6 +45,7 @@ __all__ = [
     "TagBuilder",
     "TagExtra",
     "TagMessage",
+    "event_text",
     "exception_properties",
     "split_tag",
     "tag",
@@ -503,6 +504,12 @@ def _check_property_limits(item: Mapping[str, Any], field: str) -> None:
     others = {key: value for key, value in item.items() if key not in _EVENT_KEYS}
     if others:
         snapshot_mapping(others, field)
+
+
+def event_text(event_dict: Mapping[str, Any]) -> str | None:
+    """The log message of a structlog event dict (its ``event`` key), as text."""
+    event = event_dict.get("event")
+    return None if event is None else str(event)
 
 
 def names_event(item: Any) -> bool:
