@@ -200,7 +200,14 @@ def _json_answer(status: int, payload: Any, **headers: str) -> tuple[int, dict[s
     return status, {"Content-Type": "application/json", **headers}, json.dumps(payload).encode()
 
 
+#: The ``status`` texts Mixpanel's documented answers use where they differ from this
+#: Python's (3.13 renamed 413 "Content Too Large").
+_MIXPANEL_PHRASES = {413: "Request Entity Too Large", 422: "Unprocessable Entity"}
+
+
 def _phrase(status: int) -> str:
+    if status in _MIXPANEL_PHRASES:
+        return _MIXPANEL_PHRASES[status]
     try:
         return http.HTTPStatus(status).phrase
     except ValueError:
