@@ -51,6 +51,9 @@ DELIVERY_OPTIONS = (
     "flush_timeout",
     "exit_timeout",
     "on_error",
+    "spool",
+    "durability",
+    "max_spool_bytes",
 )
 
 

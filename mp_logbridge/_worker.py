@@ -710,6 +710,8 @@ class BatchWorker:
         lane = job.lane
         lane.in_flight = None
         lane.attempts += 1
+        if outcome.stored:  # committed to the durable spool, which sends and counts them
+            self._resolve(lane, outcome.stored)
         if outcome.delivered:
             self._resolve(lane, outcome.delivered)
             self._stats.add_sent(len(outcome.delivered))

@@ -1,0 +1,1552 @@
+"""The durable spool: records reach disk before they are sent, and leave it once acknowledged.
+
+How it plugs into the delivery core (``_worker.py``, ``_export.py``)::
+
+    send() ─► BatchWorker (memory, lock-free put)
+                 │  a batch per lane, at most every COMMIT_INTERVAL
+                 ▼
+              SpoolWriter.export ─► one SQLite transaction ─► Outcome(stored=...)
+                                                  │ rows on disk (this process's own file)
+                                                  ▼
+              Drainer thread: oldest rows first per lane ─► sender thread per lane
+                 ─► HttpExporter.export ─► delete what Mixpanel acknowledged or refused for good
+
+* The caller's path does not change: ``send`` still only appends to the worker's queue. The
+  worker's ``flush_interval`` becomes the **commit window** (``COMMIT_INTERVAL``, 50 ms): a
+  ``kill -9`` loses at most what was captured during the last window. ``durability="call"``
+  writes each record before ``send`` returns instead (about 20-40 µs a call).
+* Retries use the one retry decision (:func:`~mp_logbridge._retry.next_attempt`) with the
+  consumer's backoff, but spooled records are not dropped when attempts run out: they wait on
+  disk (an outage may outlast any memory bound). They leave the spool when delivered, refused
+  for good by the server, pushed out by ``max_spool_bytes`` (``spool_full``, oldest first) or
+  too old for ``/track`` (sent to ``/import`` when credentials are configured, else ``expired``).
+* Each consumer of each process writes its own file, locked with ``flock`` for its life; a
+  process adopts the files of processes that are gone (checked at start and every
+  ``ADOPT_INTERVAL``) and delivers them, oldest file first, next to its own traffic.
+* Delivery is at least once. Events carry a ``$insert_id`` fixed before the first write, so
+  Mixpanel de-duplicates a record sent twice. Profile and group updates are not de-duplicated:
+  a batch is marked as taken before it is sent, so a crash sends again at most the batch that
+  was in flight per lane (``$add``, ``$append`` and ``track_charge`` may then apply twice).
+* A disk that refuses (full, read-only) sends the worker's batches from memory instead, with
+  one warning (``spool_fallback`` counts them); a corrupt file is set aside as ``*.corrupt``,
+  reported once, and a new one started.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from . import _lifecycle
+from ._diagnostics import DeliveryStats, warn
+from ._errors import (
+    ConfigurationError,
+    DeliveryError,
+    InvalidMessageError,
+    MessagesDropped,
+    MixpanelConnectionError,
+)
+from ._export import Batch, Exporter, HttpExporter, Outcome, classify
+from ._messages import KINDS
+from ._records import decode_record, encode_message
+from ._retry import RetryPolicy, next_attempt
+from ._spool_store import (
+    LaneInfo,
+    Row,
+    SpoolCorrupt,
+    SpoolError,
+    SpoolUnavailable,
+    StoreFile,
+    endpoints_json,
+    list_files,
+    remove_stale_locks,
+)
+from ._transport import Credentials, Endpoints, Transport
+
+__all__ = [
+    "ADOPT_INTERVAL",
+    "COMMIT_INTERVAL",
+    "DEFAULT_MAX_SPOOL_BYTES",
+    "DURABILITY_MODES",
+    "Drainer",
+    "Spool",
+    "SpoolWriter",
+    "fingerprint",
+    "resolve_spool_options",
+]
+
+#: ``"batch"``: the worker commits what it captured every ``COMMIT_INTERVAL`` (or per batch);
+#: ``"call"``: every ``send`` commits before it returns.
+DURABILITY_MODES = ("batch", "call")
+#: Default bound of one consumer's spool file.
+DEFAULT_MAX_SPOOL_BYTES = 256 * 1024 * 1024
+#: Seconds captured records may wait in memory before they are committed to the spool.
+COMMIT_INTERVAL = 0.05
+#: Seconds between two looks for files of processes that are gone.
+ADOPT_INTERVAL = 30.0
+#: Seconds before a disk that refused a write is tried again.
+REOPEN_AFTER = 30.0
+#: ``/track`` accepts events of the last five days.
+TRACK_WINDOW_MS = 5 * 86_400_000
+#: Rows spooled longer ago than this have their own ``time`` checked against the window.
+CHECK_AGE_MS = 4 * 86_400_000
+#: Seconds an export may run past its deadline before the lane retries with a new thread.
+OVERRUN_GRACE = 2.0
+
+INF = float("inf")
+_STOP = object()
+
+
+def resolve_spool_options(
+    spool: Any, durability: Any, max_spool_bytes: Any
+) -> tuple[Path | None, str, int]:
+    """Check the spool options (``spool=None`` reads ``MIXPANEL_SPOOL``; ``False`` turns it off).
+
+    Raises:
+        ConfigurationError: for a value of the wrong type or out of range.
+    """
+    if spool is None:
+        spool = os.environ.get("MIXPANEL_SPOOL") or None
+    if spool is False or spool is None:
+        path = None
+    elif isinstance(spool, (str, os.PathLike)) and str(os.fspath(spool)).strip():
+        path = Path(os.fspath(spool)).expanduser()
+    else:
+        raise ConfigurationError(f"spool must be a directory path (or False), got {spool!r}")
+    if durability not in DURABILITY_MODES:
+        raise ConfigurationError(
+            f"durability must be one of {', '.join(DURABILITY_MODES)}, got {durability!r}"
+        )
+    if (
+        isinstance(max_spool_bytes, bool)
+        or not isinstance(max_spool_bytes, int)
+        or max_spool_bytes < 1
+    ):
+        raise ConfigurationError(
+            f"max_spool_bytes must be a positive integer, got {max_spool_bytes!r}"
+        )
+    return path, durability, max_spool_bytes
+
+
+def fingerprint(credentials: Credentials | None, import_url: str) -> str:
+    """What a spool row records about the ``/import`` credentials that go with it: a digest of
+    the credentials and the URL they are for, never the secret. A process can send those rows
+    only with the same credentials to the same URL."""
+    if credentials is None:
+        return ""
+    material = json.dumps(
+        [credentials.authorization(), sorted(credentials.query().items()), import_url]
+    )
+    return hashlib.blake2b(
+        material.encode(), digest_size=16, person=b"mp_logbridge-spl"
+    ).hexdigest()
+
+
+def _parse_endpoints(text: str) -> Endpoints | None:
+    try:
+        urls = json.loads(text)
+    except (ValueError, TypeError):
+        return None
+    if (
+        not isinstance(urls, list)
+        or len(urls) != 4
+        or not all(isinstance(url, str) and url.startswith(("http://", "https://")) for url in urls)
+    ):
+        return None
+    return Endpoints(*urls)
+
+
+def _report_form(body: bytes | None) -> Any:
+    if body is None:
+        return None
+    try:
+        return decode_record(body)
+    except ValueError:
+        return body
+
+
+def _event_time_ms(body: bytes) -> float | None:
+    try:
+        value = json.loads(body)["properties"]["time"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if value > 100_000_000_000 else float(value) * 1000.0
+
+
+# --------------------------------------------------------------------------- the own file
+
+
+class _OwnStore:
+    """This consumer's file in this process: made on first write, shared by the writer (the
+    worker's sender threads, and callers with ``durability="call"``) and the drainer."""
+
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.lock = threading.Lock()
+        self.owner = 0  # the thread inside ``lock`` (a signal handler may re-enter it)
+        self.file: StoreFile | None = None
+        self.generation = 0
+        self.retry_at = 0.0  # after a refusal, the disk is tried again from then on
+        self.failing: str | None = None
+        self.fallback = 0  # records delivered from memory because the disk refused them
+        self.corrupt = 0  # files set aside
+        self.left_behind = 0  # rows left on disk when the file was released
+        self.pid = os.getpid()
+
+    @contextmanager
+    def locked(self) -> Iterator[bool]:
+        """Hold the lock; yields ``False`` without waiting when this thread holds it already
+        (a signal handler or finalizer that sends while its thread writes)."""
+        ident = threading.get_ident()
+        if self.owner == ident:
+            yield False
+            return
+        with self.lock:
+            self.owner = ident
+            try:
+                yield True
+            finally:
+                self.owner = 0
+
+    def open(self) -> StoreFile:
+        """The current file, made when there is none (caller holds the lock)."""
+        current = self.file
+        if current is None:
+            current = self.file = StoreFile.create(self.directory)
+            self.generation += 1
+        return current
+
+    def set_aside(self, store: StoreFile, error: SpoolError) -> None:
+        """The current file turned out corrupt: move it aside; the next write starts a new one
+        (caller holds the lock)."""
+        from ._spool_store import set_aside
+
+        if self.file is store:
+            self.file = None
+        try:
+            store.conn.close()
+        except Exception:
+            pass
+        moved = set_aside(store.path)
+        try:
+            os.close(store.lock_fd)
+        except OSError:
+            pass
+        from ._spool_store import lock_path
+
+        try:
+            os.unlink(lock_path(store.path))
+        except OSError:
+            pass
+        self.corrupt += 1
+        warn(
+            "mp_logbridge: spool file %s is corrupt (%s); moved aside to %s, starting a new one "
+            "(what it held is lost)",
+            store.path,
+            error,
+            moved or "(deleted)",
+        )
+
+    def refused(self, error: SpoolError) -> None:
+        """The disk refused: deliver from memory for a while (caller holds the lock)."""
+        self.retry_at = time.monotonic() + REOPEN_AFTER
+        if self.failing is None:
+            warn(
+                "mp_logbridge: the spool at %s cannot be written (%s); delivering from memory "
+                "until it can (records held in memory are lost if the process dies)",
+                self.directory,
+                error,
+            )
+        self.failing = str(error)
+        current = self.file
+        if current is not None and isinstance(error, SpoolUnavailable) and current.rows == 0:
+            # Nothing of ours in it: give it up, so a read-only or full disk is tried afresh.
+            current.close(delete_if_empty=True)
+            self.file = None
+
+    def recovered(self) -> None:
+        if self.failing is not None:
+            warn("mp_logbridge: the spool at %s is written again", self.directory)
+            self.failing = None
+
+    def release(self) -> None:
+        """Close the file and give up its lock (deleted when empty); caller holds the lock."""
+        current, self.file = self.file, None
+        if current is not None:
+            rows = current.rows
+            if not current.close(delete_if_empty=True):
+                self.left_behind += rows
+
+    def reinit_after_fork(self) -> None:
+        """In a forked child: the parent's file stays the parent's; this process makes its own."""
+        if self.pid == os.getpid():
+            return
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self.owner = 0
+        current, self.file = self.file, None
+        if current is not None:
+            current.forget()
+        self.generation += 1
+        self.fallback = self.corrupt = self.left_behind = 0
+        self.retry_at = 0.0
+        self.failing = None
+
+
+# --------------------------------------------------------------------------- the writer
+
+
+class SpoolWriter:
+    """The exporter the background worker writes through when the spool is on: a batch is
+    committed in one transaction and reported as ``stored``; when the disk refuses, the batch is
+    sent from memory through the HTTP exporter instead (the worker then retries it as usual)."""
+
+    def __init__(self, spool: Spool, fallback: Exporter) -> None:
+        self.spool = spool
+        self.fallback = fallback
+
+    @property
+    def timeout(self) -> float:
+        """The HTTP exporter's deadline (a write is much shorter; a fallback send is not)."""
+        return self.fallback.timeout
+
+    def export(self, batch: Batch, deadline: float) -> Outcome:
+        """Commit ``batch`` to the spool, or send it when the disk refuses."""
+        if self.spool.write(batch.kind, batch.credentials, batch.records):
+            return Outcome(stored=batch.records)
+        return self.fallback.export(batch, deadline)
+
+    def shutdown(self) -> None:
+        """Nothing to release: the drainer owns the HTTP exporter and the files."""
+
+    def reinit_after_fork(self) -> None:
+        """In a forked child: forget the parent's file and HTTP session."""
+        self.fallback.reinit_after_fork()
+        self.spool.reinit_after_fork()
+
+    def __repr__(self) -> str:
+        return f"SpoolWriter({str(self.spool.directory)!r})"
+
+
+# --------------------------------------------------------------------------- the drainer
+
+
+class _Source:
+    """A file being delivered: this consumer's own, or one adopted from a process that is gone."""
+
+    __slots__ = ("failed_until", "file", "label", "lock", "own", "reported")
+
+    def __init__(self, file: StoreFile, own: _OwnStore | None) -> None:
+        self.file = file
+        self.own = own  # the own store (its lock guards the file), or None when adopted
+        self.lock = threading.Lock()
+        self.failed_until = 0.0
+        self.label = file.path.name
+        self.reported = False
+
+    @contextmanager
+    def locked(self) -> Iterator[bool]:
+        if self.own is not None:
+            with self.own.locked() as held:
+                # The own file may have been replaced (set aside, released) meanwhile.
+                yield held and self.own.file is self.file
+        else:
+            with self.lock:
+                yield True
+
+
+class _Lane:
+    """Rows of one lane of one file, and the state of their current attempt."""
+
+    __slots__ = (
+        "attempts",
+        "credentials",
+        "cursor",
+        "error",
+        "exporter",
+        "first_attempt",
+        "info",
+        "invalid",
+        "job",
+        "more",
+        "parked",
+        "pending",
+        "ready",
+        "retry",
+        "retry_at",
+        "retry_gen",
+        "sender",
+        "since",
+        "source",
+    )
+
+    def __init__(self, source: _Source, info: LaneInfo) -> None:
+        self.source = source
+        self.info = info
+        self.exporter: Exporter | None = None
+        self.credentials: Credentials | None = None  # matched with the lane's fingerprint
+        self.invalid = False  # the lane cannot be delivered (unknown kind, bad URLs)
+        self.parked: str | None = None  # why the lane stopped (its rows stay on disk)
+        self.cursor = 0  # rows up to this id were taken
+        self.more = source.own is None  # adopted files: read until empty
+        self.pending = 0  # rows written since the last read (own file)
+        self.since = INF  # when the first of them was written
+        self.job: _Job | None = None
+        self.ready: deque[list[Row]] = deque()  # halves of a batch found too large
+        self.retry: list[Row] | None = None
+        self.retry_at = 0.0
+        self.retry_gen = 0
+        self.error: DeliveryError | None = None
+        self.attempts = 0
+        self.first_attempt = 0.0
+        self.sender: _Sender | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.info.kind
+
+    def idle(self) -> bool:
+        """Nothing in flight, waiting or known to be left to read (parked lanes are idle)."""
+        if self.job is not None:
+            return False
+        if self.parked:
+            return True
+        return self.retry is None and not self.ready and not self.more and self.pending <= 0
+
+    def due(self, urgent: bool, urgent_gen: int, batch_size: int, flush_interval: float) -> float:
+        if self.job is not None or self.parked:
+            return INF
+        if self.retry is not None:
+            error = self.error
+            if (urgent or urgent_gen > self.retry_gen) and (
+                error is None or error.retry_after is None
+            ):
+                return -INF
+            return self.retry_at
+        if self.ready:
+            return -INF
+        if self.more or (self.pending > 0 and (urgent or self.pending >= batch_size)):
+            return -INF
+        if self.pending > 0:
+            return self.since + flush_interval
+        return INF
+
+
+class _Job:
+    __slots__ = ("abandoned", "batch", "deadline", "lane", "outcome", "rows")
+
+    def __init__(self, lane: _Lane, rows: list[Row], batch: Batch, deadline: float) -> None:
+        self.lane = lane
+        self.rows = rows
+        self.batch = batch
+        self.deadline = deadline
+        self.outcome: Outcome | None = None
+        self.abandoned = False
+
+
+class _Sender:
+    """The thread that runs one lane's exports, one at a time."""
+
+    def __init__(self, drainer: Drainer, name: str) -> None:
+        self.drainer = drainer
+        self.jobs: deque[Any] = deque()
+        self.wakeup = threading.Lock()
+        self.wakeup.acquire()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def submit(self, job: Any) -> None:
+        self.jobs.append(job)
+        try:
+            self.wakeup.release()
+        except RuntimeError:
+            pass
+
+    def _run(self) -> None:
+        _lifecycle.register_sender_thread()
+        try:
+            while True:
+                if not self.jobs:
+                    self.wakeup.acquire()
+                    continue
+                job = self.jobs.popleft()
+                if job is _STOP:
+                    return
+                self.drainer._export(job)
+                if job.abandoned:
+                    return
+        finally:
+            _lifecycle.unregister_sender_thread()
+
+
+class _Waiter:
+    __slots__ = ("done", "file", "ok", "target")
+
+    def __init__(self, file: StoreFile | None, target: int) -> None:
+        self.file = file
+        self.target = target
+        self.ok = False
+        self.done = threading.Event()
+
+
+def _take_rows(rows: list[Row], bodies: list[bytes], batch: list[bytes]) -> list[Row]:
+    """The rows whose bodies an outcome lists (the same objects the batch was made of)."""
+    if bodies is batch or (
+        len(bodies) == len(rows) and all(a is b for a, b in zip(bodies, batch, strict=True))
+    ):
+        return list(rows)
+    by_body: dict[bytes, deque[Row]] = {}
+    for row in rows:
+        if row.body is not None:
+            by_body.setdefault(row.body, deque()).append(row)
+    found = []
+    for body in bodies:
+        candidates = by_body.get(body)
+        if candidates:
+            found.append(candidates.popleft())
+    return found
+
+
+class Drainer:
+    """Delivers spooled rows: this consumer's own file and files adopted from processes that are
+    gone. One thread schedules (reads, marks, deletes, decides retries); each lane's requests
+    run on a sender thread of its own, so one slow endpoint never stalls another.
+
+    ``standalone`` drainers (``mp-logbridge spool --drain``) have no file of their own, adopt
+    every orphaned file one after the other, give a lane up (its rows stay on disk) when the
+    retry policy does, and stop when nothing is left.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        own: _OwnStore | None,
+        endpoints: Endpoints | None,
+        exporter: Exporter | None,
+        credentials: list[Credentials],
+        timeout: float,
+        verify: bool | str,
+        retry: RetryPolicy,
+        batch_size: int,
+        max_batch_bytes: int,
+        flush_interval: float,
+        stats: DeliveryStats,
+        on_error: Callable[[BaseException, list[Any]], object] | None,
+        writer_done: Callable[[], bool] = lambda: True,
+        standalone: bool = False,
+        name: str = "mp_logbridge-spool",
+    ) -> None:
+        self.directory = directory
+        self.own = own
+        self.endpoints = endpoints
+        self.exporter = exporter
+        self.credentials = credentials
+        self.timeout = timeout
+        self.verify = verify
+        self.retry = retry
+        self.batch_size = batch_size
+        self.max_batch_bytes = max_batch_bytes
+        self.flush_interval = flush_interval
+        self.stats = stats
+        self.on_error = on_error
+        self.writer_done = writer_done
+        self.standalone = standalone
+        self.name = name
+        self.adopted_files = 0
+        self._rng = random.Random()
+        self._foreign: dict[Endpoints, Exporter] = {}
+        self._reset()
+
+    def _reset(self) -> None:
+        self._notices: deque[tuple[StoreFile, int, int, float]] = deque()
+        self._results: deque[_Job] = deque()
+        self._wakeup = threading.Lock()
+        self._wakeup.acquire()
+        self._start_token = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._finished = threading.Event()
+        self._sources: list[_Source] = []
+        self._lanes: list[_Lane] = []
+        self._adopted: _Source | None = None
+        self._skipped: set[Path] = set()
+        self._next_scan = 0.0
+        self._waiters: list[_Waiter] = []
+        self._new_waiters: deque[_Waiter] = deque()
+        self._urgent_gen = 0
+        self._closing = False
+        self._close_deadline = INF
+        self._outage: tuple[float, str] | None = None
+        self._pid = os.getpid()
+
+    # ------------------------------------------------------------------ control
+
+    def start(self) -> None:
+        """Start the thread (once per process; not while the interpreter exits)."""
+        if self._pid != os.getpid():
+            self.reinit_after_fork()
+        if self._thread is not None or self._finished.is_set() or _lifecycle.exiting():
+            return
+        if not self._start_token.acquire(blocking=False):
+            return
+        try:
+            if self._thread is not None:
+                return
+            thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread = thread
+            try:
+                thread.start()
+            except RuntimeError:  # the interpreter is exiting: rows stay for the next process
+                self._thread = None
+        finally:
+            self._start_token.release()
+
+    def running(self) -> bool:
+        thread = self._thread
+        return thread is not None and self._pid == os.getpid() and not self._finished.is_set()
+
+    def notice(self, file: StoreFile, lane: int, count: int) -> None:
+        """The writer committed ``count`` rows to ``lane`` of the own file (any thread; no lock)."""
+        self._notices.append((file, lane, count, time.monotonic()))
+        if self._thread is None:
+            self.start()
+        else:
+            self._wake()
+
+    def learn(self, credentials: Credentials) -> None:
+        """Credentials seen by the writer (per-call ``/import`` credentials)."""
+        if credentials not in self.credentials:
+            self.credentials.append(credentials)
+
+    def add_waiter(self, waiter: _Waiter) -> None:
+        self._new_waiters.append(waiter)
+        self.start()
+        self._wake()
+
+    def begin_close(self, deadline: float) -> None:
+        """Deliver what can be delivered until ``deadline`` (``time.monotonic()``), then stop;
+        what is left stays on disk for the next process."""
+        self._closing = True
+        self._close_deadline = min(self._close_deadline, deadline)
+        self._wake()
+
+    def wait_closed(self, timeout: float) -> bool:
+        thread = self._thread
+        if thread is None or thread is threading.current_thread():
+            return True
+        return self._finished.wait(max(0.0, timeout))
+
+    def reinit_after_fork(self) -> None:
+        """In a forked child: the parent's adopted files and threads are not this process's."""
+        if self._pid == os.getpid():
+            return
+        for source in self._sources:
+            if source.own is None:
+                source.file.forget()
+        for exporter in self._foreign.values():
+            exporter.reinit_after_fork()
+        closing = self._closing and not _lifecycle.exiting()
+        self._reset()
+        self._closing = closing
+        self.adopted_files = 0
+
+    def adopted_rows(self) -> tuple[int, int]:
+        """Rows and bytes in adopted files now."""
+        rows = nbytes = 0
+        for source in list(self._sources):
+            if source.own is None:
+                rows += source.file.rows
+                nbytes += source.file.bytes
+        return rows, nbytes
+
+    def _wake(self) -> None:
+        try:
+            self._wakeup.release()
+        except RuntimeError:
+            pass
+
+    # ------------------------------------------------------------------ the loop
+
+    def _run(self) -> None:
+        _lifecycle.register_sender_thread()
+        try:
+            self.run_here()
+        finally:
+            _lifecycle.unregister_sender_thread()
+
+    def run_here(self) -> None:
+        """Run the drainer on this thread until it is done (closed, or standalone and empty)."""
+        try:
+            while not self._step():
+                pass
+        finally:
+            self._finish()
+
+    def _step(self) -> bool:
+        try:
+            now = time.monotonic()
+            self._take_notices(now)
+            self._apply_results(now)
+            while self._new_waiters:
+                self._waiters.append(self._new_waiters.popleft())
+                self._urgent_gen += 1
+            closing = self._closing
+            if now >= self._close_deadline:
+                return True
+            if not closing:
+                self._adopt(now)
+            self._dispatch(now, closing or bool(self._waiters))
+            self._check_overruns(now)
+            self._retire_sources()
+            self._resolve_waiters()
+            self.stats.report()
+            if closing and self._done_closing():
+                return True
+            if self.standalone and self._adopted is None and self._nothing_left(now):
+                return True
+            self._sleep(now)
+        except Exception as exc:  # pragma: no cover - a bug: make it visible, keep going
+            warn("mp_logbridge spool drainer error: %s: %s", type(exc).__name__, exc)
+            time.sleep(0.1)
+        return False
+
+    def _done_closing(self) -> bool:
+        """Closing ends once the worker committed everything and the own file's rows are
+        delivered (or their lanes gave up); adopted files are not waited for beyond the
+        requests in flight: they stay on disk for the next process."""
+        if self._notices or not self.writer_done():
+            return False
+        return all(
+            lane.job is None if lane.source.own is None else lane.idle() for lane in self._lanes
+        )
+
+    def _nothing_left(self, now: float) -> bool:
+        if self._next_scan <= now:
+            return False  # look once more for files to adopt
+        return all(lane.idle() for lane in self._lanes)
+
+    def _sleep(self, now: float) -> None:
+        if self._notices or self._results or self._new_waiters:
+            return
+        closing = self._closing
+        urgent = closing or bool(self._waiters)
+        wake_at = INF if closing else self._next_scan
+        for lane in self._lanes:
+            if lane.job is not None:
+                wake_at = min(wake_at, lane.job.deadline + OVERRUN_GRACE)
+            source = lane.source
+            if closing and source.own is None:
+                continue
+            due = lane.due(urgent, self._urgent_gen, self.batch_size, self.flush_interval)
+            if due != INF and source.failed_until > now:
+                due = max(due, source.failed_until)
+            wake_at = min(wake_at, due)
+        wake_at = min(wake_at, self._close_deadline)
+        timeout = wake_at - time.monotonic()
+        if timeout <= 0:
+            return
+        self._wakeup.acquire(timeout=-1 if wake_at == INF else timeout)
+
+    def _finish(self) -> None:
+        for job_lane in self._lanes:
+            if job_lane.job is not None:
+                job_lane.job.abandoned = True
+            if job_lane.sender is not None:
+                job_lane.sender.submit(_STOP)
+        for source in list(self._sources):
+            if source.own is None:
+                self._release(source)
+        for exporter in self._foreign.values():
+            try:
+                exporter.shutdown()
+            except Exception:  # pragma: no cover
+                pass
+        own = self.own
+        if own is not None and own.pid == os.getpid():
+            with own.locked() as held:
+                if held:
+                    own.release()
+        self._sources = [s for s in self._sources if s.own is not None]
+        self._lanes = []
+        for waiter in self._waiters + list(self._new_waiters):
+            waiter.done.set()
+        self._waiters = []
+        self._new_waiters.clear()
+        self.stats.report(force=True)
+        self._finished.set()
+
+    # ------------------------------------------------------------------ sources and lanes
+
+    def _take_notices(self, now: float) -> None:
+        own = self.own
+        while self._notices:
+            file, lane_id, count, when = self._notices.popleft()
+            if own is None or own.file is not file:
+                continue  # the file was replaced since: its rows went with it
+            source = next((s for s in self._sources if s.file is file), None)
+            if source is None:
+                source = _Source(file, own)
+                self._sources.append(source)
+            lane = next(
+                (item for item in self._lanes if item.source is source and item.info.id == lane_id),
+                None,
+            )
+            if lane is None:
+                info = file.lane(lane_id)
+                if info is None:  # pragma: no cover - the writer made it on this object
+                    continue
+                lane = self._make_lane(source, info)
+            if lane.pending <= 0:
+                lane.since = when
+            lane.pending += count
+
+    def _make_lane(self, source: _Source, info: LaneInfo) -> _Lane:
+        lane = _Lane(source, info)
+        endpoints = _parse_endpoints(info.endpoints)
+        if endpoints is None or info.kind not in KINDS:
+            lane.invalid = True
+        else:
+            if endpoints == self.endpoints and self.exporter is not None:
+                lane.exporter = self.exporter
+            else:
+                lane.exporter = self._foreign_exporter(endpoints)
+            lane.credentials = self._match(info.cred, endpoints.import_)
+            if info.kind == "import" and info.cred and lane.credentials is None:
+                lane.parked = "credentials"
+        self._lanes.append(lane)
+        return lane
+
+    def _foreign_exporter(self, endpoints: Endpoints) -> Exporter:
+        exporter = self._foreign.get(endpoints)
+        if exporter is None:
+            transport = Transport(endpoints, timeout=self.timeout, verify=self.verify)
+            exporter = self._foreign[endpoints] = HttpExporter(transport)
+        return exporter
+
+    def _match(self, cred: str, import_url: str) -> Credentials | None:
+        if not cred:
+            return None
+        for credentials in list(self.credentials):
+            if fingerprint(credentials, import_url) == cred:
+                return credentials
+        return None
+
+    def _adopt(self, now: float) -> None:
+        """Take over the oldest file of a process that is gone (one at a time)."""
+        if self._adopted is not None or now < self._next_scan:
+            return
+        self._next_scan = now + (0.0 if self.standalone else ADOPT_INTERVAL)
+        own = self.own
+        own_path = own.file.path if own is not None and own.file is not None else None
+        remove_stale_locks(self.directory)
+        for path in list_files(self.directory):
+            if path == own_path or path in self._skipped:
+                continue
+            if own is not None and any(s.file.path == path for s in self._sources):
+                continue
+            try:
+                file = StoreFile.adopt(path)
+            except SpoolCorrupt as exc:
+                if own is not None:
+                    own.corrupt += 1
+                warn(
+                    "mp_logbridge: spool file %s is corrupt (%s); moved aside to %s",
+                    path,
+                    exc,
+                    exc.moved_to or "(deleted)",
+                )
+                continue
+            except SpoolError as exc:
+                self._skipped.add(path)
+                warn("mp_logbridge: spool file %s cannot be delivered: %s", path, exc)
+                continue
+            if file is None:  # its process is alive
+                continue
+            if file.rows == 0:
+                file.close(delete_if_empty=True)
+                continue
+            self._take_over(file)
+            return
+        if self.standalone:
+            self._next_scan = INF  # nothing more to find
+
+    def _take_over(self, file: StoreFile) -> None:
+        source = _Source(file, None)
+        self.adopted_files += 1
+        try:
+            strays = file.drop_strays()
+            taken = file.taken_counts()
+        except SpoolError as exc:
+            warn("mp_logbridge: spool file %s cannot be read: %s", file.path, exc)
+            self._skipped.add(file.path)
+            file.close(delete_if_empty=False)
+            return
+        if strays:
+            self._drop(
+                "invalid",
+                MessagesDropped("invalid", f"rows of {file.path.name} name no destination"),
+                strays,
+            )
+        self._sources.append(source)
+        self._adopted = source
+        for info in file.lanes():
+            self._make_lane(source, info)
+        updates = taken.get("profile_update", 0) + taken.get("group_update", 0)
+        note = (
+            f"; {updates} profile/group update(s) were being sent when it stopped and are sent "
+            "again ($add, $append and charges among them may apply twice)"
+            if updates
+            else ""
+        )
+        warn(
+            "mp_logbridge: delivering %d record(s) left in the spool by process %s (%s)%s",
+            file.rows,
+            file.meta.get("pid", "?"),
+            file.path.name,
+            note,
+        )
+
+    def _retire_sources(self) -> None:
+        """Adopted files whose lanes are all done are deleted (or released when rows stay);
+        own files replaced since are forgotten."""
+        for source in list(self._sources):
+            lanes = [lane for lane in self._lanes if lane.source is source]
+            if source.own is not None:
+                if source.own.file is not source.file and all(item.job is None for item in lanes):
+                    self._forget(source)
+                continue
+            if not all(lane.idle() for lane in lanes):
+                continue
+            if self._closing:
+                continue  # released at the end
+            parked = [lane for lane in lanes if lane.parked]
+            if parked and source.file.rows:
+                self._skipped.add(source.file.path)
+                reasons = sorted({lane.parked or "" for lane in parked})
+                warn(
+                    "mp_logbridge: %d record(s) in %s are left in the spool (%s)",
+                    source.file.rows,
+                    source.file.path.name,
+                    ", ".join(
+                        "no matching /import credentials"
+                        if reason == "credentials"
+                        else reason.replace("_", " ")
+                        for reason in reasons
+                    ),
+                )
+            self._release(source)
+
+    def _release(self, source: _Source) -> None:
+        with source.locked():
+            source.file.close(delete_if_empty=True)
+        self._forget(source)
+
+    def _forget(self, source: _Source) -> None:
+        for lane in [lane for lane in self._lanes if lane.source is source]:
+            if lane.sender is not None:
+                lane.sender.submit(_STOP)
+            self._lanes.remove(lane)
+        if source in self._sources:
+            self._sources.remove(source)
+        if self._adopted is source:
+            self._adopted = None
+
+    def _failed(self, source: _Source, error: SpoolError, now: float) -> None:
+        """A file refused a read or a delete."""
+        if isinstance(error, SpoolCorrupt):
+            own = source.own
+            if own is not None:
+                with own.locked() as held:
+                    if held:
+                        own.set_aside(source.file, error)
+            else:
+                from ._spool_store import set_aside
+
+                try:
+                    source.file.conn.close()
+                except Exception:
+                    pass
+                moved = set_aside(source.file.path)
+                warn(
+                    "mp_logbridge: spool file %s is corrupt (%s); moved aside to %s",
+                    source.file.path,
+                    error,
+                    moved or "(deleted)",
+                )
+                try:
+                    os.close(source.file.lock_fd)
+                except OSError:
+                    pass
+            for lane in self._lanes:
+                if lane.source is source and lane.job is not None:
+                    lane.job.abandoned = True
+                    lane.job = None
+            self._forget(source)
+            return
+        if source.own is not None and source.own.file is not source.file:
+            return  # the own file was replaced or released: nothing to report
+        source.failed_until = now + REOPEN_AFTER
+        if not source.reported:
+            source.reported = True
+            warn("mp_logbridge: spool file %s: %s (retrying later)", source.file.path, error)
+
+    # ------------------------------------------------------------------ sending
+
+    def _dispatch(self, now: float, urgent: bool) -> None:
+        closing = self._closing
+        for lane in list(self._lanes):
+            if lane.source.failed_until > now or lane not in self._lanes:
+                continue
+            if closing and lane.source.own is None:
+                continue  # adopted rows wait for the next process rather than delay an exit
+            due = lane.due(urgent, self._urgent_gen, self.batch_size, self.flush_interval)
+            if due > now:
+                continue
+            rows = self._take(lane, now)
+            if not rows:
+                continue
+            if lane.invalid or lane.exporter is None:
+                self._finish_rows(lane, [], [("invalid", _invalid(lane), rows)])
+                continue
+            kind, credentials = lane.kind, lane.credentials
+            if kind == "event":
+                rows, kind, credentials = self._route(lane, rows, now)
+                if not rows:
+                    continue
+            batch = Batch(kind, [row.body for row in rows if row.body is not None], credentials)
+            job = _Job(lane, rows, batch, time.monotonic() + lane.exporter.timeout)
+            lane.job = job
+            self._submit(lane, job)
+
+    def _take(self, lane: _Lane, now: float) -> list[Row]:
+        if lane.retry is not None:
+            rows, lane.retry = lane.retry, None
+            return rows
+        if lane.ready:
+            rows = lane.ready.popleft()
+        else:
+            source = lane.source
+            try:
+                with source.locked() as held:
+                    if not held:
+                        return []
+                    rows, more = source.file.take(
+                        lane.info.id,
+                        lane.cursor,
+                        self.batch_size,
+                        self.max_batch_bytes,
+                        lane.cursor + 1,
+                    )
+            except SpoolError as exc:
+                self._failed(source, exc, now)
+                return []
+            lane.more = more if source.own is None else False
+            if rows:
+                lane.cursor = rows[-1].id
+            lane.pending = max(0, lane.pending - len(rows)) if more else 0
+            if more and source.own is not None:
+                lane.pending = max(lane.pending, 1)
+            if lane.pending <= 0:
+                lane.since = INF
+            bad = [row for row in rows if row.body is None]
+            if bad:
+                rows = [row for row in rows if row.body is not None]
+                problem = InvalidMessageError("message", "a spooled row holds no record bytes")
+                self._finish_rows(lane, [], [("invalid", problem, bad)])
+        lane.attempts, lane.first_attempt, lane.error = 0, now, None
+        return rows
+
+    def _route(
+        self, lane: _Lane, rows: list[Row], now: float
+    ) -> tuple[list[Row], str, Credentials | None]:
+        """Events too old for ``/track`` go to ``/import`` (with credentials) or are dropped as
+        ``expired``; a batch never mixes the two."""
+        wall = time.time() * 1000.0
+        if wall - rows[0].created_ms <= CHECK_AGE_MS:
+            return rows, "event", None
+        cutoff = wall - TRACK_WINDOW_MS + 60_000  # a minute of margin for the request itself
+        old = []
+        for row in rows:
+            moment = _event_time_ms(row.body) if row.body is not None else None
+            old.append(moment is not None and moment < cutoff)
+        first = old[0]
+        cut = next((i for i, flag in enumerate(old) if flag != first), len(rows))
+        if cut < len(rows):
+            lane.ready.appendleft(rows[cut:])
+        rows = rows[:cut]
+        if not first:
+            return rows, "event", None
+        if lane.credentials is not None:
+            return rows, "import", lane.credentials
+        if lane.info.cred:
+            # Written with /import credentials this process does not hold: keep the rows for a
+            # process (or a drain) that has them rather than drop them.
+            lane.ready.appendleft(rows)
+            lane.parked = "credentials"
+            return [], "event", None
+        expired = MessagesDropped(
+            "expired",
+            "older than the 5 days /track accepts, and no /import credentials are configured",
+        )
+        self._finish_rows(lane, [], [("expired", expired, rows)])
+        return [], "event", None
+
+    def _submit(self, lane: _Lane, job: _Job) -> None:
+        sender = lane.sender
+        if sender is None:
+            sender = _Sender(self, f"{self.name}-{lane.kind}")
+            try:
+                sender.thread.start()
+            except RuntimeError:  # exiting: export on this thread
+                self._export(job)
+                return
+            lane.sender = sender
+        sender.submit(job)
+
+    def _export(self, job: _Job) -> None:
+        exporter = job.lane.exporter
+        assert exporter is not None
+        try:
+            outcome = exporter.export(job.batch, job.deadline)
+        except Exception as exc:  # an exporter must not raise; never lose the rows
+            failure = MixpanelConnectionError(f"export failed: {type(exc).__name__}: {exc}")
+            outcome = classify(job.batch.records, failure)
+        job.outcome = outcome
+        if job.abandoned:
+            return
+        self._results.append(job)
+        self._wake()
+
+    def _check_overruns(self, now: float) -> None:
+        real = time.monotonic()
+        for lane in self._lanes:
+            job = lane.job
+            if job is None or real < job.deadline + OVERRUN_GRACE:
+                continue
+            job.abandoned = True
+            lane.sender = None  # the stuck thread retires when (if) its export returns
+            failure = MixpanelConnectionError(
+                f"the export of {len(job.rows)} spooled record(s) did not finish in time",
+                endpoint=lane.kind,
+            )
+            job.outcome = classify(job.batch.records, failure)
+            self._apply(job, now)
+
+    def _apply_results(self, now: float) -> None:
+        while self._results:
+            job = self._results.popleft()
+            if job.abandoned or job.outcome is None or job.lane not in self._lanes:
+                continue
+            self._apply(job, now)
+
+    def _apply(self, job: _Job, now: float) -> None:
+        lane = job.lane
+        outcome = job.outcome
+        assert outcome is not None
+        lane.job = None
+        lane.attempts += 1
+        records = job.batch.records
+        delivered = _take_rows(job.rows, outcome.delivered, records) if outcome.delivered else []
+        drops: list[tuple[str, BaseException, list[Row]]] = [
+            (reason, error, _take_rows(job.rows, items, records))
+            for reason, items, error in outcome.dropped
+        ]
+        self._finish_rows(lane, delivered, drops)
+        if outcome.split:
+            halves = [_take_rows(job.rows, half, records) for half in outcome.split]
+            lane.ready.extendleft(reversed(halves))
+        elif outcome.retry:
+            rows = _take_rows(job.rows, outcome.retry, records)
+            error = outcome.error or MixpanelConnectionError("export failed")
+            deadline = self._close_deadline if self._closing else INF
+            decision = next_attempt(
+                self.retry,
+                error,
+                lane.attempts,
+                lane.first_attempt,
+                now,
+                rng=self._rng.uniform,
+                deadline=deadline,
+            )
+            lane.retry, lane.error = rows, error
+            if decision.retry_at is None:
+                lane.parked = decision.reason or "retries_exhausted"
+            else:
+                self.stats.add_retry()
+                lane.retry_at, lane.retry_gen = decision.retry_at, self._urgent_gen
+                self._unreachable(now, error)
+
+    def _finish_rows(
+        self,
+        lane: _Lane,
+        delivered: list[Row],
+        drops: list[tuple[str, BaseException, list[Row]]],
+    ) -> None:
+        """Delete rows that were delivered or dropped for good, and count them."""
+        gone = list(delivered) + [row for _reason, _error, items in drops for row in items]
+        source = lane.source
+        if gone:
+            try:
+                with source.locked() as held:
+                    if held:
+                        source.file.delete(gone)
+            except SpoolError as exc:
+                # Rows stay on disk; this process never reads them again (its cursor is past
+                # them), the next one sends them again (at-least-once).
+                self._failed(source, exc, time.monotonic())
+        if delivered:
+            self.stats.add_sent(len(delivered))
+            self._recovered(time.monotonic())
+        for reason, error, items in drops:
+            self._drop(reason, error, items)
+
+    def _drop(self, reason: str, error: BaseException, rows: list[Row]) -> None:
+        if not rows:
+            return
+        self.stats.add_dropped(reason, len(rows), f"{type(error).__name__}: {error}")
+        callback = self.on_error
+        if callback is not None:
+            try:
+                with _lifecycle.delivery_callback():
+                    callback(error, [_report_form(row.body) for row in rows])
+            except Exception as exc:
+                warn("mp_logbridge on_error callback raised %s: %s", type(exc).__name__, exc)
+
+    def _unreachable(self, now: float, error: DeliveryError) -> None:
+        if self._outage is None:
+            self._outage = (now, str(error))
+            warn("mp_logbridge: Mixpanel unreachable, spooled records wait on disk: %s", error)
+
+    def _recovered(self, now: float) -> None:
+        if self._outage is not None:
+            since, cause = self._outage
+            self._outage = None
+            warn(
+                "mp_logbridge: Mixpanel reachable again after %.1f s (it failed with: %s)",
+                now - since,
+                cause,
+            )
+
+    # ------------------------------------------------------------------ flush
+
+    def _resolve_waiters(self) -> None:
+        if not self._waiters:
+            return
+        own = self.own
+        still = []
+        for waiter in self._waiters:
+            if self._own_done(own, waiter):
+                waiter.ok = True
+                waiter.done.set()
+            else:
+                still.append(waiter)
+        self._waiters = still
+
+    def _own_done(self, own: _OwnStore | None, waiter: _Waiter) -> bool:
+        file = waiter.file
+        if own is None or file is None or own.file is not file or file.rows == 0:
+            return True
+        try:
+            with own.locked() as held:
+                if not held or own.file is not file:
+                    return True
+                first = file.first_id()
+        except SpoolError:
+            return False
+        return first is None or first > waiter.target
+
+
+def _invalid(lane: _Lane) -> InvalidMessageError:
+    return InvalidMessageError(
+        "message",
+        f"spooled for a destination that cannot be used (kind {lane.kind!r}, "
+        f"URLs {lane.info.endpoints[:200]!r})",
+    )
+
+
+# --------------------------------------------------------------------------- the composition
+
+
+class Spool:
+    """A background consumer's spool: its own file, the writer the worker exports to, and the
+    drainer. Registered with the exit hooks like a worker: at exit, what the worker holds is
+    committed and the drainer delivers until ``exit_timeout``; the rest waits on disk."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        durability: str,
+        max_spool_bytes: int,
+        endpoints: Endpoints,
+        credentials: Credentials | None,
+        exporter: Exporter,
+        timeout: float,
+        verify: bool | str,
+        retry: RetryPolicy,
+        batch_size: int,
+        max_batch_bytes: int,
+        flush_interval: float,
+        flush_timeout: float,
+        exit_timeout: float,
+        stats: DeliveryStats,
+        on_error: Callable[[BaseException, list[Any]], object] | None,
+    ) -> None:
+        self.directory = directory
+        self.durability = durability
+        self.flush_timeout = flush_timeout
+        self.exit_timeout = exit_timeout
+        self.endpoints = endpoints
+        self._stats = stats
+        self._on_error = on_error
+        self._endpoints_json = endpoints_json(
+            [endpoints.event, endpoints.profile_update, endpoints.group_update, endpoints.import_]
+        )
+        self._credentials = credentials
+        self._own_cred = fingerprint(credentials, endpoints.import_)
+        self._worker: Any = None
+        self._drops_seen = stats.total_dropped()
+        self.store = _OwnStore(directory, max_spool_bytes)
+        self.writer = SpoolWriter(self, exporter)
+        # Spooled records are retried with the consumer's backoff for as long as they are kept:
+        # their bounds are the disk and the age /track accepts, not a number of attempts.
+        forever = dataclasses.replace(retry, max_attempts=sys.maxsize, max_elapsed=INF)
+        self.drainer = Drainer(
+            directory,
+            own=self.store,
+            endpoints=endpoints,
+            exporter=exporter,
+            credentials=[credentials] if credentials is not None else [],
+            timeout=timeout,
+            verify=verify,
+            retry=forever,
+            batch_size=batch_size,
+            max_batch_bytes=max_batch_bytes,
+            flush_interval=flush_interval,
+            stats=stats,
+            on_error=on_error,
+            writer_done=self._writer_done,
+        )
+        _lifecycle.register(self)
+        self.drainer.start()  # adopts what processes that are gone left behind
+
+    def __repr__(self) -> str:
+        return f"Spool({str(self.directory)!r}, durability={self.durability!r})"
+
+    def attach(self, worker: Any, owner: object) -> None:
+        """Bind the worker that writes through :attr:`writer`; with ``durability="call"``, its
+        ``put`` commits each record before returning. The spool is closed when ``owner`` (the
+        consumer) is collected."""
+        self._worker = worker
+        if self.durability == "call":
+            worker.put = _call_put(self, worker, worker.put)
+        finalizer = weakref.finalize(owner, _collected, weakref.ref(self))
+        finalizer.atexit = False
+
+    def _writer_done(self) -> bool:
+        worker = self._worker
+        return worker is None or not worker.running()
+
+    # ------------------------------------------------------------------ writing
+
+    def write(self, kind: str, credentials: Credentials | None, records: list[bytes]) -> bool:
+        """Commit ``records`` of one lane in one transaction; ``False`` when the disk refused
+        (the caller then delivers them from memory) or this thread is already writing."""
+        store = self.store
+        if store.pid != os.getpid():
+            self.reinit_after_fork()
+        if time.monotonic() < store.retry_at:
+            store.fallback += len(records)
+            return False
+        if kind == "import" and credentials is not None:
+            self.drainer.learn(credentials)
+            cred = fingerprint(credentials, self.endpoints.import_)
+        else:
+            cred = self._own_cred
+        evicted: list[Row] = []
+        refused: list[bytes] = []
+        stored = 0
+        written: StoreFile | None = None
+        lane = 0
+        with store.locked() as held:
+            if not held:
+                store.fallback += len(records)
+                return False
+            for _attempt in range(2):  # a corrupt file is set aside and a new one tried once
+                current: StoreFile | None = None
+                try:
+                    current = store.open()
+                    lane = current.lane_id(kind, self._endpoints_json, cred)
+                    evicted, refused, stored, _last = current.append(
+                        lane, int(time.time() * 1000), records, store.max_bytes
+                    )
+                    written = current
+                    break
+                except SpoolCorrupt as exc:
+                    if current is not None:
+                        store.set_aside(current, exc)
+                    else:
+                        store.refused(exc)
+                        break
+                except SpoolError as exc:
+                    store.refused(exc)
+                    break
+            if written is not None:
+                store.recovered()
+        if written is None:
+            store.fallback += len(records)
+            return False
+        if stored:
+            self.drainer.notice(written, lane, stored)
+        full = MessagesDropped(
+            "spool_full", f"the spool is full ({store.max_bytes} bytes); oldest dropped"
+        )
+        if evicted:
+            self.drainer._drop("spool_full", full, evicted)
+        if refused:
+            rows = [Row(0, body, 0, len(body)) for body in refused]
+            self.drainer._drop("spool_full", full, rows)
+        return True
+
+    # ------------------------------------------------------------------ worker protocol
+
+    def running(self) -> bool:
+        """Whether the drainer runs in this process."""
+        return self.drainer.running()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Deliver everything sent before this call to Mixpanel (acknowledged, not just on disk),
+        waiting at most ``timeout`` seconds. ``True`` when all of it was delivered and nothing
+        was dropped since the previous flush; what is not delivered stays on disk."""
+        if self.store.pid != os.getpid():
+            self.reinit_after_fork()
+        limit = self.flush_timeout if timeout is None else max(0.0, float(timeout))
+        deadline = time.monotonic() + limit
+        worker = self._worker
+        ok = bool(worker.flush(limit)) if worker is not None else True
+        if _lifecycle.is_sender_thread() or _lifecycle.logging_lock_held():
+            return False
+        store = self.store
+        current = store.file
+        waiter = _Waiter(current, current.last_id if current is not None else 0)
+        if current is not None and current.rows:
+            self.drainer.add_waiter(waiter)
+            ok = waiter.done.wait(max(0.0, deadline - time.monotonic())) and waiter.ok and ok
+        drops = self._stats.total_dropped()
+        clean = drops == self._drops_seen
+        self._drops_seen = drops
+        return ok and clean
+
+    def begin_close(self, deadline: float, *, at_exit: bool = False) -> None:
+        """Stop accepting messages; commit what the worker holds and deliver until
+        ``deadline``, without waiting here."""
+        worker = self._worker
+        if worker is not None:
+            worker.begin_close(deadline, at_exit=at_exit)
+        self.drainer.begin_close(deadline)
+        if not self.drainer.running() and self.store.file is not None:
+            self.drainer.start()
+
+    def wait_closed(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        worker = self._worker
+        if worker is not None:
+            worker.wait_closed(max(0.0, deadline - time.monotonic()))
+        self.drainer.wait_closed(max(0.0, deadline - time.monotonic()) + 0.25)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Commit what the worker holds, deliver what can be within ``timeout``, stop; what is
+        not delivered stays on disk for the next process."""
+        limit = self.flush_timeout if timeout is None else max(0.0, float(timeout))
+        worker = self._worker
+        if _lifecycle.logging_lock_held() or _lifecycle.is_sender_thread():
+            exit_timeout = worker.exit_timeout if worker is not None else self.exit_timeout
+            self.begin_close(time.monotonic() + max(limit, exit_timeout))
+            return
+        deadline = time.monotonic() + limit
+        if worker is not None:
+            worker.close(limit)
+        self.drainer.begin_close(deadline)
+        self.drainer.wait_closed(max(0.0, deadline - time.monotonic()) + 0.25)
+        self._stats.report(force=True)
+
+    def reinit_after_fork(self) -> None:
+        """In a forked child: a file of its own, no threads, no adopted files."""
+        self.store.reinit_after_fork()
+        self.drainer.reinit_after_fork()
+
+    def stats(self) -> dict[str, Any]:
+        """``spooled`` rows on disk (own file and adopted ones), ``spool_bytes``,
+        ``spool_fallback`` (records sent from memory because the disk refused them),
+        ``spool_corrupt`` (files set aside) and ``spool_adopted`` (files taken over)."""
+        store = self.store
+        if store.pid != os.getpid():
+            self.reinit_after_fork()
+        current = store.file
+        rows, nbytes = self.drainer.adopted_rows()
+        if current is not None:
+            rows += current.rows
+            nbytes += current.bytes
+        return {
+            "spooled": rows + store.left_behind,
+            "spool_bytes": nbytes,
+            "spool_fallback": store.fallback,
+            "spool_corrupt": store.corrupt,
+            "spool_adopted": self.drainer.adopted_files,
+        }
+
+
+def _collected(ref: weakref.ReferenceType[Spool]) -> None:
+    """The consumer was collected: stop the drainer (what is left stays on disk)."""
+    spool = ref()
+    if spool is not None and spool.running():
+        spool.begin_close(time.monotonic() + spool.exit_timeout)
+
+
+def _call_put(spool: Spool, worker: Any, put: Callable[..., bool]) -> Callable[..., bool]:
+    """``durability="call"``: the worker's ``put`` that commits each record before returning.
+
+    A message that cannot be encoded, a disk that refuses, a closed worker or a write re-entered
+    from a signal handler on a writing thread take the worker's own path (memory, counted)."""
+
+    def put_durably(kind: str, message: Any, credentials: Credentials | None, size: int) -> bool:
+        if worker.closed:
+            return put(kind, message, credentials, size)
+        if isinstance(message, bytes):
+            payload = message
+        else:
+            try:
+                payload = encode_message(message)
+            except Exception:  # the worker encodes it again and counts the problem
+                return put(kind, message, credentials, size)
+        if spool.write(kind, credentials, [payload]):
+            return True
+        return put(kind, payload, credentials, len(payload))
+
+    return put_durably
+
+
+def make_spool(directory: Path, *, durability: str, max_spool_bytes: int, **options: Any) -> Spool:
+    """The spool of a background consumer (see :class:`Spool` for the options)."""
+    return Spool(directory, durability=durability, max_spool_bytes=max_spool_bytes, **options)
+
+
+def run_drain(drainer: Drainer, timeout: float | None) -> None:
+    """Run a standalone drainer on this thread, bounded by ``timeout`` seconds."""
+    if timeout is not None:
+        drainer._close_deadline = time.monotonic() + timeout  # a deadline, not a close
+    drainer.run_here()
