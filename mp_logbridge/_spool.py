@@ -745,6 +745,8 @@ class Drainer:
         closing = self._closing
         urgent = closing or bool(self._waiters)
         wake_at = INF if closing else self._next_scan
+        if closing and not self.writer_done():
+            wake_at = now + 0.01  # the worker is committing its last batches: look again soon
         for lane in self._lanes:
             if lane.job is not None:
                 wake_at = min(wake_at, lane.job.deadline + OVERRUN_GRACE)
@@ -1259,6 +1261,11 @@ class Drainer:
     def _own_done(self, own: _OwnStore | None, waiter: _Waiter) -> bool:
         file = waiter.file
         if own is None or file is None or own.file is not file or file.rows == 0:
+            return True
+        lanes = [lane for lane in self._lanes if lane.source.file is file]
+        if lanes and all(lane.idle() and not lane.parked for lane in lanes):
+            # Every row written was taken and acknowledged (or dropped): rows still in the file
+            # are ones whose delete failed (a full disk); they were delivered all the same.
             return True
         try:
             with own.locked() as held:

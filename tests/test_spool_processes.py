@@ -499,3 +499,95 @@ def test_a_profile_batch_accepted_as_its_sender_dies_is_sent_again_once(
         library_warnings.wait_for("were being sent when it stopped and are sent again")
     finally:
         server.stop()
+
+
+# --------------------------------------------------------------------------- a full disk
+
+
+def test_a_full_disk_falls_back_to_memory_and_the_app_goes_on(server, tmp_path) -> None:
+    """Files may not grow past 256 KB in this process (``RLIMIT_FSIZE``, with SIGXFSZ ignored,
+    is how a full disk looks to it: writes fail). What the spool cannot take is delivered from
+    memory, with one warning, counted."""
+    spool = tmp_path / "spool"
+    script = write_script(
+        tmp_path,
+        """
+        import json, logging, os, resource, signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+        from mp_logbridge import MixpanelHandler, tag
+        handler = MixpanelHandler("TOKEN", api_host=os.environ["URL"], spool=os.environ["SPOOL"],
+                                  flush_interval=0.05)
+        log = logging.getLogger("full")
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        warnings = []
+        class Keep(logging.Handler):
+            def emit(self, record):
+                warnings.append(record.getMessage())
+        logging.getLogger("mp_logbridge").addHandler(Keep())
+        import time
+        for n in range(4000):
+            log.info("x", extra=tag.track("Full", distinct_id="u", n=n, pad="z" * 200))
+            if n % 200 == 199:
+                time.sleep(0.08)  # commits of 200: the first ones fit, later ones do not
+        flushed = handler.flush(30)
+        print(json.dumps({"flushed": flushed, "stats": handler.stats(), "warnings": warnings}))
+        """,
+    )
+    result = run(script, {"URL": server.url, "SPOOL": str(spool)})
+    assert result.returncode == 0, result.stderr
+    facts = json.loads(result.stdout.splitlines()[-1])
+    stats = facts["stats"]
+    assert 0 < stats["spool_fallback"] < 4000 and stats["dropped_total"] == 0
+    assert facts["flushed"] is True
+    refusals = [w for w in facts["warnings"] if "cannot be written" in w]
+    assert len(refusals) == 1, facts["warnings"]
+    got = Counter(e["properties"]["n"] for e in server.events)
+    assert set(got) == set(range(4000))  # every record arrived (from disk or from memory)
+
+
+# --------------------------------------------------------------------------- a normal exit
+
+
+@pytest.mark.parametrize("server_up", [True, False])
+def test_a_normal_exit_delivers_or_keeps_and_never_waits_for_nothing(
+    tmp_path, server_up: bool
+) -> None:
+    """With the server up, exit delivers everything; with it down for the whole run, exit gives
+    up within ``exit_timeout`` and leaves every record for the next process. Neither waits for
+    the deadline when there is nothing left to do (``exit_timeout`` is 30 s here; a hang guard,
+    not a speed claim)."""
+    port = free_port()
+    spool = tmp_path / "spool"
+    server = MixpanelServer(port=port).start() if server_up else None
+    try:
+        script = write_script(
+            tmp_path,
+            """
+            import os
+            from mp_logbridge import Tracker
+            tracker = Tracker("TOKEN", api_host=os.environ["URL"], spool=os.environ["SPOOL"],
+                              exit_timeout=30, retry={"initial_backoff": 20})
+            for n in range(700):
+                tracker.track("u", "Exit", {"n": n})
+            """,
+        )
+        started = time.monotonic()
+        result = run(script, {"URL": f"http://127.0.0.1:{port}", "SPOOL": str(spool)})
+        took = time.monotonic() - started
+        assert result.returncode == 0, result.stderr
+        assert took < 15, took
+        if server is not None:
+            assert numbers(server.events, "Exit") == list(range(700))
+            assert list(spool.glob("*.sqlite3")) == []
+        else:
+            assert inspect_spool(spool).orphaned_records == 700
+            later = recover(spool, port)
+            try:
+                assert numbers(later.events, "Exit") == list(range(700))
+            finally:
+                later.stop()
+    finally:
+        if server is not None:
+            server.stop()
