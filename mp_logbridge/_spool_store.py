@@ -25,11 +25,15 @@ import json
 import os
 import secrets
 import sqlite3
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ._diagnostics import warn
 
 __all__ = [
     "FORMAT",
@@ -37,6 +41,7 @@ __all__ = [
     "VERSION",
     "FileReport",
     "LaneInfo",
+    "OwnStore",
     "Row",
     "SpoolCorrupt",
     "SpoolError",
@@ -50,6 +55,8 @@ __all__ = [
 #: What the ``meta`` table says a spool file is, and the version of its layout.
 FORMAT = "mp_logbridge-spool"
 VERSION = 1
+#: Seconds before a disk that refused a write is tried again.
+REOPEN_AFTER = 30.0
 #: Bytes a row takes on disk beyond its body (row header, rowid, page slack), for the size bound.
 ROW_OVERHEAD = 24
 SUFFIX = ".sqlite3"
@@ -419,9 +426,9 @@ class StoreFile:
         refused: list[bytes] = []
         size = sum(len(body) + ROW_OVERHEAD for body in keep)
         while keep and size > max_bytes:
-            first = keep.pop(0)
-            refused.append(first)
-            size -= len(first) + ROW_OVERHEAD
+            oldest = keep.pop(0)
+            refused.append(oldest)
+            size -= len(oldest) + ROW_OVERHEAD
         evicted: list[Row] = []
         conn = self.conn
         try:
@@ -432,9 +439,9 @@ class StoreFile:
                     evicted = self._evict(need)
                     freed = sum(row.size + ROW_OVERHEAD for row in evicted)
                     while keep and self.bytes - freed + size > max_bytes:
-                        first = keep.pop(0)
-                        refused.append(first)
-                        size -= len(first) + ROW_OVERHEAD
+                        oldest = keep.pop(0)
+                        refused.append(oldest)
+                        size -= len(oldest) + ROW_OVERHEAD
                 # Ids are given here, always above every id this file ever held: SQLite would
                 # reuse the ids of deleted rows, and readers keep their place by id.
                 first = self.last_id + 1
@@ -688,6 +695,123 @@ def remove_stale_locks(directory: Path) -> None:
             if not database.exists():
                 _unlink(lock)
             os.close(fd)
+
+
+# --------------------------------------------------------------------------- the own file
+
+
+class OwnStore:
+    """This consumer's file in this process: made on first write, shared by the writer (the
+    worker's sender threads, and callers with ``durability="call"``) and the drainer."""
+
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.lock = threading.Lock()
+        self.owner = 0  # the thread inside ``lock`` (a signal handler may re-enter it)
+        self.file: StoreFile | None = None
+        self.generation = 0
+        self.retry_at = 0.0  # after a refusal, the disk is tried again from then on
+        self.failing: str | None = None
+        self.fallback = 0  # records delivered from memory because the disk refused them
+        self.corrupt = 0  # files set aside
+        self.left_behind = 0  # rows left on disk when the file was released
+        self.pid = os.getpid()
+
+    @contextmanager
+    def locked(self) -> Iterator[bool]:
+        """Hold the lock; yields ``False`` without waiting when this thread holds it already
+        (a signal handler or finalizer that sends while its thread writes)."""
+        ident = threading.get_ident()
+        if self.owner == ident:
+            yield False
+            return
+        with self.lock:
+            self.owner = ident
+            try:
+                yield True
+            finally:
+                self.owner = 0
+
+    def open(self) -> StoreFile:
+        """The current file, made when there is none (caller holds the lock)."""
+        current = self.file
+        if current is None:
+            current = self.file = StoreFile.create(self.directory)
+            self.generation += 1
+        return current
+
+    def set_aside(self, store: StoreFile, error: SpoolError) -> None:
+        """The current file turned out corrupt: move it aside; the next write starts a new one
+        (caller holds the lock)."""
+        if self.file is store:
+            self.file = None
+        try:
+            store.conn.close()
+        except Exception:
+            pass
+        moved = set_aside(store.path)
+        try:
+            os.close(store.lock_fd)
+        except OSError:
+            pass
+        try:
+            os.unlink(lock_path(store.path))
+        except OSError:
+            pass
+        self.corrupt += 1
+        warn(
+            "mp_logbridge: spool file %s is corrupt (%s); moved aside to %s, starting a new one "
+            "(what it held is lost)",
+            store.path,
+            error,
+            moved or "(deleted)",
+        )
+
+    def refused(self, error: SpoolError) -> None:
+        """The disk refused: deliver from memory for a while (caller holds the lock)."""
+        self.retry_at = time.monotonic() + REOPEN_AFTER
+        if self.failing is None:
+            warn(
+                "mp_logbridge: the spool at %s cannot be written (%s); delivering from memory "
+                "until it can (records held in memory are lost if the process dies)",
+                self.directory,
+                error,
+            )
+        self.failing = str(error)
+        current = self.file
+        if current is not None and isinstance(error, SpoolUnavailable) and current.rows == 0:
+            # Nothing of ours in it: give it up, so a read-only or full disk is tried afresh.
+            current.close(delete_if_empty=True)
+            self.file = None
+
+    def recovered(self) -> None:
+        if self.failing is not None:
+            warn("mp_logbridge: the spool at %s is written again", self.directory)
+            self.failing = None
+
+    def release(self) -> None:
+        """Close the file and give up its lock (deleted when empty); caller holds the lock."""
+        current, self.file = self.file, None
+        if current is not None:
+            rows = current.rows
+            if not current.close(delete_if_empty=True):
+                self.left_behind += rows
+
+    def reinit_after_fork(self) -> None:
+        """In a forked child: the parent's file stays the parent's; this process makes its own."""
+        if self.pid == os.getpid():
+            return
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self.owner = 0
+        current, self.file = self.file, None
+        if current is not None:
+            current.forget()
+        self.generation += 1
+        self.fallback = self.corrupt = self.left_behind = 0
+        self.retry_at = 0.0
+        self.failing = None
 
 
 # --------------------------------------------------------------------------- reports

@@ -36,14 +36,8 @@ from ._errors import ConfigurationError
 from ._messages import KINDS
 from ._records import MAX_BATCH_RECORDS, MAX_REQUEST_BYTES
 from ._retry import RetryPolicy
-from ._spool import (
-    COMMIT_INTERVAL,
-    DEFAULT_MAX_SPOOL_BYTES,
-    DURABILITY_MODES,
-    Drainer,
-    _parse_endpoints,
-    run_drain,
-)
+from ._spool import COMMIT_INTERVAL, DEFAULT_MAX_SPOOL_BYTES, DURABILITY_MODES
+from ._spool_drain import Drainer, parse_endpoints, run_drain
 from ._spool_store import (
     CORRUPT_SUFFIX,
     FileReport,
@@ -116,7 +110,7 @@ class DrainResult:
 
 
 def _url_of(kind: str, endpoints: str) -> str:
-    parsed = _parse_endpoints(endpoints)
+    parsed = parse_endpoints(endpoints)
     if parsed is None:
         return "(unusable destination)"
     if kind not in KINDS:

@@ -64,9 +64,7 @@ def rows_in(path: Path) -> int:
         conn.close()
 
 
-def write_orphan(
-    directory: Path, url: str, records: list[dict[str, Any]], **options: Any
-) -> None:
+def write_orphan(directory: Path, url: str, records: list[dict[str, Any]], **options: Any) -> None:
     """Spool ``records`` for ``url`` (where nothing answers) and let the file go, as a process
     that ended during an outage does."""
     consumer = BackgroundConsumer(api_host=url, spool=directory, retry=FAST, **options)
@@ -263,7 +261,7 @@ def test_events_too_old_for_track_go_to_import_with_the_writers_credentials(
 def test_old_events_without_credentials_are_dropped_as_expired(spool_dir, quiet) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    write_orphan(spool_dir, url, _old_events(10, "old") + [event_record("new-0")])
+    write_orphan(spool_dir, url, [*_old_events(10, "old"), event_record("new-0")])
     _age_rows(spool_dir, 6)
     with MixpanelServer(port=port) as server:
         errors = Errors()
@@ -289,9 +287,7 @@ def test_old_events_of_other_credentials_wait_for_them(spool_dir, quiet) -> None
         assert server.requests == []
         quiet.wait_for("no matching /import credentials")
         result = drain_spool(spool_dir, credentials=writer)
-        assert result.complete and ids(server.imports) == Counter(
-            {f"old-{i}": 1 for i in range(5)}
-        )
+        assert result.complete and ids(server.imports) == Counter({f"old-{i}": 1 for i in range(5)})
 
 
 # --------------------------------------------------------------------------- destinations
@@ -357,7 +353,7 @@ def test_hostile_values_come_back_byte_for_byte(spool_dir, quiet) -> None:
         "plain",
         "ünïcödé ✓ 漢字 🚀",
         "nul\x00inside",
-        "quote\" backslash\\ newline\n tab\t",
+        'quote" backslash\\ newline\n tab\t',
         "'; DROP TABLE records; --",
         "x" * 400_000,
         {"nested": [1, 2.5, None, True, {"deep": ["a", {"b": "c"}]}]},

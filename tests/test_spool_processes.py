@@ -113,8 +113,8 @@ if after == "stream":
     while True:  # the process goes on producing until it is killed
         log.info("more", extra=tag.track("Streamed", distinct_id="u", n=n))
         n += 1
-        if n % 500 == 0:
-            time.sleep(0.001)
+        if n % 50 == 0:
+            time.sleep(0.001)  # a steady stream the spool keeps up with (a flood would queue)
 time.sleep(0.3)  # a few commit windows pass
 if after == "os_exit":
     os._exit(0)
@@ -192,15 +192,16 @@ def test_kill_9_while_sending_resends_at_most_the_batch_in_flight(tmp_path) -> N
         env = {"URL": f"http://127.0.0.1:{port}", "SPOOL": str(spool)}
         producer = start(script, env, "5000", "0.05", "batch", "stream")
         read_line(producer)
-        time.sleep(0.5)
+        time.sleep(1.0)
         producer.send_signal(signal.SIGKILL)
         producer.communicate(timeout=30)
         before = len(server.events)
         result = drain_spool(spool, timeout=60)
         assert result.complete, result
         logged = insert_ids(server.events, "Logged")
-        assert set(logged) == {ev["properties"]["$insert_id"] for ev in server.events
-                               if ev["event"] == "Logged"}
+        assert set(logged) == {
+            ev["properties"]["$insert_id"] for ev in server.events if ev["event"] == "Logged"
+        }
         assert numbers(server.events, "Logged")[-1] == 4999 and len(logged) == 5000
         duplicates = sum(n - 1 for n in insert_ids(server.events).values())
         assert duplicates <= 2000, (duplicates, before)  # one batch per lane at most
@@ -247,7 +248,11 @@ def test_with_pool_terminating_its_workers_loses_nothing(tmp_path, method: str) 
     server = recover(spool, port)
     try:
         for i in range(4):
-            got = [e["properties"]["n"] for e in server.events if e["properties"]["distinct_id"] == f"w{i}"]
+            got = [
+                e["properties"]["n"]
+                for e in server.events
+                if e["properties"]["distinct_id"] == f"w{i}"
+            ]
             assert sorted(got) == list(range(400))
         assert set(insert_ids(server.events).values()) == {1}
     finally:
@@ -327,7 +332,7 @@ def test_batch_durability_loses_only_the_last_window_on_an_immediate_exit(tmp_pa
 FORKER = """
 import json, logging, os, sys, time
 from mp_logbridge import MixpanelHandler, tag
-import mp_logbridge._spool as spool_impl
+import mp_logbridge._spool_drain as spool_impl
 spool_impl.ADOPT_INTERVAL = 0.1  # the child looks for orphans often: it must not take ours
 
 handler = MixpanelHandler("TOKEN", api_host=os.environ["URL"], spool=os.environ["SPOOL"],
@@ -408,7 +413,7 @@ def test_the_survivor_of_two_processes_delivers_the_dead_ones_rows(server, tmp_p
             tmp_path,
             """
             import json, os, sys
-            import mp_logbridge._spool as spool_impl
+            import mp_logbridge._spool_drain as spool_impl
             spool_impl.ADOPT_INTERVAL = 0.2
             from mp_logbridge import Tracker
             tracker = Tracker("TOKEN", api_host=os.environ["URL"], spool=os.environ["SPOOL"])
