@@ -259,10 +259,14 @@ class Spool:
                 try:
                     current = store.open()
                     lane = current.lane_id(kind, self._endpoints_json, cred)
-                    evicted, refused, stored, _last = current.append(
-                        lane, int(time.time() * 1000), records, store.max_bytes
+                    created_ms = int(time.time() * 1000)
+                    evicted, refused, stored, last = current.append(
+                        lane, created_ms, records, store.max_bytes
                     )
                     written = current
+                    if stored:  # queued under the lock, so notices of a lane come in order
+                        kept = records[len(refused) :]
+                        self.drainer.notice(written, lane, last - stored + 1, kept, created_ms)
                     break
                 except SpoolCorrupt as exc:
                     if current is not None:
@@ -279,7 +283,7 @@ class Spool:
             store.fallback += len(records)
             return False
         if stored:
-            self.drainer.notice(written, lane, stored)
+            self.drainer.wake_for(stored)
         full = MessagesDropped(
             "spool_full", f"the spool is full ({store.max_bytes} bytes); oldest dropped"
         )

@@ -68,6 +68,9 @@ TRACK_WINDOW_MS = 5 * 86_400_000
 CHECK_AGE_MS = 4 * 86_400_000
 #: Seconds an export may run past its deadline before the lane retries with a new thread.
 OVERRUN_GRACE = 2.0
+#: Bytes of just-committed records a lane keeps in memory to send them without reading them
+#: back; beyond it (a backlog) they are read from the file.
+CACHE_BYTES = 4 * 1024 * 1024
 
 INF = float("inf")
 _STOP = object()
@@ -148,6 +151,8 @@ class _Lane:
 
     __slots__ = (
         "attempts",
+        "cache",
+        "cached_bytes",
         "credentials",
         "cursor",
         "error",
@@ -178,6 +183,8 @@ class _Lane:
         self.cursor = 0  # rows up to this id were taken
         self.more = source.own is None  # adopted files: read until empty
         self.pending = 0  # rows written since the last read (own file)
+        self.cache: deque[_Chunk] = deque()  # the newest of them, still in memory
+        self.cached_bytes = 0
         self.since = INF  # when the first of them was written
         self.job: _Job | None = None
         self.ready: deque[list[Row]] = deque()  # halves of a batch found too large
@@ -218,6 +225,42 @@ class _Lane:
         if self.pending > 0:
             return self.since + flush_interval
         return INF
+
+
+class _Notice:
+    """Rows the writer committed: what the drainer needs to send them without reading them."""
+
+    __slots__ = ("bodies", "created_ms", "file", "first", "lane", "when")
+
+    def __init__(
+        self,
+        file: StoreFile,
+        lane: int,
+        first: int,
+        bodies: list[bytes],
+        created_ms: int,
+        when: float,
+    ) -> None:
+        self.file = file
+        self.lane = lane
+        self.first = first
+        self.bodies = bodies
+        self.created_ms = created_ms
+        self.when = when
+
+
+class _Chunk:
+    """Committed rows of a lane still in memory (ids ``first``, ``first + 1``, ...)."""
+
+    __slots__ = ("bodies", "created_ms", "first")
+
+    def __init__(self, first: int, bodies: list[bytes], created_ms: int) -> None:
+        self.first = first
+        self.bodies = bodies
+        self.created_ms = created_ms
+
+    def size(self) -> int:
+        return sum(len(body) for body in self.bodies)
 
 
 class _Job:
@@ -274,6 +317,10 @@ class Waiter:
         self.target = target
         self.ok = False
         self.done = threading.Event()
+
+
+def _row_id(row: Row) -> int:
+    return row.id
 
 
 def _take_rows(rows: list[Row], bodies: list[bytes], batch: list[bytes]) -> list[Row]:
@@ -346,7 +393,7 @@ class Drainer:
         self._reset()
 
     def _reset(self) -> None:
-        self._notices: deque[tuple[StoreFile, int, int, float]] = deque()
+        self._notices: deque[_Notice] = deque()
         self._results: deque[_Job] = deque()
         self._wakeup = threading.Lock()
         self._wakeup.acquire()
@@ -364,6 +411,10 @@ class Drainer:
         self._closing = False
         self._close_deadline = INF
         self._outage: tuple[float, str] | None = None
+        self._deletes: list[tuple[_Lane, list[Row], bool]] = []
+        self._asleep = False
+        self._wake_on_notice = True
+        self._noticed = 0
         self._pid = os.getpid()
 
     # ------------------------------------------------------------------ control
@@ -392,12 +443,21 @@ class Drainer:
         thread = self._thread
         return thread is not None and self._pid == os.getpid() and not self._finished.is_set()
 
-    def notice(self, file: StoreFile, lane: int, count: int) -> None:
-        """The writer committed ``count`` rows to ``lane`` of the own file (any thread; no lock)."""
-        self._notices.append((file, lane, count, time.monotonic()))
+    def notice(
+        self, file: StoreFile, lane: int, first: int, bodies: list[bytes], created_ms: int
+    ) -> None:
+        """The writer committed ``bodies`` to ``lane`` of the own file, ids from ``first`` on
+        (any thread; takes no lock)."""
+        self._notices.append(_Notice(file, lane, first, bodies, created_ms, time.monotonic()))
+
+    def wake_for(self, count: int) -> None:
+        """After :meth:`notice` (outside the writer's lock): start or wake the drainer if the
+        new rows need it now."""
         if self._thread is None:
             self.start()
-        else:
+            return
+        self._noticed += count
+        if self._asleep and (self._wake_on_notice or self._noticed >= self.batch_size):
             self._wake()
 
     def learn(self, credentials: Credentials) -> None:
@@ -483,6 +543,9 @@ class Drainer:
             if not closing:
                 self._adopt(now)
             self._dispatch(now, closing or bool(self._waiters))
+            # Deletes and the next reads run while the batches just handed over are in flight.
+            self._delete_finished()
+            self._prefetch()
             self._check_overruns(now)
             self._retire_sources()
             self._resolve_waiters()
@@ -517,7 +580,7 @@ class Drainer:
             return
         closing = self._closing
         urgent = closing or bool(self._waiters)
-        wake_at = INF if closing else self._next_scan
+        wake_at = INF if closing or self._adopted is not None else self._next_scan
         if closing and not self.writer_done():
             wake_at = now + 0.01  # the worker is committing its last batches: look again soon
         for lane in self._lanes:
@@ -531,12 +594,23 @@ class Drainer:
                 due = max(due, source.failed_until)
             wake_at = min(wake_at, due)
         wake_at = min(wake_at, self._close_deadline)
-        timeout = wake_at - time.monotonic()
-        if timeout <= 0:
-            return
-        self._wakeup.acquire(timeout=-1 if wake_at == INF else timeout)
+        # A notice needs to wake the drainer only when nothing is scheduled before its rows
+        # would be due anyway, or when a batch's worth of rows has come.
+        self._noticed = 0
+        self._wake_on_notice = wake_at > now + self.flush_interval
+        self._asleep = True
+        try:
+            if self._notices or self._results or self._new_waiters:
+                return
+            timeout = wake_at - time.monotonic()
+            if timeout <= 0:
+                return
+            self._wakeup.acquire(timeout=-1 if wake_at == INF else timeout)
+        finally:
+            self._asleep = False
 
     def _finish(self) -> None:
+        self._delete_finished()
         for job_lane in self._lanes:
             if job_lane.job is not None:
                 job_lane.job.abandoned = True
@@ -569,7 +643,8 @@ class Drainer:
     def _take_notices(self, now: float) -> None:
         own = self.own
         while self._notices:
-            file, lane_id, count, when = self._notices.popleft()
+            notice = self._notices.popleft()
+            file, lane_id = notice.file, notice.lane
             if own is None or own.file is not file:
                 continue  # the file was replaced since: its rows went with it
             source = next((s for s in self._sources if s.file is file), None)
@@ -586,8 +661,12 @@ class Drainer:
                     continue
                 lane = self._make_lane(source, info)
             if lane.pending <= 0:
-                lane.since = when
-            lane.pending += count
+                lane.since = notice.when
+            lane.pending += len(notice.bodies)
+            size = sum(len(body) for body in notice.bodies)
+            if lane.cached_bytes + size <= CACHE_BYTES:  # else read back from disk when due
+                lane.cache.append(_Chunk(notice.first, notice.bodies, notice.created_ms))
+                lane.cached_bytes += size
 
     def _make_lane(self, source: _Source, info: LaneInfo) -> _Lane:
         lane = _Lane(source, info)
@@ -740,8 +819,11 @@ class Drainer:
         if self._adopted is source:
             self._adopted = None
 
-    def _failed(self, source: _Source, error: SpoolError, now: float) -> None:
-        """A file refused a read or a delete."""
+    def _failed(
+        self, source: _Source, error: SpoolError, now: float, *, reading: bool = True
+    ) -> None:
+        """A file refused a read (its lanes wait a while) or a delete (a full disk: sending
+        goes on, the rows stay on disk and are sent again by the next process)."""
         if isinstance(error, SpoolCorrupt):
             own = source.own
             if own is not None:
@@ -772,7 +854,8 @@ class Drainer:
             return
         if source.own is not None and source.own.file is not source.file:
             return  # the own file was replaced or released: nothing to report
-        source.failed_until = now + REOPEN_AFTER
+        if reading:
+            source.failed_until = now + REOPEN_AFTER
         if not source.reported:
             source.reported = True
             warn("mp_logbridge: spool file %s: %s (retrying later)", source.file.path, error)
@@ -793,7 +876,7 @@ class Drainer:
             if not rows:
                 continue
             if lane.invalid or lane.exporter is None:
-                self._finish_rows(lane, [], [("invalid", _invalid(lane), rows)])
+                self._finish_rows(lane, [], [("invalid", _invalid(lane), rows)], rows)
                 continue
             kind, credentials = lane.kind, lane.credentials
             if kind == "event":
@@ -806,42 +889,111 @@ class Drainer:
             self._submit(lane, job)
 
     def _take(self, lane: _Lane, now: float) -> list[Row]:
+        """The lane's next batch: the one to retry, a half or a prefetched batch, or rows read
+        now."""
         if lane.retry is not None:
             rows, lane.retry = lane.retry, None
             return rows
-        if lane.ready:
-            rows = lane.ready.popleft()
-        else:
-            source = lane.source
-            try:
-                with source.locked() as held:
-                    if not held:
-                        return []
-                    rows, more = source.file.take(
-                        lane.info.id,
-                        lane.cursor,
-                        self.batch_size,
-                        self.max_batch_bytes,
-                        lane.cursor + 1,
-                    )
-            except SpoolError as exc:
-                self._failed(source, exc, now)
-                return []
-            lane.more = more if source.own is None else False
-            if rows:
-                lane.cursor = rows[-1].id
-            lane.pending = max(0, lane.pending - len(rows)) if more else 0
-            if more and source.own is not None:
-                lane.pending = max(lane.pending, 1)
-            if lane.pending <= 0:
-                lane.since = INF
-            bad = [row for row in rows if row.body is None]
-            if bad:
-                rows = [row for row in rows if row.body is not None]
-                problem = InvalidMessageError("message", "a spooled row holds no record bytes")
-                self._finish_rows(lane, [], [("invalid", problem, bad)])
+        rows = lane.ready.popleft() if lane.ready else self._read(lane, now)
         lane.attempts, lane.first_attempt, lane.error = 0, now, None
         return rows
+
+    def _read(self, lane: _Lane, now: float) -> list[Row]:
+        """The lane's next rows, recorded as taken: from what the writer just committed when
+        it is still in memory, else read back from the file."""
+        if lane.cache:
+            rows = self._from_cache(lane, now)
+            if rows:
+                return rows
+        source = lane.source
+        try:
+            with source.locked() as held:
+                if not held:
+                    return []
+                rows, more = source.file.take(
+                    lane.info.id, lane.cursor, self.batch_size, self.max_batch_bytes
+                )
+        except SpoolError as exc:
+            self._failed(source, exc, now)
+            return []
+        lane.more = more if source.own is None else False
+        if rows:
+            lane.cursor = rows[-1].id
+        lane.pending = max(0, lane.pending - len(rows)) if more else 0
+        if more and source.own is not None:
+            lane.pending = max(lane.pending, 1)
+        if lane.pending <= 0:
+            lane.since = INF
+        bad = [row for row in rows if row.body is None]
+        if bad:
+            rows = [row for row in rows if row.body is not None]
+            problem = InvalidMessageError("message", "a spooled row holds no record bytes")
+            self._finish_rows(lane, [], [("invalid", problem, bad)])
+        return rows
+
+    def _from_cache(self, lane: _Lane, now: float) -> list[Row]:
+        cache = lane.cache
+        cursor = lane.cursor
+        while cache and cache[0].first + len(cache[0].bodies) - 1 <= cursor:
+            lane.cached_bytes -= cache.popleft().size()  # read from disk meanwhile
+        if cache and cache[0].first <= cursor:
+            chunk = cache[0]
+            cut = cursor + 1 - chunk.first
+            lane.cached_bytes -= sum(len(body) for body in chunk.bodies[:cut])
+            chunk.bodies, chunk.first = chunk.bodies[cut:], cursor + 1
+        if not cache or cache[0].first != cursor + 1:
+            return []  # rows before the cached ones are only on disk
+        rows: list[Row] = []
+        total = 2
+        limit, max_bytes = self.batch_size, self.max_batch_bytes
+        while cache and len(rows) < limit:
+            chunk = cache[0]
+            used = 0
+            for index, body in enumerate(chunk.bodies):
+                if len(rows) >= limit or (rows and total + len(body) + 1 > max_bytes):
+                    break
+                rows.append(Row(chunk.first + index, body, chunk.created_ms, len(body)))
+                total += len(body) + 1
+                used += 1
+            lane.cached_bytes -= sum(len(body) for body in chunk.bodies[:used])
+            if used < len(chunk.bodies):
+                chunk.bodies, chunk.first = chunk.bodies[used:], chunk.first + used
+                break
+            cache.popleft()
+        source = lane.source
+        try:
+            with source.locked() as held:
+                ok = held and source.file.mark_taken(
+                    lane.info.id, rows[0].id, rows[-1].id, len(rows)
+                )
+        except SpoolError as exc:
+            self._failed(source, exc, now)
+            return []
+        if not ok:  # some were pushed out of the file meanwhile (a full spool): read the file
+            cache.clear()
+            lane.cached_bytes = 0
+            return []
+        lane.cursor = rows[-1].id
+        lane.pending = max(0, lane.pending - len(rows))
+        if lane.pending <= 0:
+            lane.since = INF
+        return rows
+
+    def _prefetch(self) -> None:
+        """Read the next batch of lanes that have one in flight and more rows waiting, so it
+        leaves the moment the answer comes."""
+        now = time.monotonic()
+        closing = self._closing
+        for lane in self._lanes:
+            if lane.job is None or lane.ready or lane.retry is not None or lane.parked:
+                continue
+            source = lane.source
+            if lane.invalid or source.failed_until > now or (closing and source.own is None):
+                continue
+            if lane.more or (source.own is not None and lane.pending >= self.batch_size):
+                rows = self._read(lane, now)
+                if rows:
+                    lane.ready.append(rows)
 
     def _route(
         self, lane: _Lane, rows: list[Row], now: float
@@ -875,7 +1027,7 @@ class Drainer:
             "expired",
             "older than the 5 days /track accepts, and no /import credentials are configured",
         )
-        self._finish_rows(lane, [], [("expired", expired, rows)])
+        self._finish_rows(lane, [], [("expired", expired, rows)], rows)
         return [], "event", None
 
     def _submit(self, lane: _Lane, job: _Job) -> None:
@@ -938,7 +1090,9 @@ class Drainer:
             (reason, error, _take_rows(job.rows, items, records))
             for reason, items, error in outcome.dropped
         ]
-        self._finish_rows(lane, delivered, drops)
+        resolved = len(delivered) + sum(len(items) for _reason, _error, items in drops)
+        whole = job.rows if resolved == len(job.rows) else None
+        self._finish_rows(lane, delivered, drops, whole)
         if outcome.split:
             halves = [_take_rows(job.rows, half, records) for half in outcome.split]
             lane.ready.extendleft(reversed(halves))
@@ -968,24 +1122,38 @@ class Drainer:
         lane: _Lane,
         delivered: list[Row],
         drops: list[tuple[str, BaseException, list[Row]]],
+        whole: list[Row] | None = None,
     ) -> None:
-        """Delete rows that were delivered or dropped for good, and count them."""
-        gone = list(delivered) + [row for _reason, _error, items in drops for row in items]
-        source = lane.source
-        if gone:
-            try:
-                with source.locked() as held:
-                    if held:
-                        source.file.delete(gone)
-            except SpoolError as exc:
-                # Rows stay on disk; this process never reads them again (its cursor is past
-                # them), the next one sends them again (at-least-once).
-                self._failed(source, exc, time.monotonic())
+        """Count rows that were delivered or dropped for good, and queue their delete
+        (``whole``: the batch as it was taken, every row of it resolved)."""
+        if whole is not None:
+            self._deletes.append((lane, whole, True))
+        else:
+            gone = list(delivered) + [row for _reason, _error, items in drops for row in items]
+            if gone:
+                gone.sort(key=_row_id)
+                self._deletes.append((lane, gone, False))
         if delivered:
             self.stats.add_sent(len(delivered))
             self._recovered(time.monotonic())
         for reason, error, items in drops:
             self._drop(reason, error, items)
+
+    def _delete_finished(self) -> None:
+        """Delete the rows resolved since the last step, one transaction per batch."""
+        deletes, self._deletes = self._deletes, []
+        for lane, rows, whole in deletes:
+            source = lane.source
+            if source not in self._sources:
+                continue
+            try:
+                with source.locked() as held:
+                    if held:
+                        source.file.delete(lane.info.id, rows, whole=whole)
+            except SpoolError as exc:
+                # Rows stay on disk; this process never reads them again (its cursor is past
+                # them), the next one sends them again (at-least-once).
+                self._failed(source, exc, time.monotonic(), reading=False)
 
     def _drop(self, reason: str, error: BaseException, rows: list[Row]) -> None:
         if not rows:

@@ -27,7 +27,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,11 +70,14 @@ _SCHEMA = (
     # fingerprint of the /import credentials that go with them (never the secret itself).
     "CREATE TABLE IF NOT EXISTS lanes (id INTEGER PRIMARY KEY, kind TEXT NOT NULL, "
     "endpoints TEXT NOT NULL, cred TEXT NOT NULL DEFAULT '', UNIQUE (kind, endpoints, cred))",
-    # ``id`` only grows (given by the writer, never reused); ``batch`` is set when the drainer
-    # takes a row for sending: a row still marked when its process died may have reached
-    # Mixpanel (it is sent again: at-least-once).
+    # ``id`` only grows (given by the writer, never reused), so readers keep their place by id.
     "CREATE TABLE IF NOT EXISTS records (id INTEGER PRIMARY KEY, lane INTEGER NOT NULL, "
-    "created_ms INTEGER NOT NULL, body BLOB NOT NULL, batch INTEGER)",
+    "created_ms INTEGER NOT NULL, body BLOB NOT NULL)",
+    # The rows of a lane from ``first`` to ``last`` were taken for sending (one row per batch,
+    # not a mark on every row): rows still covered when their process died may have reached
+    # Mixpanel (they are sent again: at-least-once), and taken rows are never evicted.
+    "CREATE TABLE IF NOT EXISTS taken (lane INTEGER NOT NULL, first INTEGER NOT NULL, "
+    "last INTEGER NOT NULL)",
 )
 
 
@@ -106,7 +109,7 @@ class LaneInfo:
     cred: str
 
 
-@dataclass
+@dataclass(slots=True)
 class Row:
     """One stored record. ``body`` is ``None`` when the stored value is not usable bytes."""
 
@@ -466,20 +469,22 @@ class StoreFile:
     def _evict(self, need: int) -> list[Row]:
         """Delete the oldest rows not taken for sending until ``need`` bytes are freed (inside
         the caller's transaction)."""
+        taken = self.conn.execute("SELECT lane, first, last FROM taken").fetchall()
         evicted: list[Row] = []
         freed = 0
         after = 0
         while freed < need:
             found = self.conn.execute(
-                "SELECT id, body, created_ms FROM records WHERE batch IS NULL AND id > ? "
-                "ORDER BY id LIMIT 256",
+                "SELECT id, body, created_ms, lane FROM records WHERE id > ? ORDER BY id LIMIT 256",
                 (after,),
             ).fetchall()
             if not found:
                 break
             for item in found:
-                row = _row(item)
-                after = row.id
+                after = item[0]
+                if any(lane == item[3] and first <= after <= last for lane, first, last in taken):
+                    continue
+                row = _row(item[:3])
                 evicted.append(row)
                 freed += row.size + ROW_OVERHEAD
                 if freed >= need:
@@ -490,11 +495,9 @@ class StoreFile:
 
     # ------------------------------------------------------------------ reading
 
-    def take(
-        self, lane: int, after: int, limit: int, max_bytes: int, batch: int
-    ) -> tuple[list[Row], bool]:
+    def take(self, lane: int, after: int, limit: int, max_bytes: int) -> tuple[list[Row], bool]:
         """The next rows of ``lane`` after id ``after`` (at most ``limit``, joined under
-        ``max_bytes``), marked as taken for sending; and whether more may follow."""
+        ``max_bytes``), recorded as taken for sending; and whether more may follow."""
         try:
             found = self.conn.execute(
                 "SELECT id, body, created_ms FROM records WHERE lane = ? AND id > ? "
@@ -504,37 +507,80 @@ class StoreFile:
             rows: list[Row] = []
             total = 2
             for item in found:
-                row = _row(item)
+                body = item[1]
+                if type(body) is bytes:
+                    row = Row(item[0], body, item[2], len(body))
+                else:
+                    row = _row(item)
                 if rows and total + row.size + 1 > max_bytes:
                     break
                 rows.append(row)
                 total += row.size + 1
-            if rows:
-                self.conn.execute(
-                    "UPDATE records SET batch = ? WHERE lane = ? AND id BETWEEN ? AND ?",
-                    (batch, lane, rows[0].id, rows[-1].id),
-                )
         except sqlite3.Error as exc:
             raise _failure(exc, self.path, "cannot read") from exc
+        if rows:
+            self._record_taken(lane, rows[0].id, rows[-1].id)
         return rows, len(rows) < len(found) or len(found) >= limit
 
-    def delete(self, rows: Iterable[Row]) -> None:
-        """Delete rows that were delivered or dropped for good (one transaction)."""
-        items = list(rows)
-        if not items:
-            return
+    def _record_taken(self, lane: int, first: int, last: int) -> None:
         try:
-            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.execute(
+                "INSERT INTO taken (lane, first, last) VALUES (?, ?, ?)", (lane, first, last)
+            )
+        except sqlite3.OperationalError:
+            # A full disk: send them all the same. Unrecorded, they are not protected from
+            # eviction and a crash report will not count them; delivery does not depend on it.
+            pass
+        except sqlite3.Error as exc:
+            raise _failure(exc, self.path, "cannot write to") from exc
+
+    def mark_taken(self, lane: int, first: int, last: int, count: int) -> bool:
+        """Record rows ``first``-``last`` of ``lane`` (``count`` of them, known to the caller)
+        as taken for sending; ``False`` (nothing recorded) when some are not in the file."""
+        conn = self.conn
+        try:
+            found = conn.execute(
+                "SELECT count(*) FROM records WHERE lane = ? AND id BETWEEN ? AND ?",
+                (lane, first, last),
+            ).fetchone()[0]
+        except sqlite3.Error as exc:
+            raise _failure(exc, self.path, "cannot read") from exc
+        if found != count:
+            return False
+        self._record_taken(lane, first, last)
+        return True
+
+    def delete(self, lane: int, rows: list[Row], *, whole: bool = False) -> None:
+        """Delete rows of ``lane`` that were delivered or dropped for good (one transaction).
+        ``whole``: they are every row of the lane from the first to the last of them (a batch
+        as it was taken), deleted as a range."""
+        if not rows:
+            return
+        conn = self.conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
             try:
-                deleted = self._delete_ids([row.id for row in items])
-                self.conn.execute("COMMIT")
+                if whole:
+                    deleted = conn.execute(
+                        "DELETE FROM records WHERE lane = ? AND id BETWEEN ? AND ?",
+                        (lane, rows[0].id, rows[-1].id),
+                    ).rowcount
+                else:
+                    deleted = self._delete_ids([row.id for row in rows])
+                conn.execute(
+                    "DELETE FROM taken WHERE lane = ? AND NOT EXISTS (SELECT 1 FROM records "
+                    "WHERE records.lane = taken.lane AND records.id BETWEEN taken.first "
+                    "AND taken.last)",
+                    (lane,),
+                )
+                conn.execute("COMMIT")
             except BaseException:
-                _rollback(self.conn)
+                _rollback(conn)
                 raise
         except sqlite3.Error as exc:
             raise _failure(exc, self.path, "cannot delete from") from exc
-        if deleted == len(items):
-            self._forget(items)
+        if deleted == len(rows):
+            self._forget(rows)
         else:  # some were gone already: count again
             try:
                 self.count()
@@ -545,12 +591,9 @@ class StoreFile:
         cursor = self.conn.executemany("DELETE FROM records WHERE id = ?", [(i,) for i in ids])
         return cursor.rowcount
 
-    def _forget(self, rows: Iterable[Row]) -> None:
-        for row in rows:
-            self.rows -= 1
-            self.bytes -= row.size + ROW_OVERHEAD
-        self.rows = max(0, self.rows)
-        self.bytes = max(0, self.bytes)
+    def _forget(self, rows: list[Row]) -> None:
+        self.rows = max(0, self.rows - len(rows))
+        self.bytes = max(0, self.bytes - sum(row.size for row in rows) - ROW_OVERHEAD * len(rows))
 
     def first_id(self) -> int | None:
         """The id of the oldest row (``None`` when the file is empty)."""
@@ -563,10 +606,7 @@ class StoreFile:
     def taken_counts(self) -> dict[str, int]:
         """Rows per kind that were taken for sending (by the process that wrote them)."""
         try:
-            found = self.conn.execute(
-                "SELECT lanes.kind, count(*) FROM records JOIN lanes ON records.lane = lanes.id "
-                "WHERE records.batch IS NOT NULL GROUP BY lanes.kind"
-            ).fetchall()
+            found = self.conn.execute(_TAKEN_BY_KIND).fetchall()
         except sqlite3.Error as exc:
             raise _failure(exc, self.path, "cannot read") from exc
         return {str(kind): int(count) for kind, count in found}
@@ -615,6 +655,16 @@ class StoreFile:
         except OSError:
             pass
 
+
+_TAKEN_BY_KIND = (
+    "SELECT lanes.kind, count(*) FROM taken JOIN records ON records.lane = taken.lane "
+    "AND records.id BETWEEN taken.first AND taken.last JOIN lanes ON lanes.id = taken.lane "
+    "GROUP BY lanes.kind"
+)
+_TAKEN_BY_LANE = (
+    "SELECT taken.lane, count(*) FROM taken JOIN records ON records.lane = taken.lane "
+    "AND records.id BETWEEN taken.first AND taken.last GROUP BY taken.lane"
+)
 
 # Connections inherited through a fork: kept referenced so the child never finalizes them.
 _inherited: list[Any] = []
@@ -888,9 +938,10 @@ def inspect_file(path: Path, url_of: Any) -> FileReport:
                 "SELECT id, kind, endpoints, cred FROM lanes"
             )
         }
-        for lane, count, nbytes, oldest, taken in conn.execute(
-            "SELECT lane, count(*), coalesce(sum(length(body)), 0), min(created_ms), "
-            "count(batch) FROM records GROUP BY lane ORDER BY min(id)"
+        taken_by_lane = {int(lane): int(n) for lane, n in conn.execute(_TAKEN_BY_LANE)}
+        for lane, count, nbytes, oldest in conn.execute(
+            "SELECT lane, count(*), coalesce(sum(length(body)), 0), min(created_ms) "
+            "FROM records GROUP BY lane ORDER BY min(id)"
         ):
             kind, endpoints, cred = lanes.get(int(lane), ("?", "", ""))
             report.lanes.append(
@@ -900,7 +951,7 @@ def inspect_file(path: Path, url_of: Any) -> FileReport:
                     int(count),
                     int(nbytes),
                     int(oldest) if oldest is not None else None,
-                    int(taken),
+                    taken_by_lane.get(int(lane), 0),
                     bool(cred),
                 )
             )

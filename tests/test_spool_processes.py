@@ -536,7 +536,7 @@ def test_a_full_disk_falls_back_to_memory_and_the_app_goes_on(server, tmp_path) 
             log.info("x", extra=tag.track("Full", distinct_id="u", n=n, pad="z" * 200))
             if n % 200 == 199:
                 time.sleep(0.08)  # commits of 200: the first ones fit, later ones do not
-        flushed = handler.flush(30)
+        flushed = handler.flush(10)  # the disk's retry is 30 s away: no waiting for it
         print(json.dumps({"flushed": flushed, "stats": handler.stats(), "warnings": warnings}))
         """,
     )
