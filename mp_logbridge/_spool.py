@@ -51,8 +51,8 @@ from ._records import encode_message
 from ._retry import RetryPolicy
 from ._spool_drain import Drainer, Waiter, fingerprint
 from ._spool_store import (
+    Chunk,
     OwnStore,
-    Row,
     SpoolCorrupt,
     SpoolError,
     StoreFile,
@@ -245,9 +245,9 @@ class Spool:
             cred = fingerprint(credentials, self.endpoints.import_)
         else:
             cred = self._own_cred
-        evicted: list[Row] = []
+        evicted: list[Chunk] = []
         refused: list[bytes] = []
-        stored = 0
+        stored: list[Chunk] = []
         written: StoreFile | None = None
         lane = 0
         with store.locked() as held:
@@ -260,13 +260,12 @@ class Spool:
                     current = store.open()
                     lane = current.lane_id(kind, self._endpoints_json, cred)
                     created_ms = int(time.time() * 1000)
-                    evicted, refused, stored, last = current.append(
+                    evicted, refused, stored = current.append(
                         lane, created_ms, records, store.max_bytes
                     )
                     written = current
                     if stored:  # queued under the lock, so notices of a lane come in order
-                        kept = records[len(refused) :]
-                        self.drainer.notice(written, lane, last - stored + 1, kept, created_ms)
+                        self.drainer.notice(written, lane, stored)
                     break
                 except SpoolCorrupt as exc:
                     if current is not None:
@@ -283,15 +282,15 @@ class Spool:
             store.fallback += len(records)
             return False
         if stored:
-            self.drainer.wake_for(stored)
+            self.drainer.wake_for(sum(chunk.count for chunk in stored))
         full = MessagesDropped(
             "spool_full", f"the spool is full ({store.max_bytes} bytes); oldest dropped"
         )
         if evicted:
-            self.drainer._drop("spool_full", full, evicted)
+            lost = [record for chunk in evicted for record in chunk.records or [b""] * chunk.count]
+            self.drainer._drop("spool_full", full, lost)
         if refused:
-            rows = [Row(0, body, 0, len(body)) for body in refused]
-            self.drainer._drop("spool_full", full, rows)
+            self.drainer._drop("spool_full", full, refused)
         return True
 
     # ------------------------------------------------------------------ worker protocol

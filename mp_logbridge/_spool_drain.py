@@ -17,8 +17,8 @@ import os
 import random
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -37,9 +37,9 @@ from ._records import decode_record
 from ._retry import RetryPolicy, next_attempt
 from ._spool_store import (
     REOPEN_AFTER,
+    Chunk,
     LaneInfo,
     OwnStore,
-    Row,
     SpoolCorrupt,
     SpoolError,
     StoreFile,
@@ -103,9 +103,7 @@ def parse_endpoints(text: str) -> Endpoints | None:
     return Endpoints(*urls)
 
 
-def _report_form(body: bytes | None) -> Any:
-    if body is None:
-        return None
+def _report_form(body: bytes) -> Any:
     try:
         return decode_record(body)
     except ValueError:
@@ -146,13 +144,28 @@ class _Source:
                 yield True
 
 
+class _Piece:
+    """Records of one lane sent together, and the chunk each of them belongs to."""
+
+    __slots__ = ("created_ms", "owners", "records")
+
+    def __init__(self, records: list[bytes], owners: list[int], created_ms: int) -> None:
+        self.records = records
+        self.owners = owners
+        self.created_ms = created_ms  # when the oldest of them was written
+
+    def cut(self, start: int, end: int | None = None) -> _Piece:
+        return _Piece(self.records[start:end], self.owners[start:end], self.created_ms)
+
+
 class _Lane:
-    """Rows of one lane of one file, and the state of their current attempt."""
+    """The chunks of one lane of one file, and the state of their current attempt."""
 
     __slots__ = (
         "attempts",
         "cache",
         "cached_bytes",
+        "chunks",
         "credentials",
         "cursor",
         "error",
@@ -179,16 +192,18 @@ class _Lane:
         self.exporter: Exporter | None = None
         self.credentials: Credentials | None = None  # matched with the lane's fingerprint
         self.invalid = False  # the lane cannot be delivered (unknown kind, bad URLs)
-        self.parked: str | None = None  # why the lane stopped (its rows stay on disk)
-        self.cursor = 0  # rows up to this id were taken
+        self.parked: str | None = None  # why the lane stopped (its chunks stay on disk)
+        self.cursor = 0  # chunks up to this id were taken
         self.more = source.own is None  # adopted files: read until empty
-        self.pending = 0  # rows written since the last read (own file)
-        self.cache: deque[_Chunk] = deque()  # the newest of them, still in memory
+        self.pending = 0  # records written since the last read (own file)
+        self.cache: deque[Chunk] = deque()  # the newest chunks, still in memory
         self.cached_bytes = 0
-        self.since = INF  # when the first of them was written
+        self.since = INF  # when the first of the pending records was written
+        # Chunks taken and not deleted yet: id -> (the chunk, records not resolved yet).
+        self.chunks: dict[int, list[Any]] = {}
         self.job: _Job | None = None
-        self.ready: deque[list[Row]] = deque()  # halves of a batch found too large
-        self.retry: list[Row] | None = None
+        self.ready: deque[_Piece] = deque()  # the next piece, or halves of one found too large
+        self.retry: _Piece | None = None
         self.retry_at = 0.0
         self.retry_gen = 0
         self.error: DeliveryError | None = None
@@ -228,47 +243,23 @@ class _Lane:
 
 
 class _Notice:
-    """Rows the writer committed: what the drainer needs to send them without reading them."""
+    """Chunks the writer committed: what the drainer needs to send them without reading them."""
 
-    __slots__ = ("bodies", "created_ms", "file", "first", "lane", "when")
+    __slots__ = ("chunks", "file", "lane", "when")
 
-    def __init__(
-        self,
-        file: StoreFile,
-        lane: int,
-        first: int,
-        bodies: list[bytes],
-        created_ms: int,
-        when: float,
-    ) -> None:
+    def __init__(self, file: StoreFile, lane: int, chunks: list[Chunk], when: float) -> None:
         self.file = file
         self.lane = lane
-        self.first = first
-        self.bodies = bodies
-        self.created_ms = created_ms
+        self.chunks = chunks
         self.when = when
 
 
-class _Chunk:
-    """Committed rows of a lane still in memory (ids ``first``, ``first + 1``, ...)."""
-
-    __slots__ = ("bodies", "created_ms", "first")
-
-    def __init__(self, first: int, bodies: list[bytes], created_ms: int) -> None:
-        self.first = first
-        self.bodies = bodies
-        self.created_ms = created_ms
-
-    def size(self) -> int:
-        return sum(len(body) for body in self.bodies)
-
-
 class _Job:
-    __slots__ = ("abandoned", "batch", "deadline", "lane", "outcome", "rows")
+    __slots__ = ("abandoned", "batch", "deadline", "lane", "outcome", "piece")
 
-    def __init__(self, lane: _Lane, rows: list[Row], batch: Batch, deadline: float) -> None:
+    def __init__(self, lane: _Lane, piece: _Piece, batch: Batch, deadline: float) -> None:
         self.lane = lane
-        self.rows = rows
+        self.piece = piece
         self.batch = batch
         self.deadline = deadline
         self.outcome: Outcome | None = None
@@ -319,26 +310,23 @@ class Waiter:
         self.done = threading.Event()
 
 
-def _row_id(row: Row) -> int:
-    return row.id
-
-
-def _take_rows(rows: list[Row], bodies: list[bytes], batch: list[bytes]) -> list[Row]:
-    """The rows whose bodies an outcome lists (the same objects the batch was made of)."""
+def _part(piece: _Piece, bodies: list[bytes], batch: list[bytes]) -> _Piece:
+    """The records of ``piece`` an outcome lists (the same objects the batch was made of)."""
     if bodies is batch or (
-        len(bodies) == len(rows) and all(a is b for a, b in zip(bodies, batch, strict=True))
+        len(bodies) == len(batch) and all(a is b for a, b in zip(bodies, batch, strict=True))
     ):
-        return list(rows)
-    by_body: dict[bytes, deque[Row]] = {}
-    for row in rows:
-        if row.body is not None:
-            by_body.setdefault(row.body, deque()).append(row)
-    found = []
+        return piece
+    positions: dict[bytes, deque[int]] = {}
+    for index, record in enumerate(piece.records):
+        positions.setdefault(record, deque()).append(index)
+    records, owners = [], []
     for body in bodies:
-        candidates = by_body.get(body)
-        if candidates:
-            found.append(candidates.popleft())
-    return found
+        found = positions.get(body)
+        if found:
+            index = found.popleft()
+            records.append(piece.records[index])
+            owners.append(piece.owners[index])
+    return _Piece(records, owners, piece.created_ms)
 
 
 class Drainer:
@@ -411,7 +399,7 @@ class Drainer:
         self._closing = False
         self._close_deadline = INF
         self._outage: tuple[float, str] | None = None
-        self._deletes: list[tuple[_Lane, list[Row], bool]] = []
+        self._deletes: list[tuple[_Lane, list[Chunk]]] = []
         self._asleep = False
         self._wake_on_notice = True
         self._noticed = 0
@@ -443,12 +431,10 @@ class Drainer:
         thread = self._thread
         return thread is not None and self._pid == os.getpid() and not self._finished.is_set()
 
-    def notice(
-        self, file: StoreFile, lane: int, first: int, bodies: list[bytes], created_ms: int
-    ) -> None:
-        """The writer committed ``bodies`` to ``lane`` of the own file, ids from ``first`` on
-        (any thread; takes no lock)."""
-        self._notices.append(_Notice(file, lane, first, bodies, created_ms, time.monotonic()))
+    def notice(self, file: StoreFile, lane: int, chunks: list[Chunk]) -> None:
+        """The writer committed ``chunks`` to ``lane`` of the own file (any thread; takes no
+        lock)."""
+        self._notices.append(_Notice(file, lane, chunks, time.monotonic()))
 
     def wake_for(self, count: int) -> None:
         """After :meth:`notice` (outside the writer's lock): start or wake the drainer if the
@@ -646,7 +632,7 @@ class Drainer:
             notice = self._notices.popleft()
             file, lane_id = notice.file, notice.lane
             if own is None or own.file is not file:
-                continue  # the file was replaced since: its rows went with it
+                continue  # the file was replaced since: its chunks went with it
             source = next((s for s in self._sources if s.file is file), None)
             if source is None:
                 source = _Source(file, own)
@@ -662,11 +648,11 @@ class Drainer:
                 lane = self._make_lane(source, info)
             if lane.pending <= 0:
                 lane.since = notice.when
-            lane.pending += len(notice.bodies)
-            size = sum(len(body) for body in notice.bodies)
-            if lane.cached_bytes + size <= CACHE_BYTES:  # else read back from disk when due
-                lane.cache.append(_Chunk(notice.first, notice.bodies, notice.created_ms))
-                lane.cached_bytes += size
+            for chunk in notice.chunks:
+                lane.pending += chunk.count
+                if lane.cached_bytes + chunk.size <= CACHE_BYTES:  # else read back when due
+                    lane.cache.append(chunk)
+                    lane.cached_bytes += chunk.size
 
     def _make_lane(self, source: _Source, info: LaneInfo) -> _Lane:
         lane = _Lane(source, info)
@@ -752,8 +738,8 @@ class Drainer:
         if strays:
             self._drop(
                 "invalid",
-                MessagesDropped("invalid", f"rows of {file.path.name} name no destination"),
-                strays,
+                MessagesDropped("invalid", f"records of {file.path.name} name no destination"),
+                [record for chunk in strays for record in _unreadable(chunk).records],
             )
         self._sources.append(source)
         self._adopted = source
@@ -868,120 +854,124 @@ class Drainer:
             if lane.source.failed_until > now or lane not in self._lanes:
                 continue
             if closing and lane.source.own is None:
-                continue  # adopted rows wait for the next process rather than delay an exit
+                continue  # adopted chunks wait for the next process rather than delay an exit
             due = lane.due(urgent, self._urgent_gen, self.batch_size, self.flush_interval)
             if due > now:
                 continue
-            rows = self._take(lane, now)
-            if not rows:
+            piece = self._take(lane, now)
+            if piece is None or not piece.records:
                 continue
             if lane.invalid or lane.exporter is None:
-                self._finish_rows(lane, [], [("invalid", _invalid(lane), rows)], rows)
+                self._resolve(lane, None, [("invalid", _invalid(lane), piece)])
                 continue
             kind, credentials = lane.kind, lane.credentials
             if kind == "event":
-                rows, kind, credentials = self._route(lane, rows, now)
-                if not rows:
+                routed, kind, credentials = self._route(lane, piece)
+                if routed is None:
                     continue
-            batch = Batch(kind, [row.body for row in rows if row.body is not None], credentials)
-            job = _Job(lane, rows, batch, time.monotonic() + lane.exporter.timeout)
+                piece = routed
+            batch = Batch(kind, piece.records, credentials)
+            job = _Job(lane, piece, batch, time.monotonic() + lane.exporter.timeout)
             lane.job = job
             self._submit(lane, job)
 
-    def _take(self, lane: _Lane, now: float) -> list[Row]:
-        """The lane's next batch: the one to retry, a half or a prefetched batch, or rows read
-        now."""
+    def _take(self, lane: _Lane, now: float) -> _Piece | None:
+        """The lane's next piece: the one to retry, a half or a prefetched piece, or chunks
+        taken now."""
         if lane.retry is not None:
-            rows, lane.retry = lane.retry, None
-            return rows
-        rows = lane.ready.popleft() if lane.ready else self._read(lane, now)
+            again, lane.retry = lane.retry, None
+            return again
+        piece = lane.ready.popleft() if lane.ready else self._read(lane, now)
         lane.attempts, lane.first_attempt, lane.error = 0, now, None
-        return rows
+        return piece
 
-    def _read(self, lane: _Lane, now: float) -> list[Row]:
-        """The lane's next rows, recorded as taken: from what the writer just committed when
-        it is still in memory, else read back from the file."""
-        if lane.cache:
-            rows = self._from_cache(lane, now)
-            if rows:
-                return rows
-        source = lane.source
-        try:
-            with source.locked() as held:
-                if not held:
-                    return []
-                rows, more = source.file.take(
-                    lane.info.id, lane.cursor, self.batch_size, self.max_batch_bytes
-                )
-        except SpoolError as exc:
-            self._failed(source, exc, now)
-            return []
-        lane.more = more if source.own is None else False
-        if rows:
-            lane.cursor = rows[-1].id
-        lane.pending = max(0, lane.pending - len(rows)) if more else 0
-        if more and source.own is not None:
-            lane.pending = max(lane.pending, 1)
+    def _read(self, lane: _Lane, now: float) -> _Piece | None:
+        """The lane's next chunks, recorded as taken: just committed ones still in memory, else
+        read back from the file."""
+        chunks = self._from_cache(lane, now) if lane.cache else []
+        more = False
+        if not chunks:
+            source = lane.source
+            try:
+                with source.locked() as held:
+                    if not held:
+                        return None
+                    chunks, more = source.file.take(
+                        lane.info.id, lane.cursor, self.batch_size, self.max_batch_bytes
+                    )
+            except SpoolError as exc:
+                self._failed(source, exc, now)
+                return None
+            lane.more = more if source.own is None else False
+            if not more:
+                lane.pending = 0
+        if not chunks:
+            lane.pending = 0
+            lane.since = INF
+            return None
+        lane.cursor = chunks[-1].id
+        count = sum(chunk.count for chunk in chunks)
+        if lane.source.own is not None:
+            lane.pending = max(1 if more else 0, lane.pending - count)
         if lane.pending <= 0:
             lane.since = INF
-        bad = [row for row in rows if row.body is None]
+        records: list[bytes] = []
+        owners: list[int] = []
+        bad = []
+        for chunk in chunks:
+            lane.chunks[chunk.id] = [chunk, chunk.count]
+            if chunk.records is None:
+                bad.append(chunk)
+                continue
+            records.extend(chunk.records)
+            owners.extend([chunk.id] * chunk.count)
         if bad:
-            rows = [row for row in rows if row.body is not None]
-            problem = InvalidMessageError("message", "a spooled row holds no record bytes")
-            self._finish_rows(lane, [], [("invalid", problem, bad)])
-        return rows
+            problem = InvalidMessageError("message", "a spooled chunk cannot be read back")
+            for chunk in bad:
+                self._resolve(lane, None, [("invalid", problem, _unreadable(chunk))])
+        return _Piece(records, owners, chunks[0].created_ms)
 
-    def _from_cache(self, lane: _Lane, now: float) -> list[Row]:
+    def _from_cache(self, lane: _Lane, now: float) -> list[Chunk]:
         cache = lane.cache
         cursor = lane.cursor
-        while cache and cache[0].first + len(cache[0].bodies) - 1 <= cursor:
-            lane.cached_bytes -= cache.popleft().size()  # read from disk meanwhile
-        if cache and cache[0].first <= cursor:
-            chunk = cache[0]
-            cut = cursor + 1 - chunk.first
-            lane.cached_bytes -= sum(len(body) for body in chunk.bodies[:cut])
-            chunk.bodies, chunk.first = chunk.bodies[cut:], cursor + 1
-        if not cache or cache[0].first != cursor + 1:
-            return []  # rows before the cached ones are only on disk
-        rows: list[Row] = []
+        while cache and cache[0].id <= cursor:  # read from the file meanwhile
+            lane.cached_bytes -= cache.popleft().size
+        if not cache or cache[0].id <= cursor:
+            return []
+        chunks: list[Chunk] = []
+        records = 0
         total = 2
-        limit, max_bytes = self.batch_size, self.max_batch_bytes
-        while cache and len(rows) < limit:
+        while cache:
             chunk = cache[0]
-            used = 0
-            for index, body in enumerate(chunk.bodies):
-                if len(rows) >= limit or (rows and total + len(body) + 1 > max_bytes):
-                    break
-                rows.append(Row(chunk.first + index, body, chunk.created_ms, len(body)))
-                total += len(body) + 1
-                used += 1
-            lane.cached_bytes -= sum(len(body) for body in chunk.bodies[:used])
-            if used < len(chunk.bodies):
-                chunk.bodies, chunk.first = chunk.bodies[used:], chunk.first + used
+            if chunks and (
+                records + chunk.count > self.batch_size
+                or total + chunk.size + 1 > self.max_batch_bytes
+            ):
                 break
-            cache.popleft()
+            chunks.append(cache.popleft())
+            lane.cached_bytes -= chunk.size
+            records += chunk.count
+            total += chunk.size + 1
         source = lane.source
         try:
             with source.locked() as held:
+                # Every chunk between the cursor and the last cached one must be among them
+                # (none only on disk, none pushed out by a full spool meanwhile).
                 ok = held and source.file.mark_taken(
-                    lane.info.id, rows[0].id, rows[-1].id, len(rows)
+                    lane.info.id, cursor + 1, chunks[-1].id, len(chunks)
                 )
         except SpoolError as exc:
             self._failed(source, exc, now)
             return []
-        if not ok:  # some were pushed out of the file meanwhile (a full spool): read the file
+        if not ok:  # read the file instead
             cache.clear()
             lane.cached_bytes = 0
             return []
-        lane.cursor = rows[-1].id
-        lane.pending = max(0, lane.pending - len(rows))
-        if lane.pending <= 0:
-            lane.since = INF
-        return rows
+        return chunks
 
     def _prefetch(self) -> None:
-        """Read the next batch of lanes that have one in flight and more rows waiting, so it
-        leaves the moment the answer comes."""
+        """Read the next piece of lanes that have one in flight and more waiting, so it leaves
+        the moment the answer comes."""
         now = time.monotonic()
         closing = self._closing
         for lane in self._lanes:
@@ -991,44 +981,42 @@ class Drainer:
             if lane.invalid or source.failed_until > now or (closing and source.own is None):
                 continue
             if lane.more or (source.own is not None and lane.pending >= self.batch_size):
-                rows = self._read(lane, now)
-                if rows:
-                    lane.ready.append(rows)
+                piece = self._read(lane, now)
+                if piece is not None and piece.records:
+                    lane.ready.append(piece)
 
-    def _route(
-        self, lane: _Lane, rows: list[Row], now: float
-    ) -> tuple[list[Row], str, Credentials | None]:
+    def _route(self, lane: _Lane, piece: _Piece) -> tuple[_Piece | None, str, Credentials | None]:
         """Events too old for ``/track`` go to ``/import`` (with credentials) or are dropped as
-        ``expired``; a batch never mixes the two."""
+        ``expired``; a request never mixes the two."""
         wall = time.time() * 1000.0
-        if wall - rows[0].created_ms <= CHECK_AGE_MS:
-            return rows, "event", None
+        if wall - piece.created_ms <= CHECK_AGE_MS:
+            return piece, "event", None
         cutoff = wall - TRACK_WINDOW_MS + 60_000  # a minute of margin for the request itself
         old = []
-        for row in rows:
-            moment = _event_time_ms(row.body) if row.body is not None else None
+        for record in piece.records:
+            moment = _event_time_ms(record)
             old.append(moment is not None and moment < cutoff)
         first = old[0]
-        cut = next((i for i, flag in enumerate(old) if flag != first), len(rows))
-        if cut < len(rows):
-            lane.ready.appendleft(rows[cut:])
-        rows = rows[:cut]
+        cut = next((i for i, flag in enumerate(old) if flag != first), len(old))
+        if cut < len(old):
+            lane.ready.appendleft(piece.cut(cut))
+        piece = piece.cut(0, cut)
         if not first:
-            return rows, "event", None
+            return piece, "event", None
         if lane.credentials is not None:
-            return rows, "import", lane.credentials
+            return piece, "import", lane.credentials
         if lane.info.cred:
-            # Written with /import credentials this process does not hold: keep the rows for a
+            # Written with /import credentials this process does not hold: keep them for a
             # process (or a drain) that has them rather than drop them.
-            lane.ready.appendleft(rows)
+            lane.ready.appendleft(piece)
             lane.parked = "credentials"
-            return [], "event", None
+            return None, "event", None
         expired = MessagesDropped(
             "expired",
             "older than the 5 days /track accepts, and no /import credentials are configured",
         )
-        self._finish_rows(lane, [], [("expired", expired, rows)], rows)
-        return [], "event", None
+        self._resolve(lane, None, [("expired", expired, piece)])
+        return None, "event", None
 
     def _submit(self, lane: _Lane, job: _Job) -> None:
         sender = lane.sender
@@ -1065,7 +1053,7 @@ class Drainer:
             job.abandoned = True
             lane.sender = None  # the stuck thread retires when (if) its export returns
             failure = MixpanelConnectionError(
-                f"the export of {len(job.rows)} spooled record(s) did not finish in time",
+                f"the export of {len(job.piece.records)} spooled record(s) did not finish in time",
                 endpoint=lane.kind,
             )
             job.outcome = classify(job.batch.records, failure)
@@ -1084,20 +1072,18 @@ class Drainer:
         assert outcome is not None
         lane.job = None
         lane.attempts += 1
-        records = job.batch.records
-        delivered = _take_rows(job.rows, outcome.delivered, records) if outcome.delivered else []
-        drops: list[tuple[str, BaseException, list[Row]]] = [
-            (reason, error, _take_rows(job.rows, items, records))
+        piece, records = job.piece, job.batch.records
+        delivered = _part(piece, outcome.delivered, records) if outcome.delivered else None
+        drops: list[tuple[str, BaseException, _Piece]] = [
+            (reason, error, _part(piece, items, records))
             for reason, items, error in outcome.dropped
         ]
-        resolved = len(delivered) + sum(len(items) for _reason, _error, items in drops)
-        whole = job.rows if resolved == len(job.rows) else None
-        self._finish_rows(lane, delivered, drops, whole)
+        self._resolve(lane, delivered, drops)
         if outcome.split:
-            halves = [_take_rows(job.rows, half, records) for half in outcome.split]
+            halves = [_part(piece, half, records) for half in outcome.split]
             lane.ready.extendleft(reversed(halves))
         elif outcome.retry:
-            rows = _take_rows(job.rows, outcome.retry, records)
+            again = _part(piece, outcome.retry, records)
             error = outcome.error or MixpanelConnectionError("export failed")
             deadline = self._close_deadline if self._closing else INF
             decision = next_attempt(
@@ -1109,7 +1095,7 @@ class Drainer:
                 rng=self._rng.uniform,
                 deadline=deadline,
             )
-            lane.retry, lane.error = rows, error
+            lane.retry, lane.error = again, error
             if decision.retry_at is None:
                 lane.parked = decision.reason or "retries_exhausted"
             else:
@@ -1117,53 +1103,60 @@ class Drainer:
                 lane.retry_at, lane.retry_gen = decision.retry_at, self._urgent_gen
                 self._unreachable(now, error)
 
-    def _finish_rows(
+    def _resolve(
         self,
         lane: _Lane,
-        delivered: list[Row],
-        drops: list[tuple[str, BaseException, list[Row]]],
-        whole: list[Row] | None = None,
+        delivered: _Piece | None,
+        drops: list[tuple[str, BaseException, _Piece]],
     ) -> None:
-        """Count rows that were delivered or dropped for good, and queue their delete
-        (``whole``: the batch as it was taken, every row of it resolved)."""
-        if whole is not None:
-            self._deletes.append((lane, whole, True))
-        else:
-            gone = list(delivered) + [row for _reason, _error, items in drops for row in items]
-            if gone:
-                gone.sort(key=_row_id)
-                self._deletes.append((lane, gone, False))
-        if delivered:
-            self.stats.add_sent(len(delivered))
+        """Count records delivered or dropped for good; chunks with no record left to resolve
+        are deleted (after the dispatch of this round)."""
+        resolved: list[int] = []
+        if delivered is not None and delivered.records:
+            resolved.extend(delivered.owners)
+            self.stats.add_sent(len(delivered.records))
             self._recovered(time.monotonic())
-        for reason, error, items in drops:
-            self._drop(reason, error, items)
+        for reason, error, piece in drops:
+            resolved.extend(piece.owners)
+            self._drop(reason, error, piece.records)
+        done = []
+        chunks = lane.chunks
+        for chunk_id, count in Counter(resolved).items():
+            entry = chunks.get(chunk_id)
+            if entry is None:
+                continue
+            entry[1] -= count
+            if entry[1] <= 0:
+                done.append(entry[0])
+                del chunks[chunk_id]
+        if done:
+            self._deletes.append((lane, done))
 
     def _delete_finished(self) -> None:
-        """Delete the rows resolved since the last step, one transaction per batch."""
+        """Delete the chunks resolved since the last step, one transaction per lane."""
         deletes, self._deletes = self._deletes, []
-        for lane, rows, whole in deletes:
+        for lane, chunks in deletes:
             source = lane.source
             if source not in self._sources:
                 continue
             try:
                 with source.locked() as held:
                     if held:
-                        source.file.delete(lane.info.id, rows, whole=whole)
+                        source.file.delete(lane.info.id, chunks)
             except SpoolError as exc:
-                # Rows stay on disk; this process never reads them again (its cursor is past
-                # them), the next one sends them again (at-least-once).
+                # The chunks stay on disk; this process never reads them again (its cursor is
+                # past them), the next one sends them again (at-least-once).
                 self._failed(source, exc, time.monotonic(), reading=False)
 
-    def _drop(self, reason: str, error: BaseException, rows: list[Row]) -> None:
-        if not rows:
+    def _drop(self, reason: str, error: BaseException, records: Sequence[bytes]) -> None:
+        if not records:
             return
-        self.stats.add_dropped(reason, len(rows), f"{type(error).__name__}: {error}")
+        self.stats.add_dropped(reason, len(records), f"{type(error).__name__}: {error}")
         callback = self.on_error
         if callback is not None:
             try:
                 with _lifecycle.delivery_callback():
-                    callback(error, [_report_form(row.body) for row in rows])
+                    callback(error, [_report_form(record) for record in records])
             except Exception as exc:
                 warn("mp_logbridge on_error callback raised %s: %s", type(exc).__name__, exc)
 
@@ -1214,6 +1207,12 @@ class Drainer:
         except SpoolError:
             return False
         return first is None or first > waiter.target
+
+
+def _unreadable(chunk: Chunk) -> _Piece:
+    """A chunk as a piece, even when its records cannot be read back (reported as empty)."""
+    records = chunk.records if chunk.records is not None else [b""] * chunk.count
+    return _Piece(records, [chunk.id] * chunk.count, chunk.created_ms)
 
 
 def _invalid(lane: _Lane) -> InvalidMessageError:

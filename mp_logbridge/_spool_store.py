@@ -39,10 +39,10 @@ __all__ = [
     "FORMAT",
     "ROW_OVERHEAD",
     "VERSION",
+    "Chunk",
     "FileReport",
     "LaneInfo",
     "OwnStore",
-    "Row",
     "SpoolCorrupt",
     "SpoolError",
     "SpoolUnavailable",
@@ -57,8 +57,9 @@ FORMAT = "mp_logbridge-spool"
 VERSION = 1
 #: Seconds before a disk that refused a write is tried again.
 REOPEN_AFTER = 30.0
-#: Bytes a row takes on disk beyond its body (row header, rowid, page slack), for the size bound.
+#: Bytes a chunk takes on disk beyond its records (row header, rowid, page slack), for the bound.
 ROW_OVERHEAD = 24
+_NEWLINE = b"\n"
 SUFFIX = ".sqlite3"
 LOCK_SUFFIX = ".lock"
 CORRUPT_SUFFIX = ".corrupt"
@@ -70,12 +71,14 @@ _SCHEMA = (
     # fingerprint of the /import credentials that go with them (never the secret itself).
     "CREATE TABLE IF NOT EXISTS lanes (id INTEGER PRIMARY KEY, kind TEXT NOT NULL, "
     "endpoints TEXT NOT NULL, cred TEXT NOT NULL DEFAULT '', UNIQUE (kind, endpoints, cred))",
-    # ``id`` only grows (given by the writer, never reused), so readers keep their place by id.
+    # One row per committed batch of a lane (a "chunk"): ``count`` encoded records joined by
+    # newlines (compact JSON never holds a raw newline; a record that does is a chunk of its
+    # own). ``id`` only grows (given by the writer, never reused): readers keep their place by id.
     "CREATE TABLE IF NOT EXISTS records (id INTEGER PRIMARY KEY, lane INTEGER NOT NULL, "
-    "created_ms INTEGER NOT NULL, body BLOB NOT NULL)",
-    # The rows of a lane from ``first`` to ``last`` were taken for sending (one row per batch,
-    # not a mark on every row): rows still covered when their process died may have reached
-    # Mixpanel (they are sent again: at-least-once), and taken rows are never evicted.
+    "created_ms INTEGER NOT NULL, count INTEGER NOT NULL, body BLOB NOT NULL)",
+    # The chunks of a lane from ``first`` to ``last`` were taken for sending (one row per
+    # request, not a mark on every chunk): chunks still covered when their process died may have
+    # reached Mixpanel (they are sent again: at-least-once); taken chunks are never evicted.
     "CREATE TABLE IF NOT EXISTS taken (lane INTEGER NOT NULL, first INTEGER NOT NULL, "
     "last INTEGER NOT NULL)",
 )
@@ -110,13 +113,33 @@ class LaneInfo:
 
 
 @dataclass(slots=True)
-class Row:
-    """One stored record. ``body`` is ``None`` when the stored value is not usable bytes."""
+class Chunk:
+    """One stored chunk: ``records`` (``None`` when the stored value cannot be read back into
+    ``count`` records), when it was written, and its size on disk (without ``ROW_OVERHEAD``)."""
 
     id: int
-    body: bytes | None
+    records: list[bytes] | None
     created_ms: int
-    size: int = 0
+    size: int
+    count: int
+
+
+def chunk_records(records: Sequence[bytes]) -> list[list[bytes]]:
+    """Cut records into runs stored as one chunk each (a record holding a raw newline, which
+    the library's encoder never makes, is a chunk of its own)."""
+    runs: list[list[bytes]] = []
+    current: list[bytes] = []
+    for record in records:
+        if _NEWLINE in record:
+            if current:
+                runs.append(current)
+                current = []
+            runs.append([record])
+        else:
+            current.append(record)
+    if current:
+        runs.append(current)
+    return runs
 
 
 def _is_corruption(exc: BaseException) -> bool:
@@ -352,13 +375,14 @@ class StoreFile:
             )
 
     def count(self) -> None:
-        """Recount rows and bytes from the file."""
+        """Recount records and bytes from the file."""
         row = self.conn.execute(
-            "SELECT count(*), coalesce(sum(length(body)), 0), coalesce(max(id), 0) FROM records"
+            "SELECT coalesce(sum(count), 0), coalesce(sum(length(body)), 0), count(*), "
+            "coalesce(max(id), 0) FROM records"
         ).fetchone()
         self.rows = int(row[0])
-        self.bytes = int(row[1]) + ROW_OVERHEAD * self.rows
-        self.last_id = int(row[2])
+        self.bytes = int(row[1]) + ROW_OVERHEAD * int(row[2])
+        self.last_id = int(row[3])
 
     def _cache_lanes(self) -> None:
         for lane_id, kind, endpoints, cred in self.conn.execute(
@@ -398,41 +422,45 @@ class StoreFile:
         """Every lane of the file."""
         return list(self._lane_info.values())
 
-    def drop_strays(self) -> list[Row]:
-        """Delete rows that name no lane of the file (a damaged or hand-edited file); returns them."""
+    def drop_strays(self) -> list[Chunk]:
+        """Delete chunks that name no lane of the file (a damaged or hand-edited file)."""
         try:
             found = self.conn.execute(
-                "SELECT id, body, created_ms FROM records WHERE lane NOT IN (SELECT id FROM lanes)"
+                "SELECT id, body, created_ms, count FROM records "
+                "WHERE lane NOT IN (SELECT id FROM lanes)"
             ).fetchall()
             if found:
                 self._delete_ids([int(row[0]) for row in found])
         except sqlite3.Error as exc:
             raise _failure(exc, self.path, "cannot clean") from exc
-        rows = [_row(item) for item in found]
-        self._forget(rows)
-        return rows
+        chunks = [_chunk(item) for item in found]
+        self._forget(chunks)
+        return chunks
 
     # ------------------------------------------------------------------ writing
 
     def append(
         self, lane: int, created_ms: int, bodies: Sequence[bytes], max_bytes: int
-    ) -> tuple[list[Row], list[bytes], int, int]:
-        """Store ``bodies`` in one transaction, keeping the file under ``max_bytes``.
+    ) -> tuple[list[Chunk], list[bytes], list[Chunk]]:
+        """Store ``bodies`` (normally as one chunk) in one transaction, keeping the file under
+        ``max_bytes``.
 
-        Room is made by deleting the oldest rows not taken for sending; when that is not enough
-        (or one batch alone is larger than the bound) the oldest of ``bodies`` are refused.
+        Room is made by deleting the oldest chunks not taken for sending; when that is not
+        enough (or one batch alone is larger than the bound) the oldest of ``bodies`` are
+        refused.
 
         Returns:
-            ``(evicted rows, refused bodies, rows stored, last id)``.
+            ``(evicted chunks, refused bodies, chunks stored)``.
         """
         keep = list(bodies)
         refused: list[bytes] = []
-        size = sum(len(body) + ROW_OVERHEAD for body in keep)
+        size = sum(len(body) + 1 for body in keep) + ROW_OVERHEAD
         while keep and size > max_bytes:
             oldest = keep.pop(0)
             refused.append(oldest)
-            size -= len(oldest) + ROW_OVERHEAD
-        evicted: list[Row] = []
+            size -= len(oldest) + 1
+        evicted: list[Chunk] = []
+        stored: list[Chunk] = []
         conn = self.conn
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -440,19 +468,24 @@ class StoreFile:
                 need = self.bytes + size - max_bytes
                 if need > 0 and keep:
                     evicted = self._evict(need)
-                    freed = sum(row.size + ROW_OVERHEAD for row in evicted)
+                    freed = sum(chunk.size + ROW_OVERHEAD for chunk in evicted)
                     while keep and self.bytes - freed + size > max_bytes:
                         oldest = keep.pop(0)
                         refused.append(oldest)
-                        size -= len(oldest) + ROW_OVERHEAD
+                        size -= len(oldest) + 1
                 # Ids are given here, always above every id this file ever held: SQLite would
                 # reuse the ids of deleted rows, and readers keep their place by id.
-                first = self.last_id + 1
-                if keep:
-                    conn.executemany(
-                        "INSERT INTO records (id, lane, created_ms, body) VALUES (?, ?, ?, ?)",
-                        [(first + i, lane, created_ms, body) for i, body in enumerate(keep)],
-                    )
+                next_id = self.last_id + 1
+                rows = []
+                for run in chunk_records(keep):
+                    body = _NEWLINE.join(run)
+                    rows.append((next_id, lane, created_ms, len(run), body))
+                    stored.append(Chunk(next_id, run, created_ms, len(body), len(run)))
+                    next_id += 1
+                if len(rows) == 1:
+                    conn.execute(_INSERT, rows[0])
+                elif rows:
+                    conn.executemany(_INSERT, rows)
                 conn.execute("COMMIT")
             except BaseException:
                 _rollback(conn)
@@ -460,67 +493,67 @@ class StoreFile:
         except sqlite3.Error as exc:
             raise _failure(exc, self.path, "cannot write to") from exc
         self._forget(evicted)
-        if keep:
-            self.last_id = first + len(keep) - 1
+        if stored:
+            self.last_id = stored[-1].id
             self.rows += len(keep)
-            self.bytes += size
-        return evicted, refused, len(keep), self.last_id
+            self.bytes += sum(chunk.size + ROW_OVERHEAD for chunk in stored)
+        return evicted, refused, stored
 
-    def _evict(self, need: int) -> list[Row]:
-        """Delete the oldest rows not taken for sending until ``need`` bytes are freed (inside
-        the caller's transaction)."""
+    def _evict(self, need: int) -> list[Chunk]:
+        """Delete the oldest chunks not taken for sending until ``need`` bytes are freed
+        (inside the caller's transaction)."""
         taken = self.conn.execute("SELECT lane, first, last FROM taken").fetchall()
-        evicted: list[Row] = []
+        evicted: list[Chunk] = []
         freed = 0
         after = 0
         while freed < need:
             found = self.conn.execute(
-                "SELECT id, body, created_ms, lane FROM records WHERE id > ? ORDER BY id LIMIT 256",
+                "SELECT id, body, created_ms, count, lane FROM records WHERE id > ? "
+                "ORDER BY id LIMIT 64",
                 (after,),
             ).fetchall()
             if not found:
                 break
             for item in found:
                 after = item[0]
-                if any(lane == item[3] and first <= after <= last for lane, first, last in taken):
+                if any(lane == item[4] and first <= after <= last for lane, first, last in taken):
                     continue
-                row = _row(item[:3])
-                evicted.append(row)
-                freed += row.size + ROW_OVERHEAD
+                chunk = _chunk(item[:4])
+                evicted.append(chunk)
+                freed += chunk.size + ROW_OVERHEAD
                 if freed >= need:
                     break
         if evicted:
-            self._delete_ids([row.id for row in evicted])
+            self._delete_ids([chunk.id for chunk in evicted])
         return evicted
 
     # ------------------------------------------------------------------ reading
 
-    def take(self, lane: int, after: int, limit: int, max_bytes: int) -> tuple[list[Row], bool]:
-        """The next rows of ``lane`` after id ``after`` (at most ``limit``, joined under
-        ``max_bytes``), recorded as taken for sending; and whether more may follow."""
+    def take(self, lane: int, after: int, limit: int, max_bytes: int) -> tuple[list[Chunk], bool]:
+        """The next chunks of ``lane`` after id ``after``, as many as fit one request (at most
+        ``limit`` records joined under ``max_bytes``; always at least one chunk), recorded as
+        taken for sending; and whether more may follow."""
         try:
             found = self.conn.execute(
-                "SELECT id, body, created_ms FROM records WHERE lane = ? AND id > ? "
+                "SELECT id, body, created_ms, count FROM records WHERE lane = ? AND id > ? "
                 "ORDER BY id LIMIT ?",
-                (lane, after, limit),
+                (lane, after, min(limit, 256)),
             ).fetchall()
-            rows: list[Row] = []
-            total = 2
-            for item in found:
-                body = item[1]
-                if type(body) is bytes:
-                    row = Row(item[0], body, item[2], len(body))
-                else:
-                    row = _row(item)
-                if rows and total + row.size + 1 > max_bytes:
-                    break
-                rows.append(row)
-                total += row.size + 1
         except sqlite3.Error as exc:
             raise _failure(exc, self.path, "cannot read") from exc
-        if rows:
-            self._record_taken(lane, rows[0].id, rows[-1].id)
-        return rows, len(rows) < len(found) or len(found) >= limit
+        chunks: list[Chunk] = []
+        records = 0
+        total = 2
+        for item in found:
+            chunk = _chunk(item)
+            if chunks and (records + chunk.count > limit or total + chunk.size + 1 > max_bytes):
+                break
+            chunks.append(chunk)
+            records += chunk.count
+            total += chunk.size + 1
+        if chunks:
+            self._record_taken(lane, chunks[0].id, chunks[-1].id)
+        return chunks, len(chunks) < len(found) or len(found) >= min(limit, 256)
 
     def _record_taken(self, lane: int, first: int, last: int) -> None:
         try:
@@ -534,39 +567,31 @@ class StoreFile:
         except sqlite3.Error as exc:
             raise _failure(exc, self.path, "cannot write to") from exc
 
-    def mark_taken(self, lane: int, first: int, last: int, count: int) -> bool:
-        """Record rows ``first``-``last`` of ``lane`` (``count`` of them, known to the caller)
+    def mark_taken(self, lane: int, first: int, last: int, chunks: int) -> bool:
+        """Record chunks ``first``-``last`` of ``lane`` (``chunks`` of them, known to the caller)
         as taken for sending; ``False`` (nothing recorded) when some are not in the file."""
-        conn = self.conn
         try:
-            found = conn.execute(
+            found = self.conn.execute(
                 "SELECT count(*) FROM records WHERE lane = ? AND id BETWEEN ? AND ?",
                 (lane, first, last),
             ).fetchone()[0]
         except sqlite3.Error as exc:
             raise _failure(exc, self.path, "cannot read") from exc
-        if found != count:
+        if found != chunks:
             return False
         self._record_taken(lane, first, last)
         return True
 
-    def delete(self, lane: int, rows: list[Row], *, whole: bool = False) -> None:
-        """Delete rows of ``lane`` that were delivered or dropped for good (one transaction).
-        ``whole``: they are every row of the lane from the first to the last of them (a batch
-        as it was taken), deleted as a range."""
-        if not rows:
+    def delete(self, lane: int, chunks: list[Chunk]) -> None:
+        """Delete chunks of ``lane`` whose records were all delivered or dropped for good, in
+        one transaction."""
+        if not chunks:
             return
         conn = self.conn
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                if whole:
-                    deleted = conn.execute(
-                        "DELETE FROM records WHERE lane = ? AND id BETWEEN ? AND ?",
-                        (lane, rows[0].id, rows[-1].id),
-                    ).rowcount
-                else:
-                    deleted = self._delete_ids([row.id for row in rows])
+                deleted = self._delete_ids([chunk.id for chunk in chunks])
                 conn.execute(
                     "DELETE FROM taken WHERE lane = ? AND NOT EXISTS (SELECT 1 FROM records "
                     "WHERE records.lane = taken.lane AND records.id BETWEEN taken.first "
@@ -579,8 +604,8 @@ class StoreFile:
                 raise
         except sqlite3.Error as exc:
             raise _failure(exc, self.path, "cannot delete from") from exc
-        if deleted == len(rows):
-            self._forget(rows)
+        if deleted == len(chunks):
+            self._forget(chunks)
         else:  # some were gone already: count again
             try:
                 self.count()
@@ -588,12 +613,16 @@ class StoreFile:
                 raise _failure(exc, self.path, "cannot read") from exc
 
     def _delete_ids(self, ids: list[int]) -> int:
+        if len(ids) == 1:
+            return self.conn.execute("DELETE FROM records WHERE id = ?", (ids[0],)).rowcount
         cursor = self.conn.executemany("DELETE FROM records WHERE id = ?", [(i,) for i in ids])
         return cursor.rowcount
 
-    def _forget(self, rows: list[Row]) -> None:
-        self.rows = max(0, self.rows - len(rows))
-        self.bytes = max(0, self.bytes - sum(row.size for row in rows) - ROW_OVERHEAD * len(rows))
+    def _forget(self, chunks: list[Chunk]) -> None:
+        self.rows = max(0, self.rows - sum(chunk.count for chunk in chunks))
+        self.bytes = max(
+            0, self.bytes - sum(chunk.size for chunk in chunks) - ROW_OVERHEAD * len(chunks)
+        )
 
     def first_id(self) -> int | None:
         """The id of the oldest row (``None`` when the file is empty)."""
@@ -656,13 +685,14 @@ class StoreFile:
             pass
 
 
+_INSERT = "INSERT INTO records (id, lane, created_ms, count, body) VALUES (?, ?, ?, ?, ?)"
 _TAKEN_BY_KIND = (
-    "SELECT lanes.kind, count(*) FROM taken JOIN records ON records.lane = taken.lane "
+    "SELECT lanes.kind, sum(records.count) FROM taken JOIN records ON records.lane = taken.lane "
     "AND records.id BETWEEN taken.first AND taken.last JOIN lanes ON lanes.id = taken.lane "
     "GROUP BY lanes.kind"
 )
 _TAKEN_BY_LANE = (
-    "SELECT taken.lane, count(*) FROM taken JOIN records ON records.lane = taken.lane "
+    "SELECT taken.lane, sum(records.count) FROM taken JOIN records ON records.lane = taken.lane "
     "AND records.id BETWEEN taken.first AND taken.last GROUP BY taken.lane"
 )
 
@@ -697,19 +727,31 @@ def _rollback(conn: sqlite3.Connection) -> None:
         pass
 
 
-def _row(item: Sequence[Any]) -> Row:
-    row_id, body, created = item
-    if isinstance(body, str):  # stored as text by hand: send its UTF-8
-        body = body.encode("utf-8", "surrogatepass")
-    elif isinstance(body, (bytes, bytearray, memoryview)):
-        body = bytes(body)
-    else:
-        body = None
+def _chunk(item: Sequence[Any]) -> Chunk:
+    """A chunk from a ``(id, body, created_ms, count)`` row, checked: its body must split into
+    ``count`` records, else ``records`` is ``None`` (a damaged or hand-edited row)."""
+    row_id, body, created, count = item
+    if type(body) is not bytes:
+        if isinstance(body, str):  # stored as text by hand: its UTF-8
+            body = body.encode("utf-8", "surrogatepass")
+        elif isinstance(body, (bytearray, memoryview)):
+            body = bytes(body)
+    if not isinstance(body, bytes) or not isinstance(count, int) or count < 1:
+        size = len(body) if isinstance(body, bytes) else 0
+        return Chunk(int(row_id), None, _int(created), size, max(1, _int(count)))
+    records = body.split(_NEWLINE) if count > 1 else [body]
+    if len(records) != count:
+        return Chunk(int(row_id), None, _int(created), len(body), count)
+    return Chunk(
+        row_id, records, created if type(created) is int else _int(created), len(body), count
+    )
+
+
+def _int(value: Any) -> int:
     try:
-        created_ms = int(created)
+        return int(value)
     except (TypeError, ValueError):
-        created_ms = 0
-    return Row(int(row_id), body, created_ms, len(body) if body is not None else 0)
+        return 0
 
 
 def list_files(directory: Path) -> list[Path]:
@@ -940,7 +982,7 @@ def inspect_file(path: Path, url_of: Any) -> FileReport:
         }
         taken_by_lane = {int(lane): int(n) for lane, n in conn.execute(_TAKEN_BY_LANE)}
         for lane, count, nbytes, oldest in conn.execute(
-            "SELECT lane, count(*), coalesce(sum(length(body)), 0), min(created_ms) "
+            "SELECT lane, sum(count), coalesce(sum(length(body)), 0), min(created_ms) "
             "FROM records GROUP BY lane ORDER BY min(id)"
         ):
             kind, endpoints, cred = lanes.get(int(lane), ("?", "", ""))

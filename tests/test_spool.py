@@ -59,7 +59,7 @@ def spool_files(directory: Path) -> list[Path]:
 def rows_in(path: Path) -> int:
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        return int(conn.execute("SELECT count(*) FROM records").fetchone()[0])
+        return int(conn.execute("SELECT coalesce(sum(count), 0) FROM records").fetchone()[0])
     finally:
         conn.close()
 
