@@ -533,27 +533,40 @@ class StoreFile:
         """The next chunks of ``lane`` after id ``after``, as many as fit one request (at most
         ``limit`` records joined under ``max_bytes``; always at least one chunk), recorded as
         taken for sending; and whether more may follow."""
+        window = min(limit, 256)
         try:
+            # Sizes first (a blob's length is in its row header), then only the bodies used.
             found = self.conn.execute(
-                "SELECT id, body, created_ms, count FROM records WHERE lane = ? AND id > ? "
+                "SELECT id, count, length(body) FROM records WHERE lane = ? AND id > ? "
                 "ORDER BY id LIMIT ?",
-                (lane, after, min(limit, 256)),
+                (lane, after, window),
             ).fetchall()
+            records = 0
+            total = 2
+            used = 0
+            for _id, count, size in found:
+                count = count if isinstance(count, int) else 1
+                size = size if isinstance(size, int) else 0
+                if used and (records + count > limit or total + size + 1 > max_bytes):
+                    break
+                used += 1
+                records += count
+                total += size + 1
+            rows = (
+                self.conn.execute(
+                    "SELECT id, body, created_ms, count FROM records WHERE lane = ? "
+                    "AND id BETWEEN ? AND ? ORDER BY id",
+                    (lane, found[0][0], found[used - 1][0]),
+                ).fetchall()
+                if used
+                else []
+            )
         except sqlite3.Error as exc:
             raise _failure(exc, self.path, "cannot read") from exc
-        chunks: list[Chunk] = []
-        records = 0
-        total = 2
-        for item in found:
-            chunk = _chunk(item)
-            if chunks and (records + chunk.count > limit or total + chunk.size + 1 > max_bytes):
-                break
-            chunks.append(chunk)
-            records += chunk.count
-            total += chunk.size + 1
+        chunks = [_chunk(item) for item in rows]
         if chunks:
             self._record_taken(lane, chunks[0].id, chunks[-1].id)
-        return chunks, len(chunks) < len(found) or len(found) >= min(limit, 256)
+        return chunks, used < len(found) or len(found) >= window
 
     def _record_taken(self, lane: int, first: int, last: int) -> None:
         try:
