@@ -462,6 +462,19 @@ class StoreFile:
         evicted: list[Chunk] = []
         stored: list[Chunk] = []
         conn = self.conn
+        runs = chunk_records(keep)
+        if len(runs) == 1 and self.bytes + size <= max_bytes:
+            # The common case (one chunk, room enough): one statement is one transaction.
+            body = _NEWLINE.join(keep)
+            chunk = Chunk(self.last_id + 1, keep, created_ms, len(body), len(keep))
+            try:
+                conn.execute(_INSERT, (chunk.id, lane, created_ms, chunk.count, body))
+            except sqlite3.Error as exc:
+                raise _failure(exc, self.path, "cannot write to") from exc
+            self.last_id = chunk.id
+            self.rows += chunk.count
+            self.bytes += chunk.size + ROW_OVERHEAD
+            return evicted, refused, [chunk]
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -477,7 +490,7 @@ class StoreFile:
                 # reuse the ids of deleted rows, and readers keep their place by id.
                 next_id = self.last_id + 1
                 rows = []
-                for run in chunk_records(keep):
+                for run in chunk_records(keep):  # (keep may have lost its oldest)
                     body = _NEWLINE.join(run)
                     rows.append((next_id, lane, created_ms, len(run), body))
                     stored.append(Chunk(next_id, run, created_ms, len(body), len(run)))
@@ -533,7 +546,7 @@ class StoreFile:
         """The next chunks of ``lane`` after id ``after``, as many as fit one request (at most
         ``limit`` records joined under ``max_bytes``; always at least one chunk), recorded as
         taken for sending; and whether more may follow."""
-        window = min(limit, 256)
+        window = limit  # chunks hold one record or more: never more chunks than records
         try:
             # Sizes first (a blob's length is in its row header), then only the bodies used.
             found = self.conn.execute(
