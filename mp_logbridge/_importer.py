@@ -305,7 +305,9 @@ def send_import_batch(
         current = work.popleft()
         attempts, started = 0, time.monotonic()
         while current:
-            outcome = exporter.export(Batch("import", current), time.monotonic() + exporter.timeout)
+            outcome = exporter.export(
+                Batch("import", current), time.monotonic() + exporter.timeout
+            )
             attempts += 1
             result.accepted.extend(position[id(item)] for item in outcome.delivered)
             for _reason, items, error in outcome.dropped:

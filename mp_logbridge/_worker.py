@@ -710,12 +710,12 @@ class BatchWorker:
         lane = job.lane
         lane.in_flight = None
         lane.attempts += 1
-        if outcome.stored:  # committed to the durable spool, which sends and counts them
-            self._resolve(lane, outcome.stored)
         if outcome.delivered:
             self._resolve(lane, outcome.delivered)
             self._stats.add_sent(len(outcome.delivered))
             self._recovered(now)
+        if outcome.stored:  # committed to the durable spool, which sends and counts them
+            self._resolve(lane, outcome.stored)
         for reason, items, error in outcome.dropped:
             self._resolve(lane, items)
             self._drop_records(reason, error, items)

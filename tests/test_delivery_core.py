@@ -718,9 +718,7 @@ def tls_url(tmp_path: Path) -> Any:
 
 def test_a_tls_failure_has_its_own_reason_and_names_the_host(tls_url, library_warnings) -> None:
     errors: list[BaseException] = []
-    consumer = BackgroundConsumer(
-        api_host=tls_url, on_error=lambda exc, records: errors.append(exc)
-    )
+    consumer = BackgroundConsumer(api_host=tls_url, on_error=lambda exc, records: errors.append(exc))
     try:
         consumer.send("event", event_record("tls-1"))
         assert consumer.flush(10) is False
@@ -779,8 +777,6 @@ def test_a_partial_import_without_indexes_is_matched_by_insert_id() -> None:
     [(reason, refused, _error)] = outcome.dropped
     assert reason == "rejected_by_server" and refused == [batch[2]]
     # The server says records failed but names none we can match: none counts as delivered.
-    vague = PartialImportError(
-        "HTTP 400", failed_records=[{"message": "?"}], num_records_imported=2
-    )
+    vague = PartialImportError("HTTP 400", failed_records=[{"message": "?"}], num_records_imported=2)
     outcome = classify(batch, vague)
     assert outcome.delivered == [] and outcome.dropped[0][1] == batch
