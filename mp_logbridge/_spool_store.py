@@ -826,7 +826,7 @@ class OwnStore:
         self.directory = directory
         self.max_bytes = max_bytes
         self.lock = threading.Lock()
-        self.owner = 0  # the thread inside ``lock`` (a signal handler may re-enter it)
+        self.inside = threading.local()  # ``active``: this thread is taking or holds ``lock``
         self.file: StoreFile | None = None
         self.generation = 0
         self.retry_at = 0.0  # after a refusal, the disk is tried again from then on
@@ -838,18 +838,22 @@ class OwnStore:
 
     @contextmanager
     def locked(self) -> Iterator[bool]:
-        """Hold the lock; yields ``False`` without waiting when this thread holds it already
-        (a signal handler or finalizer that sends while its thread writes)."""
-        ident = threading.get_ident()
-        if self.owner == ident:
+        """Hold the lock; yields ``False`` without waiting when this thread is already on its
+        way in or out (a signal handler or finalizer that sends while its thread writes).
+
+        The thread's mark is set before the lock is taken and cleared after it is given back,
+        so a signal landing between any two of those steps sees it and never waits for a lock
+        its own thread holds."""
+        inside = self.inside
+        if getattr(inside, "active", False):
             yield False
             return
-        with self.lock:
-            self.owner = ident
-            try:
+        inside.active = True
+        try:
+            with self.lock:
                 yield True
-            finally:
-                self.owner = 0
+        finally:
+            inside.active = False
 
     def open(self) -> StoreFile:
         """The current file, made when there is none (caller holds the lock)."""
@@ -922,7 +926,7 @@ class OwnStore:
             return
         self.pid = os.getpid()
         self.lock = threading.Lock()
-        self.owner = 0
+        self.inside = threading.local()
         current, self.file = self.file, None
         if current is not None:
             current.forget()

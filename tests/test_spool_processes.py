@@ -596,3 +596,41 @@ def test_a_normal_exit_delivers_or_keeps_and_never_waits_for_nothing(
     finally:
         if server is not None:
             server.stop()
+
+
+# --------------------------------------------------------------------------- re-entry
+
+
+def test_a_signal_handler_sending_inside_a_durable_call_never_hangs(server, tmp_path) -> None:
+    """With ``durability="call"`` the caller's thread writes to disk under a lock; a signal
+    handler that sends while that thread is inside the write must not wait for itself (its
+    message goes through memory instead) and nothing is lost."""
+    spool = tmp_path / "spool"
+    script = write_script(
+        tmp_path,
+        """
+        import json, os, signal
+        from mp_logbridge import Tracker
+        tracker = Tracker("TOKEN", api_host=os.environ["URL"], spool=os.environ["SPOOL"],
+                          durability="call", flush_interval=0.05, max_queue_size=100_000)
+        fired = 0
+        def on_alarm(signum, frame):
+            global fired
+            fired += 1
+            tracker.track("u", "From Signal", {"n": fired})
+        signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, 0.0005, 0.0005)
+        for n in range(5000):
+            tracker.track("u", "From Main", {"n": n})
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        print(json.dumps({"fired": fired, "flushed": tracker.flush(30),
+                          "stats": tracker.stats()}))
+        """,
+    )
+    result = run(script, {"URL": server.url, "SPOOL": str(spool)}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    facts = json.loads(result.stdout.splitlines()[-1])
+    assert facts["fired"] > 20 and facts["flushed"] is True, facts
+    assert numbers(server.events, "From Main") == list(range(5000))
+    assert numbers(server.events, "From Signal") == list(range(1, facts["fired"] + 1))
+    assert set(insert_ids(server.events).values()) == {1}
