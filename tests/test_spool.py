@@ -586,12 +586,14 @@ def test_stats_say_what_reached_mixpanel(spool_dir, quiet) -> None:
 def test_a_refused_record_is_counted_and_deleted(server, spool_dir, quiet) -> None:
     errors = Errors()
     consumer = BackgroundConsumer(api_host=server.url, spool=spool_dir, on_error=errors)
+    server.fail_next(1, 400, endpoint="/engage")  # refused for good: not retried
     consumer.send("event", event_record("good"))
-    consumer.send("profile_update", {"$token": TOKEN, "$distinct_id": "u", "$add": {"n": "x"}})
+    consumer.send("profile_update", {"$token": TOKEN, "$distinct_id": "u", "$add": {"n": 1}})
     assert consumer.flush(10) is False  # something was dropped
     stats = consumer.stats()
     assert stats["dropped"]["rejected_by_server"] == 1 and stats["spooled"] == 0
-    assert errors.records()[0]["$add"] == {"n": "x"}
+    assert errors.records()[0]["$add"] == {"n": 1}
+    assert [e["properties"]["$insert_id"] for e in server.events] == ["good"]
     consumer.close()
 
 
