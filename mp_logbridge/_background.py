@@ -9,6 +9,7 @@ the network, so it is safe from any thread, a signal handler or a finalizer.
 
 from __future__ import annotations
 
+import os
 import random
 import weakref
 from collections.abc import Mapping
@@ -59,10 +60,11 @@ class BackgroundConsumer(_ConsumerBase):
     Batching: each endpoint has its own lane, sent when it holds ``batch_size`` records (at most
     2000), ``max_batch_bytes`` of encoded records (a request stays under it), or when its oldest
     record has waited ``flush_interval`` seconds. Each lane's requests run on its own threads,
-    so a slow endpoint never delays the others; at most ``max_in_flight``
-    requests (default 2, at most 16) are under way per endpoint, so high latency does not cap
-    throughput (Mixpanel's guidance is 10-20 concurrent clients sending 2000-record batches at
-    most). gzip is used on ``/track`` and ``/import``.
+    so a slow endpoint never delays the others. At most ``max_in_flight`` requests (default 2,
+    at most 16) are under way on ``/track`` and ``/import``, so high latency does not cap
+    throughput (Mixpanel's guidance is 10-20 concurrent clients sending batches of up to 2000);
+    profile and group updates go one request at a time, since their order matters. gzip is used
+    on ``/track`` and ``/import``.
 
     Deadlines: ``request_timeout`` (default 10 s) bounds each request as a whole — connecting,
     sending and reading the answer — even against a server that drips bytes; answers over 64 KB
@@ -95,6 +97,16 @@ class BackgroundConsumer(_ConsumerBase):
     ``exporter=`` replaces the HTTP exporter (the seam the durable spool and broker streams use);
     ``transport=`` replaces the HTTP transport under it.
 
+    Durable spool (off by default): ``spool="path/to/dir"`` (or ``MIXPANEL_SPOOL``) commits
+    captured records to a SQLite file in that directory at most every 50 ms, sends them from
+    there and deletes them once Mixpanel acknowledged them, so a crash, ``kill -9``, a
+    terminated pool worker, ``os._exit`` or an outage longer than memory loses at most the last
+    commit window; ``durability="call"`` commits each record before ``send`` returns.
+    ``max_spool_bytes`` (default 256 MiB) bounds the file (the oldest records are dropped as
+    ``spool_full``). With a spool, :meth:`flush` waits for Mixpanel's acknowledgement, and
+    :meth:`close` leaves what it could not deliver on disk for the next process. See
+    :mod:`mp_logbridge.spool`.
+
     Usable as the ``consumer=`` of the official ``mixpanel`` package, too:
     ``Mixpanel(token, consumer=BackgroundConsumer())``.
     """
@@ -120,6 +132,9 @@ class BackgroundConsumer(_ConsumerBase):
         exporter: Exporter | None = None,
         rng: random.Random | None = None,
         clock: Any = None,
+        spool: str | os.PathLike[str] | bool | None = None,
+        durability: str = "batch",
+        max_spool_bytes: int | None = None,
         **options: Any,
     ) -> None:
         super().__init__(
@@ -137,17 +152,44 @@ class BackgroundConsumer(_ConsumerBase):
             )
         if exporter is not None:
             self.exporter = exporter
+        batch_size = positive_int(batch_size, "batch_size", MAX_BATCH_RECORDS)
+        max_batch_bytes = positive_int(max_batch_bytes, "max_batch_bytes")
+        flush_interval = positive_number(flush_interval, "flush_interval")
+        # The durable spool (opt-in, mp_logbridge/_spool.py) plugs in at the exporter seam: the
+        # worker commits its batches to disk (its flush interval becomes the commit window) and
+        # the spool's drainer sends them through ``self.exporter``.
+        self._spool: Any = None
+        worker_exporter, worker_interval = self.exporter, flush_interval
+        if (
+            spool is not None
+            or os.environ.get("MIXPANEL_SPOOL")
+            or durability != "batch"
+            or max_spool_bytes is not None
+        ):  # (checked even without a spool, so a configuration error shows everywhere)
+            worker_exporter, worker_interval = self._open_spool(
+                spool,
+                durability,
+                max_spool_bytes,
+                batch_size,
+                max_batch_bytes,
+                flush_interval,
+                flush_timeout,
+                exit_timeout,
+            )
         self._worker = BatchWorker(
-            self.exporter,
-            batch_size=positive_int(batch_size, "batch_size", MAX_BATCH_RECORDS),
-            max_batch_bytes=positive_int(max_batch_bytes, "max_batch_bytes"),
-            flush_interval=positive_number(flush_interval, "flush_interval"),
+            worker_exporter,
+            batch_size=batch_size,
+            max_batch_bytes=max_batch_bytes,
+            flush_interval=worker_interval,
             max_queue_size=positive_int(max_queue_size, "max_queue_size"),
             max_queue_bytes=positive_int(max_queue_bytes, "max_queue_bytes"),
             overflow=overflow,
             flush_timeout=positive_number(flush_timeout, "flush_timeout"),
             exit_timeout=positive_number(exit_timeout, "exit_timeout"),
-            max_in_flight=positive_int(max_in_flight, "max_in_flight", 16),
+            # Writes to the spool stay in the order of the calls (one at a time per endpoint).
+            max_in_flight=1
+            if self._spool is not None
+            else positive_int(max_in_flight, "max_in_flight", 16),
             retry=self.retry,
             on_error=self.on_error,
             stats=self._stats,
@@ -158,6 +200,46 @@ class BackgroundConsumer(_ConsumerBase):
         # (they refer to the worker only, so the consumer itself can be collected).
         self._finalizer = weakref.finalize(self, _release, self._worker)
         self._finalizer.atexit = False
+        if self._spool is not None:
+            self._spool.attach(self._worker, self)
+
+    def _open_spool(
+        self,
+        spool: Any,
+        durability: Any,
+        max_spool_bytes: Any,
+        batch_size: int,
+        max_batch_bytes: int,
+        flush_interval: float,
+        flush_timeout: float,
+        exit_timeout: float,
+    ) -> tuple[Exporter, float]:
+        """Make the spool when one is asked for; returns the worker's exporter and interval."""
+        from ._spool import COMMIT_INTERVAL, DEFAULT_MAX_SPOOL_BYTES, Spool, resolve_spool_options
+
+        bound = DEFAULT_MAX_SPOOL_BYTES if max_spool_bytes is None else max_spool_bytes
+        directory, mode, bound = resolve_spool_options(spool, durability, bound)
+        if directory is None:
+            return self.exporter, flush_interval
+        self._spool = Spool(
+            directory,
+            durability=mode,
+            max_spool_bytes=bound,
+            endpoints=self.endpoints,
+            credentials=self.credentials,
+            exporter=self.exporter,
+            timeout=self.transport.timeout,
+            verify=self.transport.verify,
+            retry=self.retry,
+            batch_size=batch_size,
+            max_batch_bytes=max_batch_bytes,
+            flush_interval=flush_interval,
+            flush_timeout=positive_number(flush_timeout, "flush_timeout"),
+            exit_timeout=positive_number(exit_timeout, "exit_timeout"),
+            stats=self._stats,
+            on_error=self.on_error,
+        )
+        return self._spool.writer, min(flush_interval, COMMIT_INTERVAL)
 
     batch_size = _Setting()
     max_batch_bytes = _Setting()
@@ -232,8 +314,11 @@ class BackgroundConsumer(_ConsumerBase):
             ``True`` when all of it was delivered; ``False`` on timeout, or when anything was
             dropped since the previous flush. Called on a sender thread or while the logging
             module's lock is held (as ``dictConfig`` does), it starts the delivery and returns
-            ``False`` at once instead of waiting.
+            ``False`` at once instead of waiting. With a spool, "delivered" still means
+            acknowledged by Mixpanel; what is not stays on disk.
         """
+        if self._spool is not None:
+            return bool(self._spool.flush(timeout))
         return self._worker.flush(timeout)
 
     def close(self, timeout: float | None = None) -> None:
@@ -243,14 +328,23 @@ class BackgroundConsumer(_ConsumerBase):
         ``shutdown_timeout`` (records whose request was still in flight are counted as sent if
         the server's answer comes later). Called while the logging module's lock is held
         (``dictConfig`` reconfiguring), it does not wait: delivery goes on for up to
-        ``exit_timeout`` seconds, and the exit hook waits for it.
+        ``exit_timeout`` seconds, and the exit hook waits for it. With a spool, what is not
+        delivered in time is not dropped: it stays on disk and the next process sends it.
         """
+        if self._spool is not None:
+            self._spool.close(timeout)
+            return
         self._worker.close(timeout)
 
     def stats(self) -> dict[str, Any]:
         """Counters: ``sent``, ``batches``, ``retries``, ``dropped`` by reason, ``dropped_total``,
-        ``queue_depth`` and ``queue_bytes`` (messages waiting and their size) and ``in_flight``."""
-        return self._worker.stats()
+        ``queue_depth`` and ``queue_bytes`` (messages waiting and their size) and ``in_flight``;
+        with a spool also ``spooled``, ``spool_bytes``, ``spool_fallback``, ``spool_corrupt``
+        and ``spool_adopted`` (see :meth:`mp_logbridge._spool.Spool.stats`)."""
+        snapshot = self._worker.stats()
+        if self._spool is not None:
+            snapshot.update(self._spool.stats())
+        return snapshot
 
 
 def _release(worker: BatchWorker) -> None:

@@ -4,6 +4,7 @@
 * ``serve`` — run the local receiver in the foreground, printing what arrives.
 * ``import`` — bulk-import historical events from JSON-lines or JSON-array files into ``/import``.
 * ``relay`` — deliver records a fleet wrote to a Redis Stream (``_relay_cli``).
+* ``spool`` — show what a durable spool directory holds; ``--drain`` delivers it and exits.
 
 Errors are one line naming what to fix (exit code 2), never a traceback.
 """
@@ -25,6 +26,7 @@ from ._records import MAX_BATCH_RECORDS
 from ._relay_cli import UsageError as _RelayUsageError
 from ._relay_cli import add_parser as add_relay_parser
 from ._retry import RetryPolicy
+from ._spool_cli import add_parser as add_spool_parser
 from ._transport import REGIONS, Credentials, ServiceAccount, as_credentials, resolve_endpoints
 from ._version import __version__
 
@@ -157,6 +159,8 @@ def _parser() -> argparse.ArgumentParser:
         help="check every record with the server's rules; send nothing, keep no progress",
     )
     add_relay_parser(commands)  # scale-out: kept in its own module
+
+    add_spool_parser(commands)  # the durable spool: kept in its own module
     return parser
 
 
@@ -262,7 +266,7 @@ def _check_inputs(names: Sequence[str]) -> None:
             raise _UsageError(f"{name} is a directory")
 
 
-def _import_credentials(args: argparse.Namespace) -> Credentials | None:
+def _import_credentials(args: argparse.Namespace, *, required: bool = True) -> Credentials | None:
     username = _env_or(args.username, "MIXPANEL_SERVICE_ACCOUNT_USERNAME")
     secret = _env_or(args.secret, "MIXPANEL_SERVICE_ACCOUNT_SECRET")
     project = _env_or(args.project_id, "MIXPANEL_PROJECT_ID")
@@ -284,7 +288,7 @@ def _import_credentials(args: argparse.Namespace) -> Credentials | None:
             )
         credentials = ServiceAccount(username, secret, project)  # type: ignore[arg-type]
     credentials = as_credentials(credentials, api_secret)
-    if credentials is None and not args.dry_run:
+    if credentials is None and required and not args.dry_run:
         raise _UsageError(
             "importing needs credentials: --username/--secret/--project-id (a service account) or --api-secret"
         )
@@ -399,6 +403,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             from ._relay_cli import run as run_relay
 
             return run_relay(args, stream)
+        if args.command == "spool":  # the durable spool: kept in its own module
+            from ._spool_cli import run as run_spool
+
+            return run_spool(args, stream)
         return _import(args, stream)
     except KeyboardInterrupt:
         sys.stderr.write("mp-logbridge: interrupted\n")

@@ -35,6 +35,8 @@ DROP_REASONS = (
     "closed",
     "consumer_error",
     "feedback_loop",
+    "spool_full",
+    "expired",
 )
 
 logger = logging.getLogger("mp_logbridge")

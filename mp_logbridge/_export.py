@@ -42,7 +42,9 @@ class Outcome:
 
     ``delivered`` records were accepted; ``dropped`` lists ``(reason, records, error)`` groups
     refused for good; ``retry`` holds the records to try again (with ``error`` saying why), and
-    ``split`` the halves of a batch the receiver found too large.
+    ``split`` the halves of a batch the receiver found too large. ``stored`` records were taken
+    over by a durable store (the spool) that delivers and counts them itself: the worker lets
+    go of them without counting them as sent.
     """
 
     delivered: list[bytes] = field(default_factory=list)
@@ -50,6 +52,7 @@ class Outcome:
     retry: list[bytes] = field(default_factory=list)
     split: list[list[bytes]] = field(default_factory=list)
     error: DeliveryError | None = None
+    stored: list[bytes] = field(default_factory=list)
 
 
 @runtime_checkable

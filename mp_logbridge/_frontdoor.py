@@ -71,6 +71,9 @@ DELIVERY_OPTIONS = (
     "redis_url",
     "stream",
     "stream_maxlen",
+    "spool",
+    "durability",
+    "max_spool_bytes",
 )
 
 

@@ -98,6 +98,8 @@ class MixpanelHandler(logging.Handler):
         batch_size, max_batch_bytes, flush_interval, max_queue_size, max_queue_bytes, overflow,
         request_timeout, verify, flush_timeout, exit_timeout, retry: passed to the
             :class:`~mp_logbridge.AsyncConsumer`; handlers whose options are all equal share one.
+        spool, durability, max_spool_bytes: the durable spool of that consumer (a directory;
+            see :mod:`mp_logbridge.spool`): records survive a crash, a kill or an outage.
     """
 
     def __init__(

@@ -75,7 +75,10 @@ class Lane:
     ) -> None:
         self.kind = kind
         self.credentials = credentials
-        self.max_in_flight = max(1, max_in_flight)
+        # Updates apply in the order they arrive ($set then $unset must not swap): one request
+        # at a time. Events carry their own time, so their batches may overlap.
+        ordered = kind in ("profile_update", "group_update")
+        self.max_in_flight = 1 if ordered else max(1, max_in_flight)
         self.queue: deque[bytes] = deque()
         self.queue_bytes = 0
         self.oldest = INF  # when the oldest record in ``queue`` arrived

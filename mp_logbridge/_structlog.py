@@ -52,7 +52,7 @@ class MixpanelProcessor:
 
     Args:
         token, region, api_host, consumer, credentials, api_secret, retry, and the delivery
-            options (``batch_size``, ``flush_interval``, ...): as for
+            options (``batch_size``, ``flush_interval``, ``spool``, ...): as for
             :class:`~mp_logbridge.MixpanelHandler` (same environment fallbacks, and a consumer
             shared with handlers configured the same way). ``tracker=`` uses a
             :class:`~mp_logbridge.Tracker`'s token and consumer.

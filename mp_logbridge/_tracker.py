@@ -99,7 +99,8 @@ class Tracker:
             ``MIXPANEL_REGION``, then the US.
         super_properties: properties added to every event (an event's own properties win).
         delivery options (``batch_size``, ``flush_interval``, ``request_timeout``, ``retry``,
-            ...): passed to the background consumer made for you.
+            ``spool``, ...): passed to the background consumer made for you (``spool=`` a
+            directory keeps undelivered messages on disk; see :mod:`mp_logbridge.spool`).
 
     Methods return ``True`` when the message was accepted (with the background consumer:
     accepted for delivery) and ``False`` when it was not, after telling ``error_handler``.

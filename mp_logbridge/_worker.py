@@ -755,6 +755,8 @@ class BatchWorker:
             self._resolve(lane, outcome.delivered)
             self._stats.add_sent(len(outcome.delivered))
             self._recovered(now)
+        if outcome.stored:  # committed to the durable spool, which sends and counts them
+            self._resolve(lane, outcome.stored)
         for reason, items, error in outcome.dropped:
             self._resolve(lane, items)
             self._drop_records(reason, error, items)

@@ -119,3 +119,14 @@ def test_everything_taken_is_under_way_and_take_all_returns_the_rest(max_in_flig
     assert retrying == []
     assert len(rest) == 10 - 2 * max_in_flight
     assert lane.unresolved  # the flights are still under way
+
+
+@pytest.mark.parametrize("kind", ["profile_update", "group_update"])
+def test_updates_go_one_request_at_a_time_whatever_the_setting(kind: str) -> None:
+    """``$set`` then ``$unset`` must not swap: updates are applied in the order they came."""
+    lane = Lane(kind, max_in_flight=4)
+    for n in range(6):
+        lane.add(_record(n), arrived=0.0)
+    lane.take(0.0, 2, 1_000_000)
+    assert _due(lane, urgent=True) == INF
+    assert Lane("event", max_in_flight=4).max_in_flight == 4
