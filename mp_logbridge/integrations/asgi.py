@@ -148,11 +148,17 @@ def _find_routes(app: Any, depth: int = 0) -> list[Any]:
 
 def _match(routes: list[Any], scope: Scope, prefix: str) -> str | None:
     for route in routes:
+        candidates = getattr(route, "effective_candidates", None)
+        if callable(candidates):  # FastAPI's included routers: their routes' full paths
+            found = _match_paths(candidates(), str(scope.get("path") or ""))
+            if found is not None:
+                return found
+            continue
         matches = getattr(route, "matches", None)
         if matches is None:
             continue
-        found, child = matches(scope)
-        if getattr(found, "name", "") != "FULL":
+        found_match, child = matches(scope)
+        if getattr(found_match, "name", "") != "FULL":
             continue
         path = str(getattr(route, "path", "") or "")
         inner = getattr(route, "routes", None)
@@ -160,4 +166,29 @@ def _match(routes: list[Any], scope: Scope, prefix: str) -> str | None:
             below = _match(list(inner), {**scope, **child}, prefix + path)
             return below if below is not None else prefix + path
         return prefix + path
+    return None
+
+
+_compiled: dict[str, Any] = {}
+
+
+def _match_paths(candidates: Any, path: str) -> str | None:
+    """The first candidate whose (full) route path matches ``path``."""
+    from starlette.routing import compile_path
+
+    for candidate in candidates:
+        nested = getattr(candidate, "effective_candidates", None)
+        if callable(nested):
+            found = _match_paths(nested(), path)
+            if found is not None:
+                return found
+            continue
+        template = getattr(candidate, "path", None)
+        if not isinstance(template, str) or not template:
+            continue
+        regex = _compiled.get(template)
+        if regex is None:
+            regex = _compiled[template] = compile_path(template)[0]
+        if regex.match(path):
+            return template
     return None
