@@ -26,10 +26,10 @@ from types import TracebackType
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from . import _capture
+from ._aio import off_loop
 from ._diagnostics import DeliveryStats, warn
 from ._errors import ConfigurationError, DeliveryError, InvalidMessageError, MessagesDropped
 from ._export import Batch, Exporter, HttpExporter
-from ._aio import off_loop
 from ._lifecycle import delivery_callback
 from ._messages import MessageSource
 from ._records import (
@@ -207,6 +207,9 @@ class _ConsumerBase:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    def flush(self, timeout: float | None = None) -> bool:  # pragma: no cover - overridden
+        raise NotImplementedError
 
     def close(self, timeout: float | None = None) -> None:  # pragma: no cover - overridden
         raise NotImplementedError

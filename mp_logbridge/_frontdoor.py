@@ -312,8 +312,6 @@ class Bridge:
 
     __slots__ = (
         "_counting",
-        "disabled",
-        "policy",
         "_local",
         "_local_seen",
         "_overhead",
@@ -321,8 +319,10 @@ class Bridge:
         "_send_one",
         "closed",
         "delivery",
+        "disabled",
         "enabled",
         "fast",
+        "policy",
         "skipped",
         "spec",
         "tag",

@@ -43,8 +43,8 @@ __all__ = [
     "in_delivery_callback",
     "is_sender_thread",
     "register",
-    "reinit_if_forked",
     "register_sender_thread",
+    "reinit_if_forked",
     "shutdown_all",
     "unregister_sender_thread",
 ]

@@ -69,7 +69,7 @@ def resolve_callable(value: Any, what: str) -> Callable[..., Any]:
     """``value`` when callable, or the callable a ``"package.module:name"`` (or
     ``"package.module.name"``) string names (settings files and ``dictConfig`` give strings)."""
     if callable(value):
-        return value
+        return value  # type: ignore[no-any-return]
     if isinstance(value, str) and value.strip():
         path = value.strip()
         if path.startswith("ext://"):
@@ -152,7 +152,9 @@ class Policy:
                 self._default_rate = self._rates.pop("*", 1.0)
             else:
                 self._default_rate = _rate(sample_rate, f"{owner}: sample_rate")
-        if redact is not None and (isinstance(redact, (str, bytes)) or not isinstance(redact, Iterable)):
+        if redact is not None and (
+            isinstance(redact, (str, bytes)) or not isinstance(redact, Iterable)
+        ):
             raise ConfigurationError(f"{owner}: redact must be a list of property names")
         names = frozenset(str(name) for name in (redact or ()))
         if redact_mode not in REDACT_MODES:
@@ -191,7 +193,9 @@ class Policy:
     def from_options(cls, owner: str, options: dict[str, Any]) -> Policy | None:
         """Take the policy options out of ``options``; ``None`` when none is set."""
         given = {name: options.pop(name) for name in POLICY_OPTIONS if name in options}
-        if not any(given.get(name) is not None for name in ("before_send", "sample_rate", "redact")):
+        if not any(
+            given.get(name) is not None for name in ("before_send", "sample_rate", "redact")
+        ):
             if given.get("redact_key") is not None or given.get("redact_mode", "drop") != "drop":
                 raise ConfigurationError(f"{owner}: redact_mode and redact_key need redact=")
             return None
@@ -207,11 +211,14 @@ class Policy:
             InvalidMessageError: ``record`` holds a value that cannot be sent (the hook never
                 sees it); what the hook itself raises is counted, never raised.
         """
-        if kind == "event" and (self._rates or self._default_rate < 1.0):
-            if not self._keeps(record):
-                with self._counts.lock:
-                    self._counts.sampled_out += 1
-                return None
+        if (
+            kind == "event"
+            and (self._rates or self._default_rate < 1.0)
+            and not self._keeps(record)
+        ):
+            with self._counts.lock:
+                self._counts.sampled_out += 1
+            return None
         hook = self.before_send
         if hook is not None:
             result = self._run_hook(hook, kind, record)
@@ -229,7 +236,9 @@ class Policy:
         name = record.get("event")
         if name in _IDENTITY_EVENTS:
             return True
-        rate = self._rates.get(name, self._default_rate) if self._rates else self._default_rate
+        rate = self._default_rate
+        if self._rates and isinstance(name, str):
+            rate = self._rates.get(name, rate)
         if rate >= 1.0:
             return True
         if rate <= 0.0:
@@ -317,7 +326,9 @@ class Policy:
     def _hash(self, value: Any) -> str:
         assert self._key is not None
         text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
-        return hmac.new(self._key, text.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
+        return hmac.new(
+            self._key, text.encode("utf-8", "surrogatepass"), hashlib.sha256
+        ).hexdigest()
 
     # ------------------------------------------------------------------ counters
 

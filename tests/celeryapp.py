@@ -18,13 +18,17 @@ from mp_logbridge.integrations.celery import setup_celery
 
 broker = os.environ.get("MP_TEST_BROKER", "memory://")
 app = Celery("celeryapp", broker=broker, backend=broker.replace("memory://", "cache+memory://"))
-app.conf.update(task_acks_late=False, worker_hijack_root_logger=False, broker_connection_retry_on_startup=True)
+app.conf.update(
+    task_acks_late=False, worker_hijack_root_logger=False, broker_connection_retry_on_startup=True
+)
 
 log = logging.getLogger("celeryapp.tasks")
 log.setLevel(logging.INFO)
 log.propagate = False
 if os.environ.get("MP_TEST_RECEIVER"):
-    handler = MixpanelHandler("celery-test-token", api_host=os.environ["MP_TEST_RECEIVER"], flush_interval=30)
+    handler = MixpanelHandler(
+        "celery-test-token", api_host=os.environ["MP_TEST_RECEIVER"], flush_interval=30
+    )
     log.addHandler(handler)
     logging.getLogger("mixpanel.tasks").addHandler(handler)
     logging.getLogger("mixpanel.tasks").setLevel(logging.INFO)

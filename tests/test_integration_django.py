@@ -10,14 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 pytest.importorskip("django")
 
-from mp_logbridge.testing import MixpanelServer  # noqa: E402
+from mp_logbridge.testing import MixpanelServer
 
 TOKEN = "django-test-token"
 
@@ -98,7 +97,9 @@ def test_async_view_reads_the_user_without_blocking(server: MixpanelServer) -> N
     _flush()
     by_name = {e["properties"]["name"]: e["properties"] for e in server.events}
     assert by_name["first"]["distinct_id"] == _alice().pk
-    assert by_name["second"]["distinct_id"] == "guest-visitor"  # requests do not leak into each other
+    assert (
+        by_name["second"]["distinct_id"] == "guest-visitor"
+    )  # requests do not leak into each other
     assert by_name["first"]["route"] == "async/<slug:name>/"
 
 

@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from support import attached, wait_until
 
 # Endpoint annotations are resolved by FastAPI from this module's globals.
 from fastapi import WebSocket
+from support import attached, wait_until
 
 from mp_logbridge import MixpanelHandler, tag
 from mp_logbridge.context import current_context
@@ -103,7 +103,9 @@ def test_asgi_binds_user_route_and_request_id_per_request(
             ]
             responses = await asyncio.gather(*calls)
             assert all(r.status_code == 200 for r in responses)
-            assert (await client.get("/old/pages/3", headers={"x-user": "u-old"})).status_code == 200
+            assert (
+                await client.get("/old/pages/3", headers={"x-user": "u-old"})
+            ).status_code == 200
             assert (await client.get("/login")).status_code == 200
             assert (await client.get("/boom", headers={"x-user": "u-boom"})).status_code == 500
         assert current_context().distinct_id is None
@@ -141,8 +143,7 @@ def test_asgi_async_user_callable_errors_and_websockets(
         assert websocket.receive_text() == "hi"
     assert handler.flush(5)
     props = {
-        (e["event"], e["properties"].get("viewed")): e["properties"]
-        for e in mixpanel_server.events
+        (e["event"], e["properties"].get("viewed")): e["properties"] for e in mixpanel_server.events
     }
     assert props["User Viewed", 12]["distinct_id"] == "async-user"
     assert props["User Viewed", 12]["route"] == "/api/users/12"  # route=False: the path
@@ -263,7 +264,10 @@ def test_flask_binds_user_route_request_id_and_unbinds(
 ) -> None:
     app = _flask_app(distinct_id=lambda request: request.headers.get("X-User"))
     client = app.test_client()
-    assert client.get("/users/3", headers={"X-User": "f-3", "X-Request-ID": "req-3"}).status_code == 200
+    assert (
+        client.get("/users/3", headers={"X-User": "f-3", "X-Request-ID": "req-3"}).status_code
+        == 200
+    )
     assert client.post("/login", data={"user": "f-login"}).status_code == 200
     assert client.get("/boom", headers={"X-User": "f-boom"}).status_code == 500
     assert client.get("/users/4").status_code == 200

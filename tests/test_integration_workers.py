@@ -46,10 +46,12 @@ def _stop(process: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: fl
         process.send_signal(sig)
     try:
         output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as timed_out:
         process.kill()
         output, _ = process.communicate()
-        raise AssertionError(f"the worker did not stop within {timeout} s:\n{output[-3000:]}")
+        raise AssertionError(
+            f"the worker did not stop within {timeout} s:\n{output[-3000:]}"
+        ) from timed_out
     return output
 
 
@@ -201,9 +203,9 @@ def _rq_burst(redis_server: RedisServer, receiver: str, **env: str) -> str:
 
 
 def _enqueue(redis_server: RedisServer) -> None:
+    import rqjobs  # noqa: F401  (importable by the horse from the same path)
     from rq import Queue
 
-    import rqjobs  # noqa: F401  (importable by the horse from the same path)
     from mp_logbridge.integrations.rq import job_meta
 
     queue = Queue("default", connection=redis_server.client())

@@ -349,7 +349,11 @@ def test_structlog_processor_and_span_processor_share_the_policy(
 
     common = {"api_host": mixpanel_server.url, "flush_interval": 0.05, "before_send": hook}
     processor = MixpanelProcessor(TOKEN, redact=["secret"], **common)
-    processor(None, "info", {"event": "x", "mixpanel": tag.track("Log", distinct_id="u1", secret=1)["mixpanel"]})
+    processor(
+        None,
+        "info",
+        {"event": "x", "mixpanel": tag.track("Log", distinct_id="u1", secret=1)["mixpanel"]},
+    )
     spans = MixpanelSpanProcessor(TOKEN, default_distinct_id="svc", **common)
     provider = TracerProvider()
     provider.add_span_processor(spans)
@@ -467,7 +471,9 @@ def test_debug_logs_one_line_per_request(mixpanel_server: MixpanelServer) -> Non
                 consumer.send("event", _event(n))
             consumer.flush(5)
             mixpanel_server.fail_next(1, 503)
-            consumer.send("profile_update", {"$token": TOKEN, "$distinct_id": "u", "$set": {"a": 1}})
+            consumer.send(
+                "profile_update", {"$token": TOKEN, "$distinct_id": "u", "$set": {"a": 1}}
+            )
             consumer.flush(10)
             consumer.close()
         requests = [m for m in lines.messages() if "POST" in m]
@@ -556,7 +562,9 @@ def test_aflush_on_the_processor(mixpanel_server: MixpanelServer) -> None:
     processor = MixpanelProcessor(TOKEN, api_host=mixpanel_server.url, flush_interval=60)
 
     async def main() -> bool:
-        processor(None, "info", {"event": "e", "mixpanel": tag.track("P", distinct_id="u")["mixpanel"]})
+        processor(
+            None, "info", {"event": "e", "mixpanel": tag.track("P", distinct_id="u")["mixpanel"]}
+        )
         ok = await processor.aflush(5)
         await processor.aclose()
         return ok

@@ -16,7 +16,7 @@ from .._context import current_context
 from .._diagnostics import warn
 from .._tags import tag
 
-__all__ = ["DEFAULT_EVENT", "TaskEvents", "USER_KEY"]
+__all__ = ["DEFAULT_EVENT", "USER_KEY", "TaskEvents"]
 
 #: The header (Celery) or job meta key (RQ) carrying the user a task runs for.
 USER_KEY = "mixpanel_distinct_id"
@@ -56,7 +56,9 @@ class TaskEvents:
                 user = self.default_distinct_id
             if self.tracker is not None:
                 if user is None:
-                    warn("mp_logbridge: task outcome not tracked: no user (set default_distinct_id)")
+                    warn(
+                        "mp_logbridge: task outcome not tracked: no user (set default_distinct_id)"
+                    )
                     return
                 self.tracker.track(user, self.event, properties)
                 return

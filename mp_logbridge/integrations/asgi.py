@@ -29,7 +29,9 @@ from ._web import bind_request, identify, name_user_on_span, request_id_from
 __all__ = ["MixpanelMiddleware", "identify"]
 
 Scope = MutableMapping[str, Any]
-ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
+ASGIApp = Callable[
+    [Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]
+]
 
 
 class MixpanelMiddleware:

@@ -101,7 +101,8 @@ class MixpanelMiddleware:
         try:
             user = self._user_of(request)
         except Exception as exc:
-            user = _report(exc)
+            _report(exc)
+            user = None
         token = bind_request(user, self._properties(request), set_span_user=self._set_span_user)
         try:
             response = self.get_response(request)
@@ -140,13 +141,12 @@ class MixpanelMiddleware:
             user = await auser()
             return user.pk if getattr(user, "is_authenticated", False) else None
         except Exception as exc:
-            return _report(exc)
+            _report(exc)
+            return None
 
     # ------------------------------------------------------------------ both
 
-    def process_view(
-        self, request: Any, view_func: Any, view_args: Any, view_kwargs: Any
-    ) -> None:
+    def process_view(self, request: Any, view_func: Any, view_args: Any, view_kwargs: Any) -> None:
         """The URL is resolved now: bind the route pattern (reset with the rest at the end)."""
         match = getattr(request, "resolver_match", None)
         route = getattr(match, "route", None)
@@ -162,4 +162,3 @@ class MixpanelMiddleware:
 
 def _report(exc: Exception) -> None:
     warn("mp_logbridge: MIXPANEL['DISTINCT_ID'] raised %s: %s", type(exc).__name__, exc)
-    return None
