@@ -126,6 +126,7 @@ def test_asgi_binds_user_route_and_request_id_per_request(
     assert by_name["Boom"]["distinct_id"] == "u-boom"
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Starlette's TestClient on httpx
 def test_asgi_async_user_callable_errors_and_websockets(
     handler: MixpanelHandler, mixpanel_server: MixpanelServer, library_warnings: Any
 ) -> None:
