@@ -29,13 +29,14 @@ the user is read with ``request.auser()``, so no database call blocks the event 
 * ``FLUSH_TIMEOUT``: flush every background consumer after each response, bounded by this many
   seconds (serverless deployments).
 * ``SET_SPAN_USER``: set ``enduser.id`` on the current OpenTelemetry span (default ``True``).
-* ``DISABLED``: ``True`` turns delivery off for every front door made without an explicit
-  ``disabled=`` (it sets ``MIXPANEL_DISABLED=1`` when the middleware is loaded).
+
+To turn delivery off (tests, local development), set ``MIXPANEL_DISABLED=1`` in the environment
+or ``"disabled": True`` in the handler's ``LOGGING`` entry: the handlers exist before any
+middleware is loaded.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -51,7 +52,7 @@ from ._web import bind_request, identify, name_user_on_span, request_id_from
 
 __all__ = ["MixpanelMiddleware", "identify"]
 
-_SETTINGS = ("DISTINCT_ID", "REQUEST_ID_HEADER", "FLUSH_TIMEOUT", "SET_SPAN_USER", "DISABLED")
+_SETTINGS = ("DISTINCT_ID", "REQUEST_ID_HEADER", "FLUSH_TIMEOUT", "SET_SPAN_USER")
 
 
 def _user_pk(request: Any) -> Any:
@@ -90,8 +91,6 @@ class MixpanelMiddleware:
         self._meta_key = "HTTP_" + header.upper().replace("-", "_")
         self._flush_timeout = config.get("FLUSH_TIMEOUT")
         self._set_span_user = bool(config.get("SET_SPAN_USER", True))
-        if config.get("DISABLED"):
-            os.environ.setdefault("MIXPANEL_DISABLED", "1")
 
     # ------------------------------------------------------------------ sync
 
