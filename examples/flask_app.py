@@ -1,17 +1,18 @@
-"""A Flask app that binds the signed-in user per request.
+"""A Flask app whose requests know their user: the ``MixpanelFlask`` extension.
 
-``mp_logbridge.bind``/``unbind`` in ``before_request``/``teardown_request`` make every tagged log
-record and instrumented call during the request belong to that user, with request-wide
-super-properties. Run it: ``python examples/flask_app.py`` — it drives the app with Flask's test
-client against a local receiver; to serve it for real, call ``create_app(...).run()``.
+The extension binds the request's user (here from a header; in a real app the session's user),
+its URL rule as ``route`` and a ``request_id`` for every tagged log record and instrumented
+call made during the request, and unbinds them when the request ends. Run it:
+``python examples/flask_app.py`` — it drives the app with Flask's test client against a local
+receiver; to serve it for real, call ``create_app().run()``.
 """
 
 import logging
 
-from flask import Flask, g, request
+from flask import Flask, request
 
-import mp_logbridge
 from mp_logbridge import MixpanelHandler, instrument, tag
+from mp_logbridge.integrations.flask import MixpanelFlask
 from mp_logbridge.testing import MixpanelServer
 
 log = logging.getLogger("webapp")
@@ -24,17 +25,7 @@ def search(query: str) -> list:
 
 def create_app() -> Flask:
     app = Flask(__name__)
-
-    @app.before_request
-    def bind_user() -> None:
-        user = request.headers.get("X-User-Id")  # in a real app: the session's user
-        g.mixpanel_token = mp_logbridge.bind(distinct_id=user, route=request.path)
-
-    @app.teardown_request
-    def unbind_user(_exc: BaseException | None) -> None:
-        token = g.pop("mixpanel_token", None)
-        if token is not None:
-            mp_logbridge.unbind(token)
+    MixpanelFlask(app, distinct_id=lambda request: request.headers.get("X-User-Id"))
 
     @app.post("/signup")
     def signup() -> dict:

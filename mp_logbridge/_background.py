@@ -151,7 +151,7 @@ class BackgroundConsumer(_ConsumerBase):
                 f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}, got {overflow!r}"
             )
         if exporter is not None:
-            self.exporter = exporter
+            self.exporter = self._debug_exporter(exporter) if self.debug else exporter
         batch_size = positive_int(batch_size, "batch_size", MAX_BATCH_RECORDS)
         max_batch_bytes = positive_int(max_batch_bytes, "max_batch_bytes")
         flush_interval = positive_number(flush_interval, "flush_interval")

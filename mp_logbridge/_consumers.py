@@ -26,6 +26,7 @@ from types import TracebackType
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from . import _capture
+from ._aio import off_loop
 from ._diagnostics import DeliveryStats, warn
 from ._errors import ConfigurationError, DeliveryError, InvalidMessageError, MessagesDropped
 from ._export import Batch, Exporter, HttpExporter
@@ -56,6 +57,7 @@ __all__ = [
     "CallableSink",
     "Consumer",
     "ConsumerProtocol",
+    "DisabledConsumer",
     "ErrorCallback",
     "as_consumer",
 ]
@@ -136,6 +138,7 @@ class _ConsumerBase:
         on_error: ErrorCallback | None = None,
         report_interval: float = 10.0,
         transport: Transport | None = None,
+        debug: bool = False,
     ) -> None:
         if transport is not None:
             given = {"events_url": events_url, "people_url": people_url, "groups_url": groups_url}
@@ -166,11 +169,30 @@ class _ConsumerBase:
                 verify=verify,
             )
         self.exporter: Exporter = HttpExporter(self.transport)
+        self.debug = bool(debug)
+        if self.debug:
+            self.exporter = self._debug_exporter(self.exporter)
         self.retry = RetryPolicy.from_options(retry)
         if on_error is not None and not callable(on_error):
             raise ConfigurationError("on_error must be callable as on_error(exc, messages)")
         self.on_error = on_error
         self._stats = DeliveryStats(report_interval)
+
+    def _debug_exporter(self, exporter: Exporter) -> Exporter:
+        """``exporter``, logging one line per request (``debug=True``)."""
+        from ._debug import DebugExporter, show_debug_output
+
+        show_debug_output()
+        endpoints = self.endpoints
+        return DebugExporter(exporter, lambda kind: safe_url(endpoints.url(kind)))
+
+    async def aflush(self, timeout: float | None = None) -> bool:
+        """:meth:`flush` for asyncio code: runs in a thread, so the event loop keeps running."""
+        return await off_loop(self.flush, timeout)
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        """:meth:`close` for asyncio code: runs in a thread, so the event loop keeps running."""
+        await off_loop(self.close, timeout)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(track={safe_url(self.endpoints.event)!r}, credentials={self.credentials!r})"
@@ -185,6 +207,9 @@ class _ConsumerBase:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    def flush(self, timeout: float | None = None) -> bool:  # pragma: no cover - overridden
+        raise NotImplementedError
 
     def close(self, timeout: float | None = None) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -539,6 +564,13 @@ class CallableSink:
     def close(self, timeout: float | None = None) -> None:
         """Nothing to release (the callable's owner closes it)."""
 
+    async def aflush(self, timeout: float | None = None) -> bool:
+        """:meth:`flush`, in a thread (the event loop keeps running)."""
+        return await off_loop(self.flush, timeout)
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        """Nothing to release."""
+
     def stats(self) -> dict[str, Any]:
         """Counters: records handed to the callable (``sent``) and ``dropped`` by reason."""
         return self._stats.snapshot()
@@ -551,6 +583,66 @@ class CallableSink:
 
     def __repr__(self) -> str:
         return f"CallableSink({self.sink!r})"
+
+
+class DisabledConsumer:
+    """Accepts every message and sends nothing: no thread, no socket (``disabled=True`` or
+    ``MIXPANEL_DISABLED=1`` on a front door or Tracker, for tests and local development).
+
+    Inside :func:`mp_logbridge.testing.capture_messages` the messages are captured as usual, so
+    a test suite that disables delivery everywhere can still look at what would have been sent.
+    ``stats()`` says ``disabled`` and counts what was ``accepted``.
+    """
+
+    __slots__ = ("accepted",)
+
+    def __init__(self) -> None:
+        self.accepted = 0
+
+    def send(self, kind: str, message: Any, api_key: Any = None, api_secret: Any = None) -> bool:
+        """Accept ``message`` (captured inside ``capture_messages()``, else forgotten)."""
+        if _capture.active:
+            kind, message = normalize_send_args(kind, message)
+            return _capture.take(kind, message)
+        self.accepted += 1
+        return True
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Nothing is ever pending: ``True``."""
+        return True
+
+    def close(self, timeout: float | None = None) -> None:
+        """Nothing to release."""
+
+    async def aflush(self, timeout: float | None = None) -> bool:
+        """Nothing is ever pending: ``True``."""
+        return True
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        """Nothing to release."""
+
+    def stats(self) -> dict[str, Any]:
+        """Zero deliveries; ``accepted`` messages, ``disabled`` set."""
+        return {
+            "sent": 0,
+            "batches": 0,
+            "retries": 0,
+            "dropped": {},
+            "dropped_total": 0,
+            "queue_depth": 0,
+            "queue_bytes": 0,
+            "accepted": self.accepted,
+            "disabled": True,
+        }
+
+    def __enter__(self) -> DisabledConsumer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return "DisabledConsumer()"
 
 
 def as_consumer(consumer: Any) -> Any:

@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["DROP_REASONS", "DeliveryStats", "logger", "mask_secret", "report_all", "warn"]
+__all__ = ["DROP_REASONS", "DeliveryStats", "info", "logger", "mask_secret", "report_all", "warn"]
 
 #: The named reasons a message can be dropped for.
 DROP_REASONS = (
@@ -37,6 +37,7 @@ DROP_REASONS = (
     "feedback_loop",
     "spool_full",
     "expired",
+    "hook_error",
 )
 
 logger = logging.getLogger("mp_logbridge")
@@ -50,6 +51,20 @@ def warn(message: str, *args: Any) -> None:
             return
         record = logger.makeRecord(
             logger.name, logging.WARNING, "(mp_logbridge)", 0, message, args, None
+        )
+        logger.callHandlers(record)
+    except Exception:  # pragma: no cover - reporting must never raise into the caller
+        pass
+
+
+def info(message: str, *args: Any) -> None:
+    """Log an informational line on the library logger (``debug=True`` output), whatever
+    ``dictConfig`` did to its ``disabled`` flag."""
+    try:
+        if logger.getEffectiveLevel() > logging.INFO:
+            return
+        record = logger.makeRecord(
+            logger.name, logging.INFO, "(mp_logbridge)", 0, message, args, None
         )
         logger.callHandlers(record)
     except Exception:  # pragma: no cover - reporting must never raise into the caller

@@ -27,12 +27,15 @@ import threading
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
+from ._aio import off_loop
 from ._background import BackgroundConsumer
-from ._consumers import as_consumer
+from ._consumers import CallableSink, DisabledConsumer, _ConsumerBase, as_consumer
 from ._context import BoundContext, otel_context
 from ._diagnostics import DeliveryStats, warn
 from ._errors import ConfigurationError, InvalidMessageError, MixpanelError
 from ._messages import check_distinct_id, clean_token
+from ._policy import LOST, Policy
+from ._records import EncodedRecord, encode_message
 from ._retry import RetryPolicy
 from ._tags import (
     RECORD_OVERHEAD,
@@ -46,7 +49,15 @@ from ._tags import (
 from ._transport import Credentials, as_credentials, normalize_region, resolve_endpoints
 from ._values import snapshot_mapping
 
-__all__ = ["DELIVERY_OPTIONS", "SENT_MARK", "Bridge", "ConsumerShare", "created_ns"]
+__all__ = [
+    "DELIVERY_OPTIONS",
+    "SENT_MARK",
+    "Bridge",
+    "ConsumerShare",
+    "created_ns",
+    "disabled_by_environment",
+    "takes_encoded",
+]
 
 #: Marks log records and event dicts whose tag was sent: a tuple of senders, each a short digest
 #: of a project token and tag name — never the token itself, since the mark travels with
@@ -67,6 +78,7 @@ DELIVERY_OPTIONS = (
     "exit_timeout",
     "max_in_flight",
     "on_error",
+    "debug",
     # Scale-out (mp_logbridge.redis): write to a Redis Stream that relay workers deliver from.
     "redis_url",
     "stream",
@@ -146,6 +158,17 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_shared.reinit_after_fork)
 
 
+def disabled_by_environment() -> bool:
+    """Whether ``MIXPANEL_DISABLED`` turns delivery off (``1``, ``true``, ``yes``, ``on``)."""
+    value = os.environ.get("MIXPANEL_DISABLED", "")
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def takes_encoded(consumer: Any) -> bool:
+    """Whether ``consumer`` takes records encoded at the call (the library's own consumers)."""
+    return isinstance(consumer, (_ConsumerBase, CallableSink, DisabledConsumer))
+
+
 def _freeze(value: Any) -> Any:
     if isinstance(value, Mapping):
         return tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
@@ -175,7 +198,9 @@ class ConsumerShare:
     With ``consumer=`` given, that consumer is used as is (a callable is wrapped in
     :class:`~mp_logbridge.CallableSink`); delivery options are then an error. Otherwise a shared
     :class:`~mp_logbridge.BackgroundConsumer` is made from the options (``pin=True``: the share is
-    kept for the life of the process). ``enabled=False`` checks the options and makes nothing.
+    kept for the life of the process). ``enabled=False`` checks the options and makes nothing;
+    ``disabled=True`` checks them and gives a :class:`~mp_logbridge.consumers.DisabledConsumer`
+    (everything accepted, nothing sent, no thread, no socket), even when ``consumer=`` is given.
     """
 
     __slots__ = ("_key", "consumer")
@@ -193,6 +218,7 @@ class ConsumerShare:
         enabled: bool = True,
         pin: bool = False,
         owner: str = "front door",
+        disabled: bool = False,
     ) -> None:
         options = dict(options or {})
         unknown = sorted(set(options) - set(DELIVERY_OPTIONS))
@@ -213,7 +239,7 @@ class ConsumerShare:
                     f"{owner}: {', '.join(extra)} configure the consumer made for you; with "
                     "consumer= given, configure that consumer instead"
                 )
-            self.consumer: Any = as_consumer(consumer)
+            self.consumer: Any = DisabledConsumer() if disabled else as_consumer(consumer)
             return
         endpoints = resolve_endpoints(region=region, api_host=api_host)
         creds = as_credentials(credentials, api_secret)
@@ -238,9 +264,10 @@ class ConsumerShare:
                 **settings,
             )
 
-        if not enabled:
-            make().close()  # options are checked even when there is no token to send with
-            self.consumer = None
+        if not enabled or disabled:
+            if not streaming:  # options are checked even when nothing will be sent
+                make().close()
+            self.consumer = DisabledConsumer() if disabled else None
             return
         key = (endpoints, creds, _freeze(settings), _freeze(streaming))
         self.consumer = _shared.acquire(key, make, pin=pin)
@@ -278,6 +305,12 @@ class Bridge:
     sent so a second front door of the same project skips it, and counts the losses a consumer
     cannot count itself (a tag that cannot be captured, a record that fails before reaching it,
     a message after ``close()``, a consumer of the application's that keeps no counters).
+
+    Options it takes out of ``options`` before the delivery options: ``disabled`` (default
+    ``MIXPANEL_DISABLED``: everything accepted, nothing sent; no token needed) and the
+    :class:`~mp_logbridge._policy.Policy` options (``before_send``, ``sample_rate``, ``redact``,
+    ``redact_mode``, ``redact_key``). With a policy, records are built, filtered and encoded at
+    the call; without one the hot path is the one below, unchanged.
     """
 
     __slots__ = (
@@ -289,8 +322,10 @@ class Bridge:
         "_send_one",
         "closed",
         "delivery",
+        "disabled",
         "enabled",
         "fast",
+        "policy",
         "skipped",
         "spec",
         "tag",
@@ -321,13 +356,18 @@ class Bridge:
                 check_distinct_id(default_distinct_id, "default_distinct_id")
             except InvalidMessageError as error:
                 raise ConfigurationError(f"{owner}: {error}") from None
+        options = dict(options)
+        disabled = options.pop("disabled", None)
+        self.disabled = disabled_by_environment() if disabled is None else bool(disabled)
+        self.policy = Policy.from_options(owner, options)
         token = token if token is not None else os.environ.get("MIXPANEL_TOKEN")
-        self.enabled = isinstance(token, str) and bool(token.strip())
-        if self.enabled:
+        has_token = isinstance(token, str) and bool(token.strip())
+        self.enabled = has_token or self.disabled
+        if has_token:
             token = clean_token(token, owner)  # type: ignore[arg-type]
         self.tag = tag
         self.spec = BridgeSpec(
-            token if self.enabled else "",  # type: ignore[arg-type]
+            token if has_token else "",  # type: ignore[arg-type]
             super_properties={k: super_properties[k] for k in super_properties}
             if super_properties
             else None,
@@ -346,6 +386,7 @@ class Bridge:
             options=options,
             enabled=self.enabled,
             owner=owner,
+            disabled=self.disabled,
         )
         consumer_ = self.delivery.consumer
         self._counting = callable(getattr(consumer_, "stats", None))
@@ -358,6 +399,8 @@ class Bridge:
             self._send_one = consumer_.send
         else:
             self._send_one = self._send_now
+        if self.policy is not None and self._send_one is not None:
+            self._send_one = self._filtered(self._send_one, takes_encoded(consumer_))
         self._local = DeliveryStats()
         self._local_seen = 0
         self._overhead = RECORD_OVERHEAD + len(self.spec.token)
@@ -521,6 +564,36 @@ class Bridge:
 
         return send_fast
 
+    def _filtered(
+        self, send: Callable[[str, Any], Any], encoded: bool
+    ) -> Callable[[str, Any], Any]:
+        """``send`` behind the policy: each message is built here, on the caller's thread, given
+        to the policy (sampling, ``before_send``, redaction), checked and encoded again, then
+        sent (encoded, to the library's consumers)."""
+        policy = self.policy
+        assert policy is not None
+        apply = policy.apply
+        lose = self.lose
+
+        def send_filtered(kind: str, message: Any) -> Any:
+            try:
+                record = message if type(message) is dict else message.build()
+                record = apply(kind, record)
+                if record is None:
+                    return True  # left out on purpose, and counted
+                if record is LOST:
+                    return False  # the hook cost it (counted)
+                payload = EncodedRecord(encode_message(record))
+            except InvalidMessageError as error:
+                lose(error.drop_reason, f"{type(error).__name__}: {error}")
+                return False
+            except Exception as error:  # a deferred message failed in an unexpected way
+                lose("invalid", f"the message could not be built: {type(error).__name__}: {error}")
+                return False
+            return send(kind, payload if encoded else record)
+
+        return send_filtered
+
     def _refuse(self) -> None:
         if self.closed:
             self.lose("closed", "the front door is closed")
@@ -577,6 +650,8 @@ class Bridge:
             warn("mp_logbridge flush failed: %s: %s", type(exc).__name__, exc)
             delivered = False
         lost = self._local.total_dropped()
+        if self.policy is not None:
+            lost += self.policy.losses.total_dropped()
         clean = lost == self._local_seen
         self._local_seen = lost
         return delivered and clean
@@ -607,4 +682,10 @@ class Bridge:
         result["dropped_total"] = sum(dropped.values())
         result["skipped"] = self.skipped
         result["enabled"] = self.enabled
+        if self.policy is not None:
+            self.policy.merge_stats(result)
         return result
+
+    async def aflush(self, timeout: float | None = None) -> bool:
+        """:meth:`flush` in a thread: the event loop keeps running while it waits."""
+        return await off_loop(self.flush, timeout)

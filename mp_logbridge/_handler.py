@@ -19,6 +19,7 @@ from threading import get_ident
 from typing import Any
 
 from . import _frontdoor
+from ._aio import off_loop
 from ._context import bound_context_getter, current_context
 from ._errors import ConfigurationError
 from ._frontdoor import SENT_MARK, Bridge
@@ -92,14 +93,20 @@ class MixpanelHandler(logging.Handler):
             ``exc_info`` (default on).
         include_trace: add the active OpenTelemetry ``trace_id``/``span_id`` (default on).
         consumer: deliver through this consumer (or ``callable(kind, message)``) instead of an
-            :class:`~mp_logbridge.AsyncConsumer` made from the delivery options below; the
+            :class:`~mp_logbridge.BackgroundConsumer` made from the delivery options below; the
             handler flushes it but does not close it.
         credentials, api_secret: ``/import`` credentials for the consumer made.
         batch_size, max_batch_bytes, flush_interval, max_queue_size, max_queue_bytes, overflow,
-        request_timeout, verify, flush_timeout, exit_timeout, retry: passed to the
-            :class:`~mp_logbridge.AsyncConsumer`; handlers whose options are all equal share one.
+        request_timeout, verify, flush_timeout, exit_timeout, retry, debug: passed to the
+            :class:`~mp_logbridge.BackgroundConsumer`; handlers whose options are all equal share
+            one (``debug=True`` logs one line per request on the ``mp_logbridge`` logger).
         spool, durability, max_spool_bytes: the durable spool of that consumer (a directory;
             see :mod:`mp_logbridge.spool`): records survive a crash, a kill or an outage.
+        before_send, sample_rate, redact, redact_mode, redact_key: what may leave the process
+            (a hook that changes or drops each record, sampling by user, redaction of named
+            properties at any depth); with any of them set, records are built at the call.
+            See the README's "Privacy, sampling and hooks".
+        disabled: accept everything and send nothing (default: ``MIXPANEL_DISABLED``).
     """
 
     def __init__(
@@ -297,6 +304,14 @@ class MixpanelHandler(logging.Handler):
             self._bridge.close()
         finally:
             super().close()
+
+    async def aflush(self, timeout: float | None = None) -> bool:
+        """:meth:`flush` for asyncio code: waits in a thread, the event loop keeps running."""
+        return await self._bridge.aflush(timeout)
+
+    async def aclose(self) -> None:
+        """:meth:`close` for asyncio code: waits in a thread, the event loop keeps running."""
+        await off_loop(self.close)
 
     def stats(self) -> dict[str, Any]:
         """The consumer's delivery counters, plus losses counted by the handler itself (messages

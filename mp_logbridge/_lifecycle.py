@@ -44,6 +44,7 @@ __all__ = [
     "is_sender_thread",
     "register",
     "register_sender_thread",
+    "reinit_if_forked",
     "shutdown_all",
     "unregister_sender_thread",
 ]
@@ -159,14 +160,26 @@ def shutdown_all(timeout: float | None = None) -> None:
 def flush_all(timeout: float | None = None) -> bool:
     """Flush every background worker of this process; ``True`` when all delivered everything.
 
-    The workers are flushed one after the other, each within ``timeout`` (default: its own
-    ``flush_timeout``). Meant for the end of a task or a serverless invocation.
+    ``timeout`` bounds the whole call (the workers are flushed one after the other, sharing
+    it); without it each worker waits at most its own ``flush_timeout``. Meant for the end of a
+    task or a serverless invocation.
     """
     ok = True
+    deadline = None if timeout is None else time.monotonic() + max(0.0, float(timeout))
     for worker in list(_live):
         if worker.running():
-            ok = worker.flush(timeout) and ok
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ok = worker.flush(left) and ok
     return ok
+
+
+def reinit_if_forked() -> None:
+    """In a child forked without Python's fork hooks (some pre-fork servers and task pools):
+    let every worker copied from the parent start afresh now, rather than at its next use."""
+    pid = os.getpid()
+    for worker in list(_live):
+        if getattr(worker, "_pid", pid) != pid:
+            worker.reinit_after_fork()
 
 
 def _after_fork_in_child() -> None:

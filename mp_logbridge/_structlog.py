@@ -38,6 +38,7 @@ import time
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
+from ._aio import off_loop
 from ._context import BoundContext, current_context
 from ._errors import ConfigurationError
 from ._frontdoor import Bridge
@@ -68,6 +69,8 @@ class MixpanelProcessor:
         keep_tag: leave the tag in the event dict (it is then marked as sent, so a
             ``MixpanelHandler`` of the same project reading the same tag key skips it if
             structlog forwards it).
+        before_send, sample_rate, redact, redact_mode, redact_key, disabled, debug: as for
+            :class:`~mp_logbridge.MixpanelHandler`.
     """
 
     __slots__ = ("_bridge", "_copy_keys", "_keep_tag", "_tag", "_user_key", "enabled")
@@ -181,6 +184,14 @@ class MixpanelProcessor:
     def close(self) -> None:
         """Release the consumer (closed when nothing else shares it). Idempotent."""
         self._bridge.close()
+
+    async def aflush(self, timeout: float | None = None) -> bool:
+        """:meth:`flush` for asyncio code: waits in a thread, the event loop keeps running."""
+        return await self._bridge.aflush(timeout)
+
+    async def aclose(self) -> None:
+        """:meth:`close` for asyncio code: waits in a thread, the event loop keeps running."""
+        await off_loop(self.close)
 
     def stats(self) -> dict[str, Any]:
         """The consumer's delivery counters plus what the processor counted itself: losses that

@@ -19,11 +19,13 @@ from types import TracebackType
 from typing import Any
 
 from . import _messages as msg
-from ._consumers import _ConsumerBase, as_consumer
+from ._aio import off_loop
+from ._consumers import DisabledConsumer, as_consumer
 from ._diagnostics import mask_secret, warn
 from ._errors import ConfigurationError, DeliveryError, InvalidMessageError
-from ._frontdoor import ConsumerShare
-from ._records import EncodedRecord, encode_record
+from ._frontdoor import ConsumerShare, disabled_by_environment, takes_encoded
+from ._policy import LOST, Policy
+from ._records import EncodedRecord, encode_message, encode_record
 from ._transport import Credentials
 from ._values import to_json_value
 from ._vocabulary import GROUPS, PEOPLE
@@ -31,6 +33,9 @@ from ._vocabulary import GROUPS, PEOPLE
 __all__ = ["ErrorHandler", "Groups", "People", "Tracker"]
 
 Properties = Mapping[str, Any]
+
+#: The token of a disabled Tracker made without one (its records never leave the process).
+DISABLED_TOKEN = "mp-logbridge-disabled"
 
 
 class ErrorHandler:
@@ -98,9 +103,15 @@ class Tracker:
             or a host/URL such as ``"http://127.0.0.1:8123"``). Default: ``MIXPANEL_API_HOST``,
             ``MIXPANEL_REGION``, then the US.
         super_properties: properties added to every event (an event's own properties win).
+        before_send, sample_rate, redact, redact_mode, redact_key: what may leave the process
+            (see the README's "Privacy, sampling and hooks"); applied at the call, after the
+            record is built and checked.
+        disabled: accept everything and send nothing, with no thread and no socket (default:
+            the ``MIXPANEL_DISABLED`` environment variable); no token is needed then.
         delivery options (``batch_size``, ``flush_interval``, ``request_timeout``, ``retry``,
-            ``spool``, ...): passed to the background consumer made for you (``spool=`` a
-            directory keeps undelivered messages on disk; see :mod:`mp_logbridge.spool`).
+            ``spool``, ``debug``, ...): passed to the background consumer made for you
+            (``spool=`` a directory keeps undelivered messages on disk; see
+            :mod:`mp_logbridge.spool`).
 
     Methods return ``True`` when the message was accepted (with the background consumer:
     accepted for delivery) and ``False`` when it was not, after telling ``error_handler``.
@@ -123,14 +134,33 @@ class Tracker:
         super_properties: Properties | None = None,
         **delivery: Any,
     ) -> None:
+        delivery = dict(delivery)
+        disabled = delivery.pop("disabled", None)
+        self.disabled = disabled_by_environment() if disabled is None else bool(disabled)
+        self._policy = Policy.from_options("Tracker", delivery)
         token = token if token is not None else os.environ.get("MIXPANEL_TOKEN")
         if not isinstance(token, str) or not token.strip():
-            raise ConfigurationError(
-                "a Mixpanel project token is required: Tracker(token) or MIXPANEL_TOKEN"
-            )
+            if not self.disabled:
+                raise ConfigurationError(
+                    "a Mixpanel project token is required: Tracker(token) or MIXPANEL_TOKEN"
+                )
+            token = DISABLED_TOKEN
         self.token = msg.clean_token(token, "Tracker")
         self._error_handler = _resolve_handler(error_handler)
-        if consumer is None:
+        if self.disabled:
+            ConsumerShare(  # the options are checked all the same
+                consumer=consumer,
+                region=region,
+                api_host=api_host,
+                credentials=credentials,
+                api_secret=api_secret,
+                retry=delivery.pop("retry", None),
+                options=delivery,
+                disabled=True,
+                owner="Tracker",
+            )
+            self.consumer: Any = DisabledConsumer()
+        elif consumer is None:
             options = dict(delivery)
             retry = options.pop("retry", None)
             if self._error_handler is not None:
@@ -145,7 +175,7 @@ class Tracker:
                 pin=True,
                 owner="Tracker",
             )
-            self.consumer: Any = share.consumer
+            self.consumer = share.consumer
         else:
             given = {"credentials": credentials, "api_secret": api_secret, "region": region}
             given.update(api_host=api_host, **delivery)
@@ -159,8 +189,10 @@ class Tracker:
         if super_properties is not None and not isinstance(super_properties, Mapping):
             raise ConfigurationError("super_properties must be a mapping")
         self.super_properties = dict(super_properties or {})
-        self._shared = consumer is None
-        self._takes_encoded = isinstance(self.consumer, _ConsumerBase)
+        self._shared = consumer is None or self.disabled
+        self._takes_encoded = takes_encoded(self.consumer)
+        if self._policy is not None:  # chosen now: no per-call check without a policy
+            self._send = self._send_filtered  # type: ignore[method-assign]
         self.people = People(self)
         self.groups = Groups(self)
 
@@ -184,6 +216,28 @@ class Tracker:
         consumer = self.consumer
         try:
             result = consumer.send(kind, payload if self._takes_encoded else record)
+        except DeliveryError as error:
+            self._handle_error(error)
+            return False
+        return result is not False
+
+    def _send_filtered(self, kind: str, record: dict[str, Any]) -> bool:
+        """:meth:`_send` behind the policy (sampling, ``before_send``, redaction)."""
+        policy = self._policy
+        assert policy is not None
+        kept = policy.apply(kind, record)
+        if kept is None:
+            return True  # left out on purpose (counted in stats())
+        if kept is LOST:
+            return False  # the hook cost it (counted as hook_error)
+        try:
+            payload = EncodedRecord(encode_message(kept))  # the hook may have put anything in
+        except InvalidMessageError as error:
+            policy.losses.add_dropped(error.drop_reason, 1, f"after before_send: {error}")
+            policy.losses.report()
+            return False
+        try:
+            result = self.consumer.send(kind, payload if self._takes_encoded else kept)
         except DeliveryError as error:
             self._handle_error(error)
             return False
@@ -310,9 +364,21 @@ class Tracker:
             self._handle_error(error)
 
     def stats(self) -> dict[str, Any]:
-        """The consumer's delivery counters (empty when it keeps none)."""
+        """The consumer's delivery counters (empty when it keeps none), plus, with a policy,
+        ``sampled_out``, ``filtered``, ``redacted`` and its ``hook_error`` losses."""
         stats = getattr(self.consumer, "stats", None)
-        return dict(stats()) if callable(stats) else {}
+        result = dict(stats()) if callable(stats) else {}
+        if self._policy is not None:
+            self._policy.merge_stats(result)
+        return result
+
+    async def aflush(self, timeout: float | None = None) -> bool:
+        """:meth:`flush` for asyncio code: waits in a thread, the event loop keeps running."""
+        return await off_loop(self.flush, timeout)
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        """:meth:`close` for asyncio code: waits in a thread, the event loop keeps running."""
+        await off_loop(self.close, timeout)
 
     def __enter__(self) -> Tracker:
         return self

@@ -3,7 +3,8 @@
 * :class:`BackgroundConsumer`: batches and delivers from background threads (the default of
   every front door); :class:`Consumer` sends each message at once, :class:`BufferedConsumer` in
   batches, both on the caller's thread; :class:`CallableSink` lets ``callable(kind, message)``
-  stand in for a consumer (the Ruby SDK's block form). They share one contract,
+  stand in for a consumer (the Ruby SDK's block form); :class:`DisabledConsumer` accepts
+  everything and sends nothing (``disabled=True``). They share one contract,
   :class:`ConsumerProtocol`, so every front door works with every consumer.
 * :class:`RetryPolicy`: when failed requests are tried again.
 * :data:`DROP_REASONS`: the names under which lost messages are counted in ``stats()``.
@@ -16,7 +17,14 @@
 from __future__ import annotations
 
 from ._background import BackgroundConsumer
-from ._consumers import BufferedConsumer, CallableSink, Consumer, ConsumerProtocol, ErrorCallback
+from ._consumers import (
+    BufferedConsumer,
+    CallableSink,
+    Consumer,
+    ConsumerProtocol,
+    DisabledConsumer,
+    ErrorCallback,
+)
 from ._diagnostics import DROP_REASONS
 from ._export import Batch, Exporter, HttpExporter, Outcome
 from ._messages import MessageSource
@@ -30,6 +38,7 @@ __all__ = [
     "CallableSink",
     "Consumer",
     "ConsumerProtocol",
+    "DisabledConsumer",
     "ErrorCallback",
     "Exporter",
     "HttpExporter",

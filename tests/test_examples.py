@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from redis_support import require_redis
 from support import child_env
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -43,7 +44,29 @@ EXPECTED = {
     "serverless_handler.py": [
         "after invocation: 1 event(s) delivered",
         "after invocation: 3 event(s) delivered",
+        "request ids: ['req-0', 'req-1', 'req-2']",
     ],
+    "django_app.py": [
+        "Product Viewed 1 products/<int:product_id>/ req-1",
+        "Product Viewed visitor products/<int:product_id>/",
+        "Checkout Started 1 checkout/",
+    ],
+    "fastapi_app.py": [
+        "Report Viewed u-1 /reports/{report_id} 1",
+        "Report Viewed u-2 /reports/{report_id} 2",
+    ],
+    "privacy_hooks.py": [
+        "page views kept: 57 of 200 (sampled out: 143)",
+        "urls: ['/home']",
+        "order properties: {'distinct_id': 'user-1', 'payment': {}} False",
+        "filtered by before_send: 1, redacted values: 2",
+        "disabled tracker: True captured: ['Signed Up']",
+    ],
+    "celery_worker.py": [
+        "invoices: [1, 2, 3] for {'customer-42'}",
+        "task outcomes: 3 all successful: True",
+    ],
+    "rq_worker.py": ["resized: [1, 2, 3]", "users: {'photographer-5'} horses: 3"],
 }
 
 
@@ -52,7 +75,7 @@ def run_example(name: str, *args: str) -> subprocess.CompletedProcess[str]:
         [sys.executable, str(EXAMPLES / name), *args],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
         env=child_env(),  # anything not pointed at the receiver goes nowhere
         cwd=str(EXAMPLES.parent),
     )
@@ -65,8 +88,12 @@ def test_every_example_is_covered() -> None:
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_example_runs(name: str) -> None:
-    if name == "prefork_workers.py" and not hasattr(os, "fork"):
+    if name in ("prefork_workers.py", "celery_worker.py", "rq_worker.py") and not hasattr(
+        os, "fork"
+    ):
         pytest.skip("needs os.fork")
+    if name == "rq_worker.py":
+        require_redis()
     result = run_example(name)
     assert result.returncode == 0, result.stderr
     for line in EXPECTED[name]:
