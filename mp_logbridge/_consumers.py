@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, cast, runtime_checkable
 
 from . import _capture
 from ._aio import off_loop
@@ -56,7 +56,9 @@ __all__ = [
     "BufferedConsumer",
     "CallableSink",
     "Consumer",
+    "ConsumerLike",
     "ConsumerProtocol",
+    "CountingConsumer",
     "DisabledConsumer",
     "ErrorCallback",
     "as_consumer",
@@ -83,6 +85,11 @@ class ConsumerProtocol(Protocol):
 
     def stats(self) -> Mapping[str, Any]:
         """Delivery counters: ``sent``, ``dropped`` by reason, ..."""
+
+
+#: What a front door's ``consumer=`` takes: a consumer, or ``callable(kind, record)`` (the Ruby
+#: SDK's block form).
+ConsumerLike = ConsumerProtocol | Callable[[str, dict[str, Any]], object]
 
 
 def positive_int(value: Any, name: str, maximum: int | None = None) -> int:
@@ -645,10 +652,74 @@ class DisabledConsumer:
         return "DisabledConsumer()"
 
 
-def as_consumer(consumer: Any) -> Any:
-    """Return ``consumer`` if it has a ``send`` method, else wrap a callable in :class:`CallableSink`."""
+class CountingConsumer:
+    """An object of the application's with ``send(kind, message)`` seen through the whole
+    :class:`ConsumerProtocol`: what it accepted and what it raised are counted here (``stats()``),
+    and ``flush``/``close`` reach it when it has them."""
+
+    __slots__ = ("_stats", "target")
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+        self._stats = DeliveryStats()
+
+    def send(self, kind: str, message: Any) -> Any:
+        """Hand the message on; a refusal (an exception, or ``False``) is counted, and raised."""
+        try:
+            result = self.target.send(kind, message)
+        except InvalidMessageError as exc:
+            self._stats.add_dropped(exc.drop_reason, 1, f"{type(exc).__name__}: {exc}")
+            raise
+        except DeliveryError as exc:
+            reason = "retries_exhausted" if exc.retryable else exc.drop_reason
+            self._stats.add_dropped(reason, 1, f"{type(exc).__name__}: {exc}")
+            raise
+        except Exception as exc:
+            self._stats.add_dropped("consumer_error", 1, f"{type(exc).__name__}: {exc}")
+            raise
+        if result is False:
+            self._stats.add_dropped("consumer_error", 1, f"{self.target!r} refused a message")
+        else:
+            self._stats.add_sent(1)
+        return result
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """The wrapped object's ``flush`` when it has one (``True`` otherwise)."""
+        flush = getattr(self.target, "flush", None)
+        return bool(flush(timeout)) if callable(flush) else True
+
+    def close(self, timeout: float | None = None) -> None:
+        """The wrapped object's ``close`` when it has one."""
+        close = getattr(self.target, "close", None)
+        if callable(close):
+            close(timeout)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: ``sent`` (accepted by the wrapped object) and ``dropped`` by reason, plus
+        the wrapped object's own counters when it keeps some."""
+        counted = self._stats.snapshot()
+        own = getattr(self.target, "stats", None)
+        if callable(own):
+            try:
+                counted.update(dict(own()))
+            except Exception as exc:  # an application's object must not break stats()
+                warn("mp_logbridge could not read %r stats: %s", self.target, exc)
+        return counted
+
+    def __repr__(self) -> str:
+        return f"CountingConsumer({self.target!r})"
+
+
+def as_consumer(consumer: Any) -> ConsumerProtocol:
+    """``consumer`` as a full :class:`ConsumerProtocol`: this library's consumers as they are, a
+    callable wrapped in :class:`CallableSink`, and any other object with ``send`` in
+    :class:`CountingConsumer` (so every consumer reports ``stats()``)."""
+    if isinstance(consumer, (_ConsumerBase, CallableSink, CountingConsumer)):
+        return cast(ConsumerProtocol, consumer)
     if callable(getattr(consumer, "send", None)):
-        return consumer
+        if all(callable(getattr(consumer, name, None)) for name in ("flush", "close", "stats")):
+            return cast(ConsumerProtocol, consumer)
+        return CountingConsumer(consumer)
     if callable(consumer):
         return CallableSink(consumer)
     raise ConfigurationError(

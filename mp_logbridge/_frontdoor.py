@@ -32,7 +32,7 @@ from ._background import BackgroundConsumer
 from ._consumers import CallableSink, DisabledConsumer, _ConsumerBase, as_consumer
 from ._context import BoundContext, otel_context
 from ._diagnostics import DeliveryStats, warn
-from ._errors import ConfigurationError, InvalidMessageError, MixpanelError
+from ._errors import ConfigurationError, InvalidMessageError
 from ._messages import check_distinct_id, clean_token
 from ._policy import LOST, Policy
 from ._records import EncodedRecord, encode_message
@@ -293,8 +293,8 @@ class ConsumerShare:
 
     def stats(self) -> dict[str, Any]:
         """The consumer's counters (empty when it keeps none)."""
-        stats = getattr(self.consumer, "stats", None)
-        return dict(stats()) if callable(stats) else {}
+        consumer = self.consumer
+        return {} if consumer is None else dict(consumer.stats())
 
 
 class Bridge:
@@ -314,7 +314,6 @@ class Bridge:
     """
 
     __slots__ = (
-        "_counting",
         "_local",
         "_local_seen",
         "_overhead",
@@ -389,7 +388,6 @@ class Bridge:
             disabled=self.disabled,
         )
         consumer_ = self.delivery.consumer
-        self._counting = callable(getattr(consumer_, "stats", None))
         # A background consumer builds on its own thread (nothing raises here); others build on
         # this one, so each message is sent on its own and a bad one spares the rest.
         self._send_one: Callable[[str, Any], Any] | None
@@ -613,28 +611,17 @@ class Bridge:
         send(kind, message)
 
     def _send_now(self, kind: str, message: Any) -> None:
-        """Send through a consumer that builds on this thread: a bad message spares the rest."""
-        consumer = self.delivery.consumer
+        """Send through a consumer that builds on this thread: a bad message spares the rest.
+
+        The consumer counts what it refuses (every consumer does, see ``as_consumer``); the
+        failure is only reported here, so the log call goes on.
+        """
         try:
-            consumer.send(kind, message)
-        except InvalidMessageError as error:
-            if self._counting:  # the consumer counted it
-                warn("mp_logbridge: %s: %s", type(error).__name__, error)
-            else:
-                self.lose("invalid", f"{type(error).__name__}: {error}")
-        except MixpanelError as error:
-            if self._counting:  # a delivery error the consumer counted and reported
-                warn("mp_logbridge could not deliver a message: %s", error)
-            else:
-                retryable = getattr(error, "retryable", False)
-                reason = "retries_exhausted" if retryable else "rejected_by_server"
-                self.lose(reason, f"{type(error).__name__}: {error}")
-        except Exception as error:  # a consumer of the application's that broke
-            if self._counting:
-                warn("mp_logbridge: the consumer raised %s: %s", type(error).__name__, error)
-            else:
-                detail = f"the consumer {consumer!r} raised {type(error).__name__}: {error}"
-                self.lose("consumer_error", detail)
+            self.delivery.consumer.send(kind, message)
+        except Exception as error:
+            warn(
+                "mp_logbridge: the consumer refused a message: %s: %s", type(error).__name__, error
+            )
 
     def lose(self, reason: str, detail: str) -> None:
         """Count a message lost before reaching a consumer able to count it, and report it."""

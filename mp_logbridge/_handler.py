@@ -20,6 +20,7 @@ from typing import Any
 
 from . import _frontdoor
 from ._aio import off_loop
+from ._consumers import ConsumerLike
 from ._context import bound_context_getter, current_context
 from ._errors import ConfigurationError
 from ._frontdoor import SENT_MARK, Bridge
@@ -123,7 +124,7 @@ class MixpanelHandler(logging.Handler):
         extra_properties: Sequence[str] | None = None,
         include_exception: bool = True,
         include_trace: bool = True,
-        consumer: Any = None,
+        consumer: ConsumerLike | None = None,
         credentials: Credentials | None = None,
         api_secret: str | None = None,
         retry: Mapping[str, Any] | None = None,

@@ -39,6 +39,7 @@ from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
 from ._aio import off_loop
+from ._consumers import ConsumerLike
 from ._context import BoundContext, current_context
 from ._errors import ConfigurationError
 from ._frontdoor import Bridge
@@ -81,7 +82,7 @@ class MixpanelProcessor:
         *,
         region: str | None = None,
         api_host: str | None = None,
-        consumer: Any = None,
+        consumer: ConsumerLike | None = None,
         tracker: Any = None,
         tag: str = DEFAULT_TAG,
         distinct_id_key: str | None = None,

@@ -20,7 +20,7 @@ from typing import Any
 
 from . import _messages as msg
 from ._aio import off_loop
-from ._consumers import DisabledConsumer, as_consumer
+from ._consumers import ConsumerLike, ConsumerProtocol, DisabledConsumer, as_consumer
 from ._diagnostics import mask_secret, warn
 from ._errors import ConfigurationError, DeliveryError, InvalidMessageError
 from ._frontdoor import ConsumerShare, disabled_by_environment, takes_encoded
@@ -124,7 +124,7 @@ class Tracker:
     def __init__(
         self,
         token: str | None = None,
-        consumer: Any = None,
+        consumer: ConsumerLike | None = None,
         *,
         error_handler: Any = None,
         credentials: Credentials | None = None,
@@ -159,7 +159,7 @@ class Tracker:
                 disabled=True,
                 owner="Tracker",
             )
-            self.consumer: Any = DisabledConsumer()
+            self.consumer: ConsumerProtocol = DisabledConsumer()
         elif consumer is None:
             options = dict(delivery)
             retry = options.pop("retry", None)
@@ -366,8 +366,7 @@ class Tracker:
     def stats(self) -> dict[str, Any]:
         """The consumer's delivery counters (empty when it keeps none), plus, with a policy,
         ``sampled_out``, ``filtered``, ``redacted`` and its ``hook_error`` losses."""
-        stats = getattr(self.consumer, "stats", None)
-        result = dict(stats()) if callable(stats) else {}
+        result = dict(self.consumer.stats())
         if self._policy is not None:
             self._policy.merge_stats(result)
         return result

@@ -5,7 +5,9 @@
   batches, both on the caller's thread; :class:`CallableSink` lets ``callable(kind, message)``
   stand in for a consumer (the Ruby SDK's block form); :class:`DisabledConsumer` accepts
   everything and sends nothing (``disabled=True``). They share one contract,
-  :class:`ConsumerProtocol`, so every front door works with every consumer.
+  :class:`ConsumerProtocol`, so every front door works with every consumer; an object of yours
+  with only ``send(kind, message)`` is seen through :class:`CountingConsumer`, which counts
+  what it accepted and refused. :data:`ConsumerLike` is what ``consumer=`` takes.
 * :class:`RetryPolicy`: when failed requests are tried again.
 * :data:`DROP_REASONS`: the names under which lost messages are counted in ``stats()``.
 * The exporter seam, for sending somewhere else than Mixpanel's HTTP API (a spool, a broker):
@@ -21,7 +23,9 @@ from ._consumers import (
     BufferedConsumer,
     CallableSink,
     Consumer,
+    ConsumerLike,
     ConsumerProtocol,
+    CountingConsumer,
     DisabledConsumer,
     ErrorCallback,
 )
@@ -37,7 +41,9 @@ __all__ = [
     "BufferedConsumer",
     "CallableSink",
     "Consumer",
+    "ConsumerLike",
     "ConsumerProtocol",
+    "CountingConsumer",
     "DisabledConsumer",
     "ErrorCallback",
     "Exporter",
