@@ -71,7 +71,7 @@ class BackgroundConsumer(_ConsumerBase):
     are not read.
 
     Retries: network errors, 408, 429 and 5xx are retried per ``retry`` (a
-    :class:`~mp_logbridge.RetryPolicy` or a mapping of its fields: 2 s doubling to 60 s plus 1-5 s
+    :class:`~mp_logbridge.consumers.RetryPolicy` or a mapping of its fields: 2 s doubling to 60 s plus 1-5 s
     of jitter, ``Retry-After`` as a lower bound, at most 10 attempts and 600 s per batch by
     default); other 4xx and TLS failures are not; a 413 splits the batch; a strict ``/import``
     400 drops exactly the records the server listed. A flush or close cuts a backoff short. The
