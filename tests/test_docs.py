@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import ROOT, child_env
+from support import ROOT, child_env, closed_port_url
 
 from mp_logbridge.testing import MixpanelServer
 
@@ -172,7 +172,15 @@ def _substitute(source: str, directory: Path, redis_url: str | None) -> str:
 def _run(block: Block, server: MixpanelServer, directory: Path, redis_url: str | None) -> Any:
     promise = _promise(block.source)
     source = _substitute(block.source, directory, redis_url)
-    env = child_env(MIXPANEL_API_HOST=server.url, MIXPANEL_TOKEN=TOKEN)
+    # A block that names a real Mixpanel host (region="eu") goes through a proxy that is down.
+    nowhere = closed_port_url()
+    env = child_env(
+        MIXPANEL_API_HOST=server.url,
+        MIXPANEL_TOKEN=TOKEN,
+        HTTP_PROXY=nowhere,
+        HTTPS_PROXY=nowhere,
+        NO_PROXY="127.0.0.1,localhost",
+    )
     if promise.test_module is not None:
         (directory / promise.test_module).write_text(source, encoding="utf-8")
         command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
