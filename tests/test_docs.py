@@ -376,6 +376,14 @@ def test_the_tracker_operations_table_is_the_vocabulary() -> None:
     assert rows == expected
 
 
+def test_the_drop_reasons_table_is_the_code_list() -> None:
+    from mp_logbridge.consumers import DROP_REASONS
+
+    text = (ROOT / "docs" / "guarantees.md").read_text(encoding="utf-8")
+    rows = _table_rows(text, "<!-- drop-reasons -->")
+    assert [row[0].strip("`") for row in rows] == list(DROP_REASONS)
+
+
 def _reference_identifiers() -> list[str]:
     found = []
     for page in sorted((ROOT / "docs" / "reference").glob("*.md")):
