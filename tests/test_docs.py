@@ -10,6 +10,8 @@ without naming a host therefore reaches that server; blocks that start a receive
 Placeholders are the only text changed before a block runs, and only these:
 
 * ``YOUR_PROJECT_TOKEN`` becomes the test's token (the one in ``MIXPANEL_TOKEN``);
+* ``YOUR_API_SECRET`` becomes a test secret (the test's receiver takes any ``/import``
+  credentials);
 * ``/var/spool/myapp`` becomes a fresh temporary directory;
 * ``redis://localhost:6379/0`` becomes the URL of a ``redis-server`` this test starts (the block
   is skipped where there is none, and fails instead under ``MP_LOGBRIDGE_REQUIRE_REDIS=1``).
@@ -163,6 +165,7 @@ def _promise(source: str) -> Promise:
 
 def _substitute(source: str, directory: Path, redis_url: str | None) -> str:
     source = source.replace("YOUR_PROJECT_TOKEN", TOKEN)
+    source = source.replace("YOUR_API_SECRET", "docs-example-secret")
     source = source.replace(SPOOL_PLACEHOLDER, str(directory / "spool"))
     if redis_url is not None:
         source = source.replace(REDIS_PLACEHOLDER, redis_url)

@@ -37,6 +37,9 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
         if repo_url:
             kind = "tree" if path.is_dir() else "blob"
             return f"[{text}]({repo_url}/{kind}/main/{relative.as_posix()}{anchor})"
-        return text if text.startswith("`") else f"{text} (`{relative.as_posix()}`)"
+        path_text = relative.as_posix()
+        if text.strip("`") == path_text:
+            return f"`{path_text}`"
+        return f"{text} (`{path_text}`)"
 
     return _LINK.sub(replace, markdown)
