@@ -436,9 +436,10 @@ def test_the_reference_documents_every_public_name_once() -> None:
         for name in module.__all__:
             if name == "__version__":
                 continue
-            top = module_name != "mp_logbridge" and name in importlib.import_module(
-                "mp_logbridge"
-            ).__all__
+            top = (
+                module_name != "mp_logbridge"
+                and name in importlib.import_module("mp_logbridge").__all__
+            )
             identifier = f"mp_logbridge.{name}" if top else f"{module_name}.{name}"
             key = _resolve(identifier)[1]
             if key not in rendered and _resolve(f"{module_name}.{name}")[1] not in rendered:
