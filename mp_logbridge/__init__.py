@@ -9,7 +9,8 @@ them: :class:`BackgroundConsumer` in the background (the default), :class:`Consu
 Everything else lives in public namespaces: :mod:`mp_logbridge.consumers`,
 :mod:`mp_logbridge.errors`, :mod:`mp_logbridge.context`, :mod:`mp_logbridge.tags`,
 :mod:`mp_logbridge.tracker`, :mod:`mp_logbridge.stdlib`, :mod:`mp_logbridge.instrumentation`,
-:mod:`mp_logbridge.transport`, :mod:`mp_logbridge.testing` and :mod:`mp_logbridge.integrations`.
+:mod:`mp_logbridge.transport`, :mod:`mp_logbridge.testing`, :mod:`mp_logbridge.spool`,
+:mod:`mp_logbridge.redis`, :mod:`mp_logbridge.relay` and :mod:`mp_logbridge.integrations`.
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ class BackgroundConsumer(_ConsumerBase):
     are not read.
 
     Retries: network errors, 408, 429 and 5xx are retried per ``retry`` (a
-    :class:`~mp_logbridge.RetryPolicy` or a mapping of its fields: 2 s doubling to 60 s plus 1-5 s
+    :class:`~mp_logbridge.consumers.RetryPolicy` or a mapping of its fields: 2 s doubling to 60 s plus 1-5 s
     of jitter, ``Retry-After`` as a lower bound, at most 10 attempts and 600 s per batch by
     default); other 4xx and TLS failures are not; a 413 splits the batch; a strict ``/import``
     400 drops exactly the records the server listed. A flush or close cuts a backoff short. The
@@ -109,6 +109,18 @@ class BackgroundConsumer(_ConsumerBase):
 
     Usable as the ``consumer=`` of the official ``mixpanel`` package, too:
     ``Mixpanel(token, consumer=BackgroundConsumer())``.
+
+    Args:
+        **options: the options every consumer takes (:class:`~mp_logbridge.Consumer` and
+            :class:`~mp_logbridge.BufferedConsumer` too): ``region`` (``"us"``, ``"eu"`` or
+            ``"in"``; default ``MIXPANEL_REGION``, then the US) or ``api_host`` (a host or base
+            URL; default ``MIXPANEL_API_HOST``, which wins over the region); ``credentials``
+            (a :class:`~mp_logbridge.ServiceAccount` or :class:`~mp_logbridge.ProjectSecret`,
+            for ``/import`` only) or ``api_secret``; ``request_timeout`` (seconds for a whole
+            request, default 10); ``verify`` (TLS verification, or a CA bundle path; default
+            on); ``report_interval`` (seconds between loss warnings, default 10);
+            ``transport`` (a :class:`~mp_logbridge.transport.Transport` to use instead of the
+            one made from the options above).
     """
 
     def __init__(

@@ -351,6 +351,10 @@ class Consumer(_ConsumerBase):
     ``False``), and :class:`~mp_logbridge.InvalidMessageError` for a message that cannot be sent.
     By default there is no retry (``retry={"max_attempts": 3}`` adds some, sleeping on the caller's
     thread); use :class:`~mp_logbridge.BackgroundConsumer` to keep the network off the caller's thread.
+
+    The keyword options are every consumer's (``region``, ``api_host``, ``credentials``,
+    ``request_timeout``, ``retry``, ``on_error``, ...: see
+    :class:`~mp_logbridge.BackgroundConsumer`).
     """
 
     def __init__(
@@ -415,6 +419,10 @@ class BufferedConsumer(_ConsumerBase):
     errors, 5xx, 429) stay buffered for the next flush. Records the server refused for good are
     dropped and counted. At most ``max_buffer`` records are kept; beyond that the oldest are
     dropped (counted as ``queue_full``).
+
+    The other keyword options are every consumer's (``region``, ``api_host``, ``credentials``,
+    ``request_timeout``, ``retry``, ``on_error``, ...: see
+    :class:`~mp_logbridge.BackgroundConsumer`); by default there is no retry.
     """
 
     def __init__(

@@ -80,8 +80,10 @@ class MixpanelHandler(logging.Handler):
     Args:
         token: the project token (default: ``MIXPANEL_TOKEN``). With no token anywhere the
             handler is disabled: it warns once and counts what it skips.
-        region, api_host: where to send (``"us"``/``"eu"``/``"in"``, or a host/URL; default:
-            ``MIXPANEL_API_HOST``, ``MIXPANEL_REGION``, then the US).
+        region: the region to send to, ``"us"``, ``"eu"`` or ``"in"`` (default:
+            ``MIXPANEL_REGION``, then the US).
+        api_host: a host or base URL to send to instead (a proxy, the local receiver; default:
+            ``MIXPANEL_API_HOST``, which wins over ``MIXPANEL_REGION``).
         level: the handler's level.
         tag: the name of the tag attribute (default ``"mixpanel"``).
         super_properties: properties added to every event (``{"service": "billing"}``).
@@ -94,20 +96,22 @@ class MixpanelHandler(logging.Handler):
             ``exc_info`` (default on).
         include_trace: add the active OpenTelemetry ``trace_id``/``span_id`` (default on).
         consumer: deliver through this consumer (or ``callable(kind, message)``) instead of an
-            :class:`~mp_logbridge.BackgroundConsumer` made from the delivery options below; the
+            :class:`~mp_logbridge.BackgroundConsumer` made from the delivery options; the
             handler flushes it but does not close it.
-        credentials, api_secret: ``/import`` credentials for the consumer made.
-        batch_size, max_batch_bytes, flush_interval, max_queue_size, max_queue_bytes, overflow,
-        request_timeout, verify, flush_timeout, exit_timeout, retry, debug: passed to the
-            :class:`~mp_logbridge.BackgroundConsumer`; handlers whose options are all equal share
-            one (``debug=True`` logs one line per request on the ``mp_logbridge`` logger).
-        spool, durability, max_spool_bytes: the durable spool of that consumer (a directory;
-            see :mod:`mp_logbridge.spool`): records survive a crash, a kill or an outage.
-        before_send, sample_rate, redact, redact_mode, redact_key: what may leave the process
-            (a hook that changes or drops each record, sampling by user, redaction of named
-            properties at any depth); with any of them set, records are built at the call.
-            See the README's "Privacy, sampling and hooks".
-        disabled: accept everything and send nothing (default: ``MIXPANEL_DISABLED``).
+        credentials: ``/import`` credentials for the consumer made (a
+            :class:`~mp_logbridge.ServiceAccount` or :class:`~mp_logbridge.ProjectSecret`).
+        api_secret: a project's API secret, shorthand for ``credentials=ProjectSecret(...)``.
+        retry: the retry policy of the consumer made (a
+            :class:`~mp_logbridge.consumers.RetryPolicy` or a mapping of its fields).
+        **delivery: the delivery options of the
+            :class:`~mp_logbridge.BackgroundConsumer` made for the handler (``batch_size``,
+            ``flush_interval``, ``max_queue_size``, ``exit_timeout``, ``spool``, ``debug``, ...),
+            with its defaults; handlers whose options are all equal share one consumer. Also
+            what may leave the process: ``before_send`` (a hook that changes or drops each
+            record), ``sample_rate`` (sampling by user), ``redact``/``redact_mode``/
+            ``redact_key`` (named properties at any depth); with any of them set, records are
+            built at the call. ``disabled=True`` accepts everything and sends nothing (default:
+            ``MIXPANEL_DISABLED``).
     """
 
     def __init__(

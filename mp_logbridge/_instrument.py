@@ -618,8 +618,11 @@ def instrument(
             JSON-like ones are recorded as their ``repr``.
         capture_result: a property name for the return value, or a callable of the return value
             returning properties.
-        logger, level: where the event travels as a tagged log record (default: the logger of
-            the function's module, at INFO). The :class:`MixpanelHandler` sends it.
+        logger: the logger (or its name) on which the event travels as a tagged log record
+            (default: the logger of the function's module). The
+            :class:`~mp_logbridge.MixpanelHandler` sends it, when logging lets the record
+            through: the logger must be enabled for ``level``.
+        level: the level of that log record.
         tracker: send through this :class:`Tracker` instead of logging.
         span: also open an OpenTelemetry span around the call (a no-op unless an SDK is
             installed); the event then carries that span's ids.

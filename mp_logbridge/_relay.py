@@ -234,16 +234,19 @@ class Relay:
             takes it over (the other is presumed dead). Workers reset the idle time of what they
             hold every third of it, so a slow request is not taken from a live worker.
         max_rate: records per second per project, for all workers together (``None``: no
-            limit); ``burst``: how many may go at once (default ``max(max_rate, batch_size)``).
-        batch_size, max_batch_bytes, max_in_flight, flush_interval, request_timeout, verify,
-            retry: delivery as in :class:`~mp_logbridge.BackgroundConsumer`, except that
-            retryable failures are retried without a limit (the records wait in the stream).
-        max_held: records one worker holds at most (reading pauses beyond), and
-            ``max_held_bytes`` their size.
+            limit).
+        burst: how many records may go at once (default ``max(max_rate, batch_size)``).
+        max_held: records one worker holds at most (reading pauses beyond).
+        max_held_bytes: the size of the records one worker holds at most.
         stop_timeout: seconds a stop may take to finish what is in flight.
         stats_interval: seconds between progress lines (``0``: none); ``on_stats`` receives
             them (default: one JSON line on standard output).
         connect_timeout: seconds to wait for the broker at start.
+
+    ``batch_size``, ``max_batch_bytes``, ``max_in_flight``, ``flush_interval``,
+    ``request_timeout``, ``verify`` and ``retry`` mean what they mean for
+    :class:`~mp_logbridge.BackgroundConsumer`, except that retryable failures are retried
+    without a limit (the records wait in the stream).
     """
 
     def __init__(

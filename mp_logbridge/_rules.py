@@ -5,7 +5,7 @@ types and encodings, authentication, record fields and types per endpoint and op
 of Mixpanel's documentation (limits, time windows, the legacy ``data=`` form the official SDKs
 send), written as Python. Where the spec contradicts the documentation or what the official
 SDKs send, the documented behaviour wins; each such place is marked ``# spec:`` below and listed
-in the README ("Where the published spec is wrong").
+in docs/wire.md ("Where the published spec is wrong").
 
 The receiver in :mod:`mp_logbridge.testing` applies these rules to every request, and
 ``mp-logbridge import --dry-run`` applies the record rules to files before anything is sent.

@@ -52,21 +52,23 @@ __all__ = ["MixpanelProcessor"]
 class MixpanelProcessor:
     """structlog processor sending tagged events to Mixpanel.
 
+    The options shared with :class:`~mp_logbridge.MixpanelHandler` (``token``, ``region``,
+    ``api_host``, ``consumer``, ``credentials``, ``api_secret``, ``retry``,
+    ``super_properties``, ``default_distinct_id``, ``include_trace``, ``include_exception`` and
+    the delivery options) mean the same here, with the same environment fallbacks, and a
+    processor shares its consumer with handlers configured the same way.
+    ``include_exception`` reads the event dict's ``exc_info``, so place the processor before
+    ``format_exc_info``.
+
     Args:
-        token, region, api_host, consumer, credentials, api_secret, retry, and the delivery
-            options (``batch_size``, ``flush_interval``, ``spool``, ...): as for
-            :class:`~mp_logbridge.MixpanelHandler` (same environment fallbacks, and a consumer
-            shared with handlers configured the same way). ``tracker=`` uses a
-            :class:`~mp_logbridge.Tracker`'s token and consumer.
-        tag: the event-dict key holding the tag (default ``"mixpanel"``).
+        tracker: use this :class:`~mp_logbridge.Tracker`'s token and consumer (instead of
+            ``token``/``consumer``).
+        tag: the event-dict key holding the tag.
         distinct_id_key: event-dict key holding the user (e.g. bound with
             ``structlog.contextvars.bind_contextvars(user_id=...)``); consulted after the tag
             and before ``mp_logbridge.bound()``, baggage ``enduser.id`` and the default.
         copy_keys: event-dict keys copied into event properties when present (the tag's own
             properties win over them).
-        super_properties, default_distinct_id, include_trace, include_exception: as for the
-            handler (``include_exception`` reads the event dict's ``exc_info``, so place the
-            processor before ``format_exc_info``).
         keep_tag: leave the tag in the event dict (it is then marked as sent, so a
             ``MixpanelHandler`` of the same project reading the same tag key skips it if
             structlog forwards it).

@@ -97,21 +97,22 @@ class Tracker:
             form).
         error_handler: ``callable(error)`` or an :class:`ErrorHandler`, told about delivery
             errors. With the default background consumer they arrive later, from its thread.
-        credentials, api_secret: ``/import`` credentials for the consumer made for you
-            (``ServiceAccount(username, secret, project_id)``, or a project's API secret).
-        region, api_host: where the consumer made for you sends (``"us"``, ``"eu"``, ``"in"``;
-            or a host/URL such as ``"http://127.0.0.1:8123"``). Default: ``MIXPANEL_API_HOST``,
-            ``MIXPANEL_REGION``, then the US.
+        credentials: ``/import`` credentials for the consumer made for you
+            (``ServiceAccount(username, secret, project_id)`` or ``ProjectSecret(secret)``).
+        api_secret: a project's API secret, shorthand for ``credentials=ProjectSecret(...)``.
+        region: where the consumer made for you sends: ``"us"``, ``"eu"`` or ``"in"``
+            (default: ``MIXPANEL_REGION``, then the US).
+        api_host: a host or base URL to send to instead, such as ``"http://127.0.0.1:8123"``
+            (default: ``MIXPANEL_API_HOST``, which wins over ``MIXPANEL_REGION``).
         super_properties: properties added to every event (an event's own properties win).
-        before_send, sample_rate, redact, redact_mode, redact_key: what may leave the process
-            (see the README's "Privacy, sampling and hooks"); applied at the call, after the
-            record is built and checked.
-        disabled: accept everything and send nothing, with no thread and no socket (default:
-            the ``MIXPANEL_DISABLED`` environment variable); no token is needed then.
-        delivery options (``batch_size``, ``flush_interval``, ``request_timeout``, ``retry``,
-            ``spool``, ``debug``, ...): passed to the background consumer made for you
-            (``spool=`` a directory keeps undelivered messages on disk; see
-            :mod:`mp_logbridge.spool`).
+        **delivery: the delivery options of the background consumer made for you
+            (``batch_size``, ``flush_interval``, ``request_timeout``, ``retry``, ``spool``,
+            ``debug``, ...; see :class:`~mp_logbridge.BackgroundConsumer`). ``spool=`` a
+            directory keeps undelivered messages on disk (see :mod:`mp_logbridge.spool`). Also
+            what may leave the process: ``before_send``, ``sample_rate``, ``redact``,
+            ``redact_mode``, ``redact_key`` (applied at the call, after the record is built and
+            checked); and ``disabled=True``: accept everything and send nothing, with no thread
+            and no socket (default: ``MIXPANEL_DISABLED``); no token is needed then.
 
     Methods return ``True`` when the message was accepted (with the background consumer:
     accepted for delivery) and ``False`` when it was not, after telling ``error_handler``.

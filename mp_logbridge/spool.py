@@ -151,7 +151,7 @@ def drain_spool(
     destination it was written for, and deleted once empty; files of running processes are
     left alone. ``credentials``/``api_secret`` send ``/import`` rows and events older than the
     5 days ``/track`` accepts (only rows written with the same credentials). A lane is given up
-    for this run when ``retry`` (default :class:`~mp_logbridge.RetryPolicy`) gives up, leaving
+    for this run when ``retry`` (default :class:`~mp_logbridge.consumers.RetryPolicy`) gives up, leaving
     its rows on disk; ``timeout`` bounds the whole run. Meant for a container's entrypoint after
     the application exited, or a cron job.
 

@@ -263,7 +263,7 @@ def _terminated(tmp_path: Path, server: MixpanelServer, mode: str) -> tuple[int,
 
 @pytest.mark.subprocess
 def test_sigterm_with_the_default_action_loses_what_is_queued(server, tmp_path) -> None:
-    """Without deliver_on_signal(), SIGTERM ends the process at once (as the README says)."""
+    """Without deliver_on_signal(), SIGTERM ends the process at once (as docs/guarantees.md says)."""
     code, _out, _elapsed = _terminated(tmp_path, server, "default")
     assert code == -signal.SIGTERM
     time.sleep(0.5)
@@ -290,7 +290,7 @@ def test_sigterm_delivers_then_calls_the_handler_installed_before(server, tmp_pa
 @pytest.mark.subprocess
 def test_pool_terminated_by_with_delivers_with_the_signal_hook(server, tmp_path) -> None:
     """``with Pool()`` terminates its workers with SIGTERM: with deliver_on_signal() as the
-    pool's initializer they still deliver; without it their queue is lost (README)."""
+    pool's initializer they still deliver; without it their queue is lost (docs/guarantees.md)."""
     result = run_script(
         tmp_path,
         """

@@ -699,10 +699,11 @@ class MixpanelSpanProcessor(SpanProcessor):
         include_trace: add the span's ``trace_id``/``span_id`` (default on).
         raw_attribute_names: name properties by their attribute names (``http.route``) instead
             of :data:`ATTRIBUTE_PROPERTIES` (``route``).
-        consumer, region, api_host, credentials, api_secret, retry, and the delivery options
-            (``batch_size``, ``flush_interval``, ...): as for
-            :class:`~mp_logbridge.MixpanelHandler`, whose background consumer is shared with
-            front doors configured the same way.
+
+    ``consumer``, ``region``, ``api_host``, ``credentials``, ``api_secret``, ``retry`` and the
+    delivery options (``batch_size``, ``flush_interval``, ...) mean what they mean for
+    :class:`~mp_logbridge.MixpanelHandler`; the background consumer is shared with front doors
+    configured the same way.
     """
 
     def __init__(
@@ -975,10 +976,10 @@ class MixpanelLogProcessor(LogRecordProcessor):
     ``include_exception`` the OpenTelemetry attributes ``exception.type`` (unqualified) and
     ``exception.message`` give ``exception_type``/``exception_message``.
 
-    Args:
-        token, tag, super_properties, default_distinct_id, include_trace, include_exception,
-        consumer, region, api_host, credentials, api_secret, retry and the delivery options:
-            as for :class:`~mp_logbridge.MixpanelHandler`.
+    Every option (``token``, ``tag``, ``super_properties``, ``default_distinct_id``,
+    ``include_trace``, ``include_exception``, ``consumer``, ``region``, ``api_host``,
+    ``credentials``, ``api_secret``, ``retry`` and the delivery options) means what it means for
+    :class:`~mp_logbridge.MixpanelHandler`.
     """
 
     def __init__(
