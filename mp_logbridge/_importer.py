@@ -51,6 +51,7 @@ from ._import_state import (
     scan_entries,
     segment_of,
 )
+from ._lifecycle import start_thread
 from ._messages import as_seconds
 from ._records import MAX_BATCH_RECORDS, MAX_REQUEST_BYTES, encode_message
 from ._retry import RetryPolicy, next_attempt
@@ -762,7 +763,7 @@ class Importer:
             for index in range(workers)
         ]
         for thread in threads:
-            thread.start()
+            start_thread(thread)
         try:
             try:
                 for batch in self._batches():

@@ -46,6 +46,7 @@ __all__ = [
     "register_sender_thread",
     "reinit_if_forked",
     "shutdown_all",
+    "start_thread",
     "unregister_sender_thread",
 ]
 
@@ -93,6 +94,37 @@ def register_sender_thread() -> None:
 def unregister_sender_thread() -> None:
     """The current sender thread is ending."""
     _sender_idents.pop(threading.get_ident(), None)
+
+
+#: Signals that report a fault of the thread that caused it: they must reach that thread.
+_FAULT_SIGNALS = frozenset(
+    getattr(signal, name)
+    for name in ("SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGTRAP", "SIGSYS", "SIGABRT")
+    if hasattr(signal, name)
+)
+
+
+def start_thread(thread: threading.Thread) -> None:
+    """Start one of the library's threads with the process's asynchronous signals blocked in it.
+
+    The kernel hands a process-directed signal (SIGTERM, SIGINT, SIGALRM, SIGCHLD, ...) to any
+    thread that does not block it. Python runs the handler on the main thread only, so a signal
+    that lands on a library thread wakes nothing: a main thread asleep in a lock or a semaphore
+    (``multiprocessing.Pool`` workers wait that way for their next task) would sleep through
+    ``Pool.terminate()``'s SIGTERM for good. A new thread inherits the signal mask of the thread
+    that starts it, so the mask is set around ``start()`` and restored at once; a signal that
+    arrives in between stays pending for the starting thread. Raises what ``start()`` raises.
+    """
+    sigmask = getattr(signal, "pthread_sigmask", None)
+    if sigmask is None:  # pragma: no cover - Windows: no POSIX signal masks
+        thread.start()
+        return
+    blocked = signal.valid_signals() - _FAULT_SIGNALS
+    previous = sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        thread.start()
+    finally:
+        sigmask(signal.SIG_SETMASK, previous)
 
 
 #: Threads running an ``on_error`` callback now (read on the handler's hot path).

@@ -421,7 +421,7 @@ class Drainer:
             thread = threading.Thread(target=self._run, name=self.name, daemon=True)
             self._thread = thread
             try:
-                thread.start()
+                _lifecycle.start_thread(thread)
             except RuntimeError:  # the interpreter is exiting: rows stay for the next process
                 self._thread = None
         finally:
@@ -1023,7 +1023,7 @@ class Drainer:
         if sender is None:
             sender = _Sender(self, f"{self.name}-{lane.kind}")
             try:
-                sender.thread.start()
+                _lifecycle.start_thread(sender.thread)
             except RuntimeError:  # exiting: export on this thread
                 self._export(job)
                 return

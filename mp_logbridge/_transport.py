@@ -39,6 +39,7 @@ from ._errors import (
     RejectedError,
     TLSError,
 )
+from ._lifecycle import start_thread
 from ._version import __version__
 
 try:  # the OpenTelemetry API's flag that tells instrumentations to stay quiet
@@ -445,7 +446,7 @@ class _Watchdog:
         if self._thread is None and self._starting.acquire(blocking=False):
             thread = threading.Thread(target=self._run, name="mp_logbridge-deadlines", daemon=True)
             try:
-                thread.start()
+                start_thread(thread)
                 self._thread = thread
             except RuntimeError:  # at interpreter shutdown: socket timeouts still apply
                 pass

@@ -358,7 +358,7 @@ class BatchWorker:
                 thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 self._thread = thread  # before start(): a nested put must not start another
                 try:
-                    thread.start()
+                    _lifecycle.start_thread(thread)
                     return
                 except RuntimeError:  # "can't create new thread at interpreter shutdown"
                     self._thread = None
@@ -705,7 +705,7 @@ class BatchWorker:
         if sender is None:
             sender = _LaneSender(self, lane)
             try:
-                sender.thread.start()
+                _lifecycle.start_thread(sender.thread)
             except RuntimeError:
                 return False
             lane.senders.append(sender)

@@ -57,6 +57,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from . import _capture
 from ._capture import Capture, CapturedMessage
+from ._lifecycle import start_thread
 from ._rules import (
     ENDPOINTS,
     Access,
@@ -521,7 +522,7 @@ class MixpanelServer:
             name="mixpanel-server",
             daemon=True,
         )
-        self._thread.start()
+        start_thread(self._thread)  # signals are the application's, not the receiver's
         return self
 
     def stop(self) -> None:

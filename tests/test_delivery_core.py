@@ -323,6 +323,60 @@ def test_pool_terminated_by_with_delivers_with_the_signal_hook(server, tmp_path)
     assert users == {"a": 50, "b": 50, "c": 50, "d": 50}
 
 
+def _blocked_signals(native_id: int) -> set[int]:
+    """The signals a thread of this process blocks, read from /proc (SigBlk is a hex bit mask)."""
+    status = Path(f"/proc/self/task/{native_id}/status").read_text()
+    mask = int(
+        next(line for line in status.splitlines() if line.startswith("SigBlk:")).split()[1], 16
+    )
+    return {signum for signum in signal.valid_signals() if mask >> (signum - 1) & 1}
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread masks from /proc")
+def test_process_signals_never_land_on_a_library_thread(server, make_logger) -> None:
+    """The kernel gives a process-directed signal to any thread that does not block it, and
+    Python runs handlers on the main thread only: SIGTERM landing on a sender thread would leave
+    a main thread asleep in a semaphore (a Pool worker between tasks) asleep for good. Every
+    library thread blocks the asynchronous signals; fault signals stay with the thread that
+    faults, and the starting thread's own mask is left as it was."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    handler = MixpanelHandler(TOKEN, api_host=server.url, flush_interval=60)
+    log = make_logger(handler)
+    log.info("x", extra=tag.track("Signal Check", distinct_id="u1"))
+    log.info("x", extra=tag.people.set({"plan": "pro"}, distinct_id="u1"))
+    assert handler.flush(timeout=10)
+    try:
+        ours = {
+            thread.name: _blocked_signals(thread.native_id)
+            for thread in threading.enumerate()
+            if thread.native_id is not None
+            and thread.name.startswith(("mp_logbridge", "mixpanel-server"))
+        }
+        assert {
+            "mp_logbridge-dispatcher",
+            "mp_logbridge-event",
+            "mp_logbridge-profile_update",
+            "mp_logbridge-deadlines",
+            "mixpanel-server",
+        } <= set(ours)
+        for name, blocked in ours.items():
+            for signum in (
+                signal.SIGTERM,
+                signal.SIGINT,
+                signal.SIGALRM,
+                signal.SIGCHLD,
+                signal.SIGHUP,
+                signal.SIGUSR1,
+            ):
+                assert signum in blocked, (name, signal.Signals(signum).name)
+            for signum in (signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE):
+                assert signum not in blocked, (name, signal.Signals(signum).name)
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+        assert _blocked_signals(threading.main_thread().native_id or 0) == set(before)
+    finally:
+        handler.close()
+
+
 # --------------------------------------------------------------------------- memory bounds
 
 
