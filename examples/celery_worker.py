@@ -23,12 +23,19 @@ from mp_logbridge.testing import MixpanelServer
 
 folder = os.environ.setdefault("EXAMPLE_BROKER_DIR", tempfile.mkdtemp(prefix="celery-example-"))
 app = Celery("celery_worker", broker="filesystem://")
-app.conf.broker_transport_options = {"data_folder_in": folder, "data_folder_out": folder, "polling_interval": 0.1}
+app.conf.broker_transport_options = {
+    "data_folder_in": folder,
+    "data_folder_out": folder,
+    "control_folder": folder,
+    "polling_interval": 0.1,
+}
 app.conf.worker_hijack_root_logger = False
 setup_celery(app, track_tasks=True)
 
 if os.environ.get("EXAMPLE_RECEIVER"):  # in the worker: where the handler sends
-    handler = MixpanelHandler("YOUR_PROJECT_TOKEN", api_host=os.environ["EXAMPLE_RECEIVER"], flush_interval=30)
+    handler = MixpanelHandler(
+        "YOUR_PROJECT_TOKEN", api_host=os.environ["EXAMPLE_RECEIVER"], flush_interval=30
+    )
     for name in ("tasks", "mixpanel.tasks"):
         logging.getLogger(name).addHandler(handler)
         logging.getLogger(name).setLevel(logging.INFO)
@@ -45,11 +52,30 @@ def send_invoice(invoice_id: int) -> int:
 
 def main() -> None:
     with MixpanelServer() as receiver:
-        env = {**os.environ, "EXAMPLE_RECEIVER": receiver.url, "PYTHONPATH": str(Path(__file__).parent)}
+        env = {
+            **os.environ,
+            "EXAMPLE_RECEIVER": receiver.url,
+            "PYTHONPATH": str(Path(__file__).parent),
+        }
         worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "--quiet", "-A", "celery_worker", "worker", "--pool=prefork", "--concurrency=2",
-             "--max-tasks-per-child=1", "--without-heartbeat", "--without-mingle", "--without-gossip", "--loglevel=ERROR"],
-            env=env, cwd=str(Path(__file__).parent),
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "--quiet",
+                "-A",
+                "celery_worker",
+                "worker",
+                "--pool=prefork",
+                "--concurrency=2",
+                "--max-tasks-per-child=1",
+                "--without-heartbeat",
+                "--without-mingle",
+                "--without-gossip",
+                "--loglevel=ERROR",
+            ],
+            env=env,
+            cwd=str(Path(__file__).parent),
         )
         try:
             with bound(distinct_id="customer-42"):  # the user travels with the task
@@ -61,10 +87,14 @@ def main() -> None:
         finally:
             worker.terminate()  # a warm shutdown
             worker.wait(60)
-        sent = sorted(e["properties"]["invoice_id"] for e in receiver.events if e["event"] == "Invoice Sent")
+        sent = sorted(
+            e["properties"]["invoice_id"] for e in receiver.events if e["event"] == "Invoice Sent"
+        )
         finished = [e["properties"] for e in receiver.events if e["event"] == "Task Finished"]
         print("invoices:", sent, "for", {e["properties"]["distinct_id"] for e in receiver.events})
-        print("task outcomes:", len(finished), "all successful:", all(p["success"] for p in finished))
+        print(
+            "task outcomes:", len(finished), "all successful:", all(p["success"] for p in finished)
+        )
 
 
 if __name__ == "__main__":

@@ -41,7 +41,10 @@ def main() -> None:
         log.info("invoice paid", extra=tag.track("Invoice Paid", distinct_id="acct-7", amount=120))
         logging.shutdown()  # flushes the handler, as interpreter exit would
         event = receiver.events[0]
-        print(event["event"], {k: event["properties"][k] for k in ("service", "env", "logger", "level", "amount")})
+        print(
+            event["event"],
+            {k: event["properties"][k] for k in ("service", "env", "logger", "level", "amount")},
+        )
 
 
 if __name__ == "__main__":

@@ -32,10 +32,22 @@ def main(name: str = "logging.json") -> None:
         os.environ["MIXPANEL_API_HOST"] = receiver.url  # in production: MIXPANEL_REGION=eu
         logging.config.dictConfig(load(HERE / name))
         log = logging.getLogger("api")
-        log.info("request served", extra={"request_id": "req-1", **tag.track("API Call", distinct_id="u-1", route="/orders")})
+        log.info(
+            "request served",
+            extra={
+                "request_id": "req-1",
+                **tag.track("API Call", distinct_id="u-1", route="/orders"),
+            },
+        )
         logging.shutdown()
         event = receiver.events[0]
-        print(name, "->", event["event"], event["properties"]["service"], event["properties"]["request_id"])
+        print(
+            name,
+            "->",
+            event["event"],
+            event["properties"]["service"],
+            event["properties"]["request_id"],
+        )
 
 
 if __name__ == "__main__":

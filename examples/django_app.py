@@ -42,7 +42,11 @@ def configure(receiver_url: str, database: str) -> None:
         SECRET_KEY="example-only",
         ROOT_URLCONF=__name__,
         ALLOWED_HOSTS=["testserver"],
-        INSTALLED_APPS=["django.contrib.auth", "django.contrib.contenttypes", "django.contrib.sessions"],
+        INSTALLED_APPS=[
+            "django.contrib.auth",
+            "django.contrib.contenttypes",
+            "django.contrib.sessions",
+        ],
         DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": database}},
         MIDDLEWARE=[
             "django.contrib.sessions.middleware.SessionMiddleware",

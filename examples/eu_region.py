@@ -20,7 +20,9 @@ from mp_logbridge.transport import resolve_endpoints
 def main() -> None:
     # 1. A region name: every endpoint moves to the region's host.
     endpoints = resolve_endpoints(region="eu")
-    print("region='eu' sends events to", endpoints.event, "and profiles to", endpoints.profile_update)
+    print(
+        "region='eu' sends events to", endpoints.event, "and profiles to", endpoints.profile_update
+    )
     production = BackgroundConsumer(region="eu")  # what you would use in production (not used here)
     production.close()
 
@@ -29,7 +31,9 @@ def main() -> None:
 
         # 2. The Ruby SDK documentation's EU consumer, in Python: three URLs, positionally.
         eu_consumer = Consumer(f"{base}/track", f"{base}/engage", f"{base}/groups")
-        tracker = Tracker("YOUR_PROJECT_TOKEN", lambda kind, message: eu_consumer.send(kind, message))
+        tracker = Tracker(
+            "YOUR_PROJECT_TOKEN", lambda kind, message: eu_consumer.send(kind, message)
+        )
         tracker.track("u-1", "Signed Up", {"plan": "pro"})
         tracker.people.set("u-1", {"$name": "Ada"})
 
@@ -37,7 +41,12 @@ def main() -> None:
         with Tracker("YOUR_PROJECT_TOKEN", api_host=base) as background:
             background.track("u-2", "Signed Up")
 
-        print("received:", [e["event"] for e in receiver.events], len(receiver.profile_updates), "profile update(s)")
+        print(
+            "received:",
+            [e["event"] for e in receiver.events],
+            len(receiver.profile_updates),
+            "profile update(s)",
+        )
 
 
 if __name__ == "__main__":

@@ -47,7 +47,9 @@ async def drive(app: FastAPI) -> None:
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(app.router.lifespan_context(app))
         transport = httpx.ASGITransport(app=app)
-        client = await stack.enter_async_context(httpx.AsyncClient(transport=transport, base_url="http://api"))
+        client = await stack.enter_async_context(
+            httpx.AsyncClient(transport=transport, base_url="http://api")
+        )
         await asyncio.gather(
             client.get("/reports/1", headers={"x-user-id": "u-1"}),
             client.get("/reports/2", headers={"x-user-id": "u-2"}),

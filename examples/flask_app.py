@@ -30,7 +30,9 @@ def create_app() -> Flask:
     @app.post("/signup")
     def signup() -> dict:
         plan = request.json.get("plan", "free")
-        log.info("signed up", extra=tag.track("Signed Up", plan=plan) + tag.people.set({"plan": plan}))
+        log.info(
+            "signed up", extra=tag.track("Signed Up", plan=plan) + tag.people.set({"plan": plan})
+        )
         return {"ok": True}
 
     @app.get("/search")
@@ -51,7 +53,12 @@ def main() -> None:
         handler.flush()
         for event in receiver.events:
             p = event["properties"]
-            print(event["event"], p["distinct_id"], p["route"], {k: p[k] for k in ("plan", "query", "results") if k in p})
+            print(
+                event["event"],
+                p["distinct_id"],
+                p["route"],
+                {k: p[k] for k in ("plan", "query", "results") if k in p},
+            )
 
 
 if __name__ == "__main__":

@@ -53,7 +53,13 @@ def main(console: bool = False) -> None:
         handler.flush()
         for event in receiver.events:
             props = event["properties"]
-            print(event["event"], "success" if props["success"] else props["exception_type"], f"{props['duration_ms']} ms", "trace", props.get("trace_id"))
+            print(
+                event["event"],
+                "success" if props["success"] else props["exception_type"],
+                f"{props['duration_ms']} ms",
+                "trace",
+                props.get("trace_id"),
+            )
 
 
 if __name__ == "__main__":

@@ -40,7 +40,10 @@ log = logging.getLogger("worker")
 
 def work(worker: int, handler: MixpanelHandler) -> None:
     for job in range(5):
-        log.info("job done", extra=tag.track("Job Done", distinct_id=f"w{worker}", job=job, pid=os.getpid()))
+        log.info(
+            "job done",
+            extra=tag.track("Job Done", distinct_id=f"w{worker}", job=job, pid=os.getpid()),
+        )
     handler.flush(timeout=5)  # what worker_exit / worker_process_shutdown hooks do
 
 
@@ -62,7 +65,9 @@ def main() -> None:
             os.waitpid(pid, 0)
         handler.flush()
         names = [e["event"] for e in receiver.events]
-        print(f"{names.count('Job Done')} 'Job Done' events from {len({e['properties']['pid'] for e in receiver.events if 'pid' in e['properties']})} workers, {names.count('Server Started')} 'Server Started' (sent once, by the parent)")
+        print(
+            f"{names.count('Job Done')} 'Job Done' events from {len({e['properties']['pid'] for e in receiver.events if 'pid' in e['properties']})} workers, {names.count('Server Started')} 'Server Started' (sent once, by the parent)"
+        )
 
 
 if __name__ == "__main__":

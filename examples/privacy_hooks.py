@@ -39,8 +39,16 @@ def main() -> None:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         for n in range(200):
-            log.info("page", extra=tag.track("Page Viewed", distinct_id=f"user-{n}", url="/home?ref=mail"))
-        log.info("order", extra=tag.track("Order Placed", distinct_id="user-1", email="a@b.c", payment={"card_number": "4111"}))
+            log.info(
+                "page",
+                extra=tag.track("Page Viewed", distinct_id=f"user-{n}", url="/home?ref=mail"),
+            )
+        log.info(
+            "order",
+            extra=tag.track(
+                "Order Placed", distinct_id="user-1", email="a@b.c", payment={"card_number": "4111"}
+            ),
+        )
         log.info("staff", extra=tag.track("Order Placed", distinct_id="staff-7"))
         handler.flush()
         stats = handler.stats()
@@ -48,13 +56,22 @@ def main() -> None:
         pages = [e for e in receiver.events if e["event"] == "Page Viewed"]
         print(f"page views kept: {len(pages)} of 200 (sampled out: {stats['sampled_out']})")
         print("urls:", sorted({e["properties"]["url"] for e in pages}))
-        print("order properties:", {k: order[k] for k in ("distinct_id", "payment") if k in order}, "email" in order)
+        print(
+            "order properties:",
+            {k: order[k] for k in ("distinct_id", "payment") if k in order},
+            "email" in order,
+        )
         print(f"filtered by before_send: {stats['filtered']}, redacted values: {stats['redacted']}")
 
     tracker = Tracker(disabled=True)  # no token, no thread, no socket
     with capture_messages() as captured:
         tracker.track("u1", "Signed Up")
-    print("disabled tracker:", tracker.stats()["disabled"], "captured:", [e["event"] for e in captured.events()])
+    print(
+        "disabled tracker:",
+        tracker.stats()["disabled"],
+        "captured:",
+        [e["event"] for e in captured.events()],
+    )
 
 
 if __name__ == "__main__":

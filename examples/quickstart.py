@@ -29,8 +29,24 @@ def main() -> None:
 
         handler.flush()  # optional: delivery happens in the background anyway
         print("events:", [event["event"] for event in receiver.events])
-        print("profile updates:", [sorted(k for k in u if k.startswith("$") and k not in ("$token", "$time", "$distinct_id")) for u in receiver.profile_updates])
-        print("delivery:", handler.stats()["sent"], "sent,", handler.stats()["dropped_total"], "dropped")
+        print(
+            "profile updates:",
+            [
+                sorted(
+                    k
+                    for k in u
+                    if k.startswith("$") and k not in ("$token", "$time", "$distinct_id")
+                )
+                for u in receiver.profile_updates
+            ],
+        )
+        print(
+            "delivery:",
+            handler.stats()["sent"],
+            "sent,",
+            handler.stats()["dropped_total"],
+            "dropped",
+        )
 
 
 if __name__ == "__main__":

@@ -55,7 +55,9 @@ def main() -> None:
     server, redis = start_redis(folder)
     try:
         with MixpanelServer() as receiver:
-            handler = MixpanelHandler("YOUR_PROJECT_TOKEN", api_host=receiver.url, flush_interval=30)
+            handler = MixpanelHandler(
+                "YOUR_PROJECT_TOKEN", api_host=receiver.url, flush_interval=30
+            )
             log.addHandler(handler)
             log.setLevel(logging.INFO)
             queue = Queue("images", connection=redis)
@@ -66,7 +68,12 @@ def main() -> None:
             MixpanelWorker([queue], connection=redis).work(burst=True, logging_level="ERROR")
             events = receiver.events
             print("resized:", sorted(e["properties"]["image_id"] for e in events))
-            print("users:", {e["properties"]["distinct_id"] for e in events}, "horses:", len({e["properties"]["horse"] for e in events}))
+            print(
+                "users:",
+                {e["properties"]["distinct_id"] for e in events},
+                "horses:",
+                len({e["properties"]["horse"] for e in events}),
+            )
     finally:
         server.terminate()
         server.wait(10)

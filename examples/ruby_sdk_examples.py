@@ -54,7 +54,9 @@ def main() -> None:
 
         # Sets properties on group profile with group_key "Company", group_id "Acme"
         tracker.groups.set(
-            "Company", "Acme", {"$name": "Acme, Inc.", "plan": "Premium", "Sign-Up Date": datetime.now()}
+            "Company",
+            "Acme",
+            {"$name": "Acme, Inc.", "plan": "Premium", "Sign-Up Date": datetime.now()},
         )
 
         # Records a charge of $9.99 from user '12345'
@@ -64,9 +66,16 @@ def main() -> None:
 
         for update in receiver.profile_updates:
             op = next(k for k in update if k in ("$set", "$add", "$append"))
-            print(update["$distinct_id"], op, update[op], {k: update[k] for k in ("$ip", "$ignore_time") if k in update})
+            print(
+                update["$distinct_id"],
+                op,
+                update[op],
+                {k: update[k] for k in ("$ip", "$ignore_time") if k in update},
+            )
         for event in receiver.events:
-            print(event["properties"]["distinct_id"], event["event"], event["properties"]["GROUP KEY"])
+            print(
+                event["properties"]["distinct_id"], event["event"], event["properties"]["GROUP KEY"]
+            )
         for group in receiver.group_updates:
             print(group["$group_key"], group["$group_id"], group["$set"])
 

@@ -20,12 +20,14 @@ import http.client
 import json
 import os
 import queue
+import signal
 import socket
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -498,6 +500,7 @@ class Importer:
         self.progress_file: ProgressFile | None = None
         self._spec = BridgeSpec(options.token) if options.token else None
         self._stop = threading.Event()
+        self._interrupted = False  # a first Ctrl-C while sending (see _interrupts_deferred)
         self._lock = threading.Lock()
         self._notes: dict[int, str] = {}  # worker -> why it is retrying
         self._gave_up: str | None = None  # why a batch ran out of retries
@@ -765,35 +768,72 @@ class Importer:
         for thread in threads:
             start_thread(thread)
         try:
-            try:
-                for batch in self._batches():
-                    if not batch.payloads:
-                        self._complete(batch, BatchResult())
-                        continue
-                    while True:
-                        try:
-                            work.put(batch, timeout=0.2)
-                            break
-                        except queue.Full:
-                            self._collect(results, 0)
-                    self._in_flight += 1
-                    while self._collect(results, 0):
-                        pass
-                    if self._stop.is_set():
-                        break
-                while self._in_flight:
-                    self._collect(results, 0.2)
-            except KeyboardInterrupt:
+            with self._interrupts_deferred():
                 try:
-                    self._wind_down(work, results)
+                    for batch in self._batches():
+                        if not batch.payloads:
+                            self._complete(batch, BatchResult())
+                            continue
+                        while not self._interrupted:
+                            try:
+                                work.put(batch, timeout=0.2)
+                                self._in_flight += 1
+                                break
+                            except queue.Full:
+                                self._collect(results, 0)
+                        while self._collect(results, 0):
+                            pass
+                        if self._stop.is_set() or self._interrupted:
+                            break
+                    while self._in_flight and not self._interrupted:
+                        self._collect(results, 0.2)
+                    if self._interrupted:
+                        self._wind_down(work, results)
                 except KeyboardInterrupt:
-                    self.summary.stopped_at_once = True
-                    self._notice("stopped; requests still in flight are sent again by the next run")
+                    try:
+                        if not (self.summary.interrupted or self._interrupted):
+                            self._wind_down(work, results)
+                        else:  # a second interrupt during the wind-down
+                            raise
+                    except KeyboardInterrupt:
+                        self.summary.stopped_at_once = True
+                        self._notice(
+                            "stopped; requests still in flight are sent again by the next run"
+                        )
         finally:
             self._stop.set()
             self._unqueue(work)
             for _ in threads:
                 work.put_nowait(None)
+
+    @contextmanager
+    def _interrupts_deferred(self) -> Iterator[None]:
+        """While batches are sent, a first Ctrl-C only asks to stop (``self._interrupted``).
+
+        A ``KeyboardInterrupt`` raised between taking a finished batch and recording it would
+        lose the record of a batch the server has: the next run would send it again. So the
+        first SIGINT sets a flag the sending loop looks at between steps; a second one raises
+        ``KeyboardInterrupt`` (stop at once). Off the main thread, or under an application's
+        own SIGINT handler, interrupts arrive as they always do.
+        """
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            if self._interrupted:
+                raise KeyboardInterrupt
+            self._interrupted = True
+
+        try:
+            if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+                yield
+                return
+            previous = signal.signal(signal.SIGINT, on_sigint)
+        except ValueError:  # not the main thread
+            yield
+            return
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def _unqueue(self, work: queue.Queue[_Batch | None]) -> None:
         """Take back the batches no worker has started (they are left for the next run)."""

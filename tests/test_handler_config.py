@@ -538,11 +538,15 @@ def test_retry_as_a_policy_object_and_on_error_are_delivery_options(
     assert handler.stats()["dropped"]["retries_exhausted"] == 1
 
 
-def test_consumer_and_delivery_options_together_are_an_error(mixpanel_server: MixpanelServer) -> None:
+def test_consumer_and_delivery_options_together_are_an_error(
+    mixpanel_server: MixpanelServer,
+) -> None:
     from mp_logbridge import Consumer
 
     with pytest.raises(ConfigurationError, match="batch_size, region"):
-        MixpanelHandler("t", consumer=Consumer(api_host=mixpanel_server.url), region="eu", batch_size=10)
+        MixpanelHandler(
+            "t", consumer=Consumer(api_host=mixpanel_server.url), region="eu", batch_size=10
+        )
 
 
 def test_a_share_given_back_late_does_not_close_its_successor(

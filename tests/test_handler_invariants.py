@@ -407,7 +407,9 @@ def test_log_calls_do_not_wait_for_a_server_that_is_down(down_url: str, make_log
     assert stats["queue_depth"] == 0
 
 
-def test_a_delivery_error_from_a_sink_without_counters_is_counted(make_handler, make_logger) -> None:
+def test_a_delivery_error_from_a_sink_without_counters_is_counted(
+    make_handler, make_logger
+) -> None:
     from mp_logbridge.errors import RejectedError
 
     def refuse(kind: str, message: Any) -> None:

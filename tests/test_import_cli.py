@@ -719,6 +719,43 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_progress(tmp_path: Path) ->
         assert sorted(ids(server)) == sorted(f"evt-{n}" for n in range(100, 1000))
 
 
+def test_a_ctrl_c_in_the_middle_of_the_work_is_taken_between_steps(
+    tmp_path: Path, import_server: MixpanelServer
+) -> None:
+    """Ctrl-C lands while the main thread is in the middle of its work (here: reporting a line
+    it refuses, half way through the second batch). The run stops between two steps: what the
+    server has is recorded, nothing is left half done, the SIGINT handler is given back, and the
+    next run sends exactly the rest."""
+    data = tmp_path / "e.jsonl"
+    expected = write_events(data, 120)
+    lines = data.read_text().splitlines()
+    lines[70] = json.dumps(event(70, seconds_ago=-10 * 86400))  # refused: in the future
+    data.write_text("\n".join(lines) + "\n")
+    options = ImportOptions(
+        files=[str(data)],
+        endpoints=resolve_endpoints(api_host=import_server.url),
+        credentials=ServiceAccount(*ACCOUNT),
+        retry=fast_retries(),
+        batch_size=50,
+        workers=1,
+        state_path=str(tmp_path / "p.json"),
+    )
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    interrupted = Importer(
+        options, progress=io.StringIO(), on_reject=lambda _: os.kill(os.getpid(), signal.SIGINT)
+    ).run()
+    assert interrupted.interrupted and not interrupted.stopped_at_once
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+    first = ids(import_server)
+    assert first in ([], [f"evt-{n}" for n in range(50)])  # the first batch, or nothing
+    assert interrupted.imported == len(first)
+    resumed = Importer(options, progress=io.StringIO()).run()
+    assert not resumed.interrupted and resumed.skipped_lines == len(first)
+    received = ids(import_server)
+    assert len(received) == len(set(received)) == 119  # exactly once; line 71 refused twice
+    assert set(received) == set(expected) - {"evt-70"}
+
+
 def test_a_file_changed_while_it_is_imported_is_left_for_the_next_run(tmp_path: Path) -> None:
     data = tmp_path / "e.jsonl"
     write_events(data, 3000)

@@ -5,9 +5,12 @@ request's user, route and request id for every message logged while the request 
 
     from mp_logbridge.integrations.asgi import MixpanelMiddleware
 
-    app.add_middleware(MixpanelMiddleware, distinct_id=lambda scope: scope["state"].get("user"))
+    def user_of(scope):  # from a header here; scope["user"] after an authentication middleware
+        return dict(scope["headers"]).get(b"x-user-id", b"").decode() or None
+
+    app.add_middleware(MixpanelMiddleware, distinct_id=user_of)
     # or, around any ASGI app:
-    app = MixpanelMiddleware(app, distinct_id=user_of_scope)
+    app = MixpanelMiddleware(app, distinct_id=user_of)
 
 A pure ASGI middleware: nothing it does blocks the event loop (binding is a context variable;
 ``flush_timeout=`` flushes in a thread after each request, for serverless deployments). HTTP and
