@@ -27,10 +27,9 @@ from typing import Any, Protocol, TypeVar, cast, runtime_checkable
 
 from . import _capture
 from ._aio import off_loop
-from ._diagnostics import DeliveryStats, warn
+from ._diagnostics import DeliveryStats, report_loss, warn
 from ._errors import ConfigurationError, DeliveryError, InvalidMessageError, MessagesDropped
 from ._export import Batch, Exporter, HttpExporter
-from ._lifecycle import delivery_callback
 from ._messages import MessageSource
 from ._records import (
     MAX_BATCH_RECORDS,
@@ -253,14 +252,7 @@ class _ConsumerBase:
         if count is None:
             assert isinstance(messages, list)
             count = len(messages)
-        self._stats.add_dropped(reason, count, f"{type(error).__name__}: {error}")
-        callback = self.on_error
-        if callback is not None:
-            try:
-                with delivery_callback():
-                    callback(error, messages() if callable(messages) else messages)
-            except Exception as exc:  # the application's callback must not break delivery
-                warn("mp_logbridge on_error callback raised %s: %s", type(exc).__name__, exc)
+        report_loss(self._stats, self.on_error, reason, error, messages, count)
 
     def _encode(self, message: Any) -> bytes:
         """Encode at the call; a message that cannot be sent is counted, then raised."""

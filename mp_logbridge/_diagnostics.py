@@ -18,10 +18,23 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["DROP_REASONS", "DeliveryStats", "info", "logger", "mask_secret", "report_all", "warn"]
+__all__ = [
+    "DROP_REASONS",
+    "DeliveryStats",
+    "OutageNotice",
+    "callback_thread_idents",
+    "delivery_callback",
+    "info",
+    "logger",
+    "mask_secret",
+    "report_all",
+    "report_loss",
+    "warn",
+]
 
 #: The named reasons a message can be dropped for.
 DROP_REASONS = (
@@ -97,6 +110,79 @@ def report_all() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+#: Threads running an ``on_error`` callback now (read on the handler's hot path: a tagged record
+#: logged from there could fail and call it again, without end).
+callback_thread_idents: set[int] = set()
+
+
+@contextmanager
+def delivery_callback() -> Iterator[None]:
+    """Mark the current thread as running an application callback about delivery."""
+    ident = threading.get_ident()
+    callback_thread_idents.add(ident)
+    try:
+        yield
+    finally:
+        callback_thread_idents.discard(ident)
+
+
+def report_loss(
+    stats: DeliveryStats,
+    on_error: Callable[[BaseException, list[Any]], object] | None,
+    reason: str,
+    error: BaseException,
+    records: Sequence[Any] | Callable[[], list[Any]],
+    count: int,
+) -> None:
+    """Count ``count`` lost messages under ``reason`` and tell ``on_error(error, records)``.
+
+    ``records`` may be a callable producing the list, so that records are only rebuilt for the
+    report when somebody listens. Never raises: an error of the application's callback is
+    reported on the library's logger, it must not break delivery.
+    """
+    if count <= 0:
+        return
+    stats.add_dropped(reason, count, f"{type(error).__name__}: {error}")
+    if on_error is None:
+        return
+    try:
+        with delivery_callback():
+            listed = records() if callable(records) else records
+            on_error(error, listed if isinstance(listed, list) else list(listed))
+    except Exception as exc:
+        warn("mp_logbridge on_error callback raised %s: %s", type(exc).__name__, exc)
+
+
+class OutageNotice:
+    """Says once that Mixpanel became unreachable, and once that it is reachable again.
+
+    ``waiting`` finishes the first sentence (what happens to the messages meanwhile).
+    """
+
+    __slots__ = ("_since", "waiting")
+
+    def __init__(self, waiting: str) -> None:
+        self.waiting = waiting
+        self._since: tuple[float, str] | None = None
+
+    def failed(self, now: float, error: BaseException) -> None:
+        """A retryable failure: the first of an outage is reported at once, the rest are not."""
+        if self._since is None:
+            self._since = (now, str(error))
+            warn("mp_logbridge: Mixpanel unreachable, %s: %s", self.waiting, error)
+
+    def recovered(self, now: float) -> None:
+        """A success: ends the outage, if there was one."""
+        if self._since is not None:
+            since, cause = self._since
+            self._since = None
+            warn(
+                "mp_logbridge: Mixpanel reachable again after %.1f s (it failed with: %s)",
+                now - since,
+                cause,
+            )
 
 
 class DeliveryStats:

@@ -22,9 +22,9 @@ from . import _frontdoor
 from ._aio import off_loop
 from ._consumers import ConsumerLike
 from ._context import bound_context_getter, current_context
+from ._diagnostics import callback_thread_idents as _callback_idents
 from ._errors import ConfigurationError
 from ._frontdoor import SENT_MARK, Bridge
-from ._lifecycle import callback_thread_idents as _callback_idents
 from ._tags import DEFAULT_TAG, BuiltTag, event_text, exception_properties
 from ._transport import Credentials
 

@@ -29,8 +29,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from types import FrameType
 from typing import Any, Protocol
 
@@ -40,7 +39,6 @@ __all__ = [
     "deliver_on_signal",
     "exiting",
     "flush_all",
-    "in_delivery_callback",
     "is_sender_thread",
     "register",
     "register_sender_thread",
@@ -125,28 +123,6 @@ def start_thread(thread: threading.Thread) -> None:
         thread.start()
     finally:
         sigmask(signal.SIG_SETMASK, previous)
-
-
-#: Threads running an ``on_error`` callback now (read on the handler's hot path).
-callback_thread_idents: set[int] = set()
-_callback_idents = callback_thread_idents
-
-
-@contextmanager
-def delivery_callback() -> Iterator[None]:
-    """Mark the current thread as running an application callback about delivery."""
-    ident = threading.get_ident()
-    _callback_idents.add(ident)
-    try:
-        yield
-    finally:
-        _callback_idents.discard(ident)
-
-
-def in_delivery_callback() -> bool:
-    """Whether this thread runs a delivery callback (``on_error``): a tagged record logged from
-    there could fail and call it again, without end."""
-    return bool(_callback_idents) and threading.get_ident() in _callback_idents
 
 
 def is_sender_thread() -> bool:

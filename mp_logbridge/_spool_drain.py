@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _lifecycle
-from ._diagnostics import DeliveryStats, warn
+from ._diagnostics import DeliveryStats, OutageNotice, report_loss, warn
 from ._errors import (
     DeliveryError,
     InvalidMessageError,
@@ -398,7 +398,7 @@ class Drainer:
         self._urgent_gen = 0
         self._closing = False
         self._close_deadline = INF
-        self._outage: tuple[float, str] | None = None
+        self._outage = OutageNotice("spooled records wait on disk")
         self._deletes: list[tuple[_Lane, list[Chunk]]] = []
         self._asleep = False
         self._wake_on_notice = True
@@ -1101,7 +1101,7 @@ class Drainer:
             else:
                 self.stats.add_retry()
                 lane.retry_at, lane.retry_gen = decision.retry_at, self._urgent_gen
-                self._unreachable(now, error)
+                self._outage.failed(now, error)
 
     def _resolve(
         self,
@@ -1115,7 +1115,7 @@ class Drainer:
         if delivered is not None and delivered.records:
             resolved.extend(delivered.owners)
             self.stats.add_sent(len(delivered.records))
-            self._recovered(time.monotonic())
+            self._outage.recovered(time.monotonic())
         for reason, error, piece in drops:
             resolved.extend(piece.owners)
             self._drop(reason, error, piece.records)
@@ -1149,31 +1149,14 @@ class Drainer:
                 self._failed(source, exc, time.monotonic(), reading=False)
 
     def _drop(self, reason: str, error: BaseException, records: Sequence[bytes]) -> None:
-        if not records:
-            return
-        self.stats.add_dropped(reason, len(records), f"{type(error).__name__}: {error}")
-        callback = self.on_error
-        if callback is not None:
-            try:
-                with _lifecycle.delivery_callback():
-                    callback(error, [_report_form(record) for record in records])
-            except Exception as exc:
-                warn("mp_logbridge on_error callback raised %s: %s", type(exc).__name__, exc)
-
-    def _unreachable(self, now: float, error: DeliveryError) -> None:
-        if self._outage is None:
-            self._outage = (now, str(error))
-            warn("mp_logbridge: Mixpanel unreachable, spooled records wait on disk: %s", error)
-
-    def _recovered(self, now: float) -> None:
-        if self._outage is not None:
-            since, cause = self._outage
-            self._outage = None
-            warn(
-                "mp_logbridge: Mixpanel reachable again after %.1f s (it failed with: %s)",
-                now - since,
-                cause,
-            )
+        report_loss(
+            self.stats,
+            self.on_error,
+            reason,
+            error,
+            lambda: [_report_form(record) for record in records],
+            len(records),
+        )
 
     # ------------------------------------------------------------------ flush
 

@@ -29,9 +29,8 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _capture, _lifecycle
-from ._diagnostics import DeliveryStats, warn
+from ._diagnostics import DeliveryStats, OutageNotice, report_loss, warn
 from ._errors import (
-    DeliveryError,
     InvalidMessageError,
     MessagesDropped,
     MessageTooLargeError,
@@ -219,7 +218,7 @@ class BatchWorker:
         self._lanes: dict[tuple[str, Credentials | None], Lane] = {}
         self._waiters: list[_FlushWaiter] = []
         self._urgent_gen = 0
-        self._outage: tuple[float, str] | None = None
+        self._outage = OutageNotice("retrying")
         self._drops_seen = self._stats.total_dropped()
         self._pid = _getpid()
 
@@ -459,16 +458,7 @@ class BatchWorker:
         count: int,
     ) -> None:
         """Count lost messages and tell ``on_error`` (never raises)."""
-        if count <= 0:
-            return
-        self._stats.add_dropped(reason, count, f"{type(error).__name__}: {error}")
-        callback = self.on_error
-        if callback is not None:
-            try:
-                with _lifecycle.delivery_callback():
-                    callback(error, records() if callable(records) else records)
-            except Exception as exc:  # the application's callback must not break delivery
-                warn("mp_logbridge on_error callback raised %s: %s", type(exc).__name__, exc)
+        report_loss(self._stats, self.on_error, reason, error, records, count)
 
     def _drop_records(self, reason: str, error: BaseException, items: list[bytes]) -> None:
         self._drop(reason, error, lambda: [decode_record(item) for item in items], len(items))
@@ -754,7 +744,7 @@ class BatchWorker:
         if outcome.delivered:
             self._resolve(lane, outcome.delivered)
             self._stats.add_sent(len(outcome.delivered))
-            self._recovered(now)
+            self._outage.recovered(now)
         if outcome.stored:  # committed to the durable spool, which sends and counts them
             self._resolve(lane, outcome.stored)
         for reason, items, error in outcome.dropped:
@@ -782,23 +772,7 @@ class BatchWorker:
                 lane.schedule_retry(
                     flight, outcome.retry, decision.retry_at, error, self._urgent_gen
                 )
-                self._unreachable(now, error)
-
-    def _unreachable(self, now: float, error: DeliveryError) -> None:
-        """The first retryable failure of an outage is reported at once; the rest are not."""
-        if self._outage is None:
-            self._outage = (now, str(error))
-            warn("mp_logbridge: Mixpanel unreachable, retrying: %s", error)
-
-    def _recovered(self, now: float) -> None:
-        if self._outage is not None:
-            since, cause = self._outage
-            self._outage = None
-            warn(
-                "mp_logbridge: Mixpanel reachable again after %.1f s (it failed with: %s)",
-                now - since,
-                cause,
-            )
+                self._outage.failed(now, error)
 
     def _check_overruns(self, now: float) -> None:
         """An export running well past its deadline is given up on and its batch retried."""
