@@ -260,15 +260,14 @@ class BatchWorker:
         """
         if _capture.active:  # mp_logbridge.testing.capture_messages()
             return _capture.take(kind, message)
+        if self._pid != _getpid():
+            # Forked without Python's fork hooks (uWSGI does by default): what is queued is the
+            # parent's, which delivers it. Checked on every call (one system call): a check
+            # skipped now would let this process's messages join the parent's copy, to be
+            # forgotten with it later.
+            self.reinit_after_fork()
         incoming = self._incoming
         n = len(incoming)
-        if (n < 8 or not n & 255) and self._pid != _getpid():
-            # Forked without Python's fork hooks (uWSGI does by default): what is queued is the
-            # parent's, which delivers it. Checked while the queue is short (the first messages
-            # after each drain) and every 256th message, so most calls pay no system call.
-            self.reinit_after_fork()
-            incoming = self._incoming
-            n = len(incoming)
         if (
             self._closed
             or n + self._held_records >= self.max_queue_size

@@ -519,12 +519,14 @@ def test_close_under_the_logging_lock_hands_over_and_still_reports(
     server, consumers, library_warnings
 ):
     """dictConfig closes handlers holding logging's lock: close must not wait, nor lose the report."""
+    others = set(threading.enumerate())  # threads of consumers other tests left running
     consumer = consumers(api_host=server.url, flush_interval=60, report_interval=60)
     consumer.send("event", Deferred(event(0, bad=float("nan"))))
     assert consumer.flush(10) is False  # dropped and reported at once (the first report)
     consumer.send("event", Deferred(event(1, bad=float("nan"))))  # inside the report interval
     consumer.send("event", event(2))
-    before = set(threading.enumerate())
+    before = set(threading.enumerate()) - others  # this consumer's threads
+    assert [t for t in before if t.name == SENDER]
 
     with logging._lock:  # what dictConfig holds while it closes the old handlers
         started = time.monotonic()

@@ -186,10 +186,12 @@ def test_fork_child_and_parent_each_deliver_their_own(server, run_python):
         assert len(keys) == 1
 
 
-def test_fork_without_hooks_is_caught_by_the_pid_check(server, run_python):
+@pytest.mark.parametrize("parent_queued", [5, 300])
+def test_fork_without_hooks_is_caught_by_the_pid_check(server, run_python, parent_queued):
     """uWSGI (without ``py-call-osafterfork``) forks with the C library's ``fork()``: no Python
     fork hook runs, the child starts with a copy of the parent's state. The next send notices
-    the new PID; the child delivers its own messages and never its parent's."""
+    the new PID, however long the parent's queue was; the child delivers each of its own
+    messages and never its parent's."""
     source = (
         """
 import ctypes, json, os
@@ -198,14 +200,14 @@ from mp_logbridge.consumers import BackgroundConsumer
         + EVENT_HELPER
         + """
 consumer = BackgroundConsumer(api_host=os.environ["SERVER_URL"], flush_interval=60)
-for n in range(5):
+for n in range(PARENT_QUEUED):
     consumer.send("event", ev(f"parent-{n}"))
 queued = consumer.stats()["queue_depth"]
 pid = ctypes.CDLL(None).fork()  # no Python fork hooks, as in a server that forks in C
 if pid == 0:
     code = 1
     try:
-        accepted = consumer.send("event", ev("child-0"))
+        accepted = all([consumer.send("event", ev(f"child-{n}")) for n in range(20)])
         flushed = consumer.flush(10)
         stats = consumer.stats()
         print(json.dumps({
@@ -222,6 +224,7 @@ _, status = os.waitpid(pid, 0)
 print(json.dumps({"parent_flushed": consumer.flush(10), "child_status": status}), flush=True)
 """
     )
+    source = source.replace("PARENT_QUEUED", str(parent_queued))
     result = run_python(source, timeout=60, env={"SERVER_URL": server.url})
 
     assert result.returncode == 0, result
@@ -229,12 +232,14 @@ print(json.dumps({"parent_flushed": consumer.flush(10), "child_status": status})
     assert child == {
         "accepted": True,
         "flushed": True,
-        "queued_at_fork": 5,  # the parent's messages were there, and were not sent
-        "sent": 1,
+        "queued_at_fork": parent_queued,  # the parent's messages were there, and were not sent
+        "sent": 20,
         "queue_depth": 0,
     }
     assert parent == {"parent_flushed": True, "child_status": 0}
-    assert insert_ids(server) == Counter(["child-0", *(f"parent-{n}" for n in range(5))])
+    assert insert_ids(server) == Counter(
+        [*(f"child-{n}" for n in range(20)), *(f"parent-{n}" for n in range(parent_queued))]
+    )
 
 
 # --------------------------------------------------------------------------- logging locks
