@@ -1,0 +1,51 @@
+"""Paths nobody designed for: answers cut off by the library's own deadlines, exits against
+hostile servers, and the other corners found by attacking the delivery core.
+
+Each test reproduces one defect that was found this way; process-level cases run in child
+interpreters with hard timeouts, and every count is checked at the server, per ``$insert_id``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+from support import event_record
+
+from mp_logbridge import BackgroundConsumer
+from mp_logbridge.testing import MixpanelServer
+
+
+def facts(stdout: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def insert_ids(records: list[dict[str, Any]]) -> Counter[str]:
+    return Counter(record["properties"]["$insert_id"] for record in records)
+
+
+# --------------------------------------------------------------------------- deadlines
+
+
+def test_an_answer_cut_off_in_its_headers_by_the_deadline_is_retried(
+    server: MixpanelServer,
+) -> None:
+    """The request deadline ends a dripping answer after its status line: what was read is not
+    an answer (it would look like a 200 with an empty body), so the batch is retried, not
+    dropped as refused by the server."""
+    server.drip_next(1, interval=0.05)  # about 20 bytes by the deadline: inside the headers
+    consumer = BackgroundConsumer(
+        api_host=server.url,
+        request_timeout=1.0,
+        retry={"initial_backoff": 0.1, "jitter": (0, 0)},
+    )
+    try:
+        assert consumer.send("event", event_record("cut-1"))
+        assert consumer.flush(20)
+        stats = consumer.stats()
+        assert stats["dropped_total"] == 0, stats["dropped"]
+        assert stats["retries"] == 1
+        assert insert_ids(server.events) == Counter({"cut-1": 1})
+    finally:
+        consumer.close(timeout=2)
