@@ -694,6 +694,10 @@ class BatchWorker:
                 job = _Job(lane, flight, batch, time.monotonic() + self.exporter.timeout)
                 flight.job = job
                 if inline or not self._submit(lane, job):
+                    # On this thread (the process is exiting): the close deadline bounds the
+                    # request too, or one slow answer would hold the exit for request_timeout.
+                    left = max(0.0, self._close_deadline - now)
+                    job.deadline = min(job.deadline, time.monotonic() + left)
                     self._export(job, None)
                     self._apply_results(self._clock.monotonic())
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from support import event_record
@@ -49,3 +50,32 @@ def test_an_answer_cut_off_in_its_headers_by_the_deadline_is_retried(
         assert insert_ids(server.events) == Counter({"cut-1": 1})
     finally:
         consumer.close(timeout=2)
+
+
+def test_a_message_sent_after_the_exit_hook_waits_no_longer_than_exit_timeout(
+    server: MixpanelServer, run_python: Callable[..., Any]
+) -> None:
+    """A hook running after the library's exit hook sends; the message is delivered on that
+    thread, and a server that drips its answer holds the exit for ``exit_timeout``, not for the
+    (much longer) ``request_timeout``. The loss is counted."""
+    server.drip_next(10, interval=0.5)
+    source = """
+import atexit, json, os, time
+
+def late():
+    accepted = unused.send("event", {"event": "late", "properties": {
+        "token": "t", "distinct_id": "u", "time": int(time.time() * 1000), "$insert_id": "late"}})
+    print(json.dumps({"accepted": accepted, "dropped": unused.stats()["dropped"]}), flush=True)
+
+atexit.register(late)  # registered before the import: runs after the library's exit hook
+from mp_logbridge import BackgroundConsumer
+unused = BackgroundConsumer(api_host=os.environ["SERVER_URL"], request_timeout=120,
+                            exit_timeout=1)
+"""
+    # Hang guard: before, the exit waited for the whole request_timeout.
+    result = run_python(source, timeout=30, env={"SERVER_URL": server.url})
+
+    assert result.returncode == 0, result
+    [fact] = facts(result.stdout)
+    assert fact["accepted"] is True
+    assert fact["dropped"]["shutdown_timeout"] == 1, fact
