@@ -98,7 +98,10 @@ class _SharedConsumers:
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # Re-entrant: making a consumer allocates, so the garbage collector may run a finalizer
+        # in the middle of it (or a signal handler may run), and that code may make a front
+        # door too (a Tracker per call) on this very thread.
+        self._lock = threading.RLock()
         self._entries: dict[Any, list[Any]] = {}  # key -> [consumer, references, pinned]
 
     def acquire(
@@ -107,7 +110,12 @@ class _SharedConsumers:
         with self._lock:
             entry = self._entries.get(key)
             if entry is None or entry[0].closed:
-                entry = self._entries[key] = [factory(), 0, False]
+                made = factory()
+                entry = self._entries.get(key)  # a nested call made one meanwhile: share it
+                if entry is None or entry[0].closed:
+                    entry = self._entries[key] = [made, 0, False]
+                else:
+                    made.close()
             if pin:
                 entry[2] = True
             else:
@@ -129,7 +137,7 @@ class _SharedConsumers:
             return released
 
     def reinit_after_fork(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
 
 class _SentCopies(threading.local):

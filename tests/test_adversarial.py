@@ -79,3 +79,43 @@ unused = BackgroundConsumer(api_host=os.environ["SERVER_URL"], request_timeout=1
     [fact] = facts(result.stdout)
     assert fact["accepted"] is True
     assert fact["dropped"]["shutdown_timeout"] == 1, fact
+
+
+# --------------------------------------------------------------------------- re-entry
+
+
+def test_a_finalizer_making_a_tracker_while_a_consumer_is_made_never_hangs(
+    server: MixpanelServer, run_python: Callable[..., Any]
+) -> None:
+    """Making a front door's consumer allocates, so the garbage collector may run a finalizer
+    in the middle of it; a finalizer that makes a Tracker (one per call, as documented) and
+    tracks must neither wait for the lock its own thread holds nor lose the event."""
+    source = """
+import gc, json, os
+from mp_logbridge import Tracker
+
+URL = os.environ["SERVER_URL"]
+ended = []
+
+class Session:
+    def __init__(self, n):
+        self.n, self.me = n, self  # a cycle: only the collector frees it
+    def __del__(self):
+        Tracker("finalizer-token-0123456789", api_host=URL).track(
+            "u", "Session Ended", {"$insert_id": f"s{self.n}"})
+        ended.append(self.n)
+
+# Collections at every point of making a consumer: one of them runs inside it.
+for threshold in range(2, 160):
+    gc.collect()
+    Session(threshold)
+    gc.set_threshold(threshold)
+    Tracker("finalizer-token-0123456789", api_host=URL, flush_interval=threshold)
+gc.collect()
+print(json.dumps({"ended": len(ended)}), flush=True)
+"""
+    result = run_python(source, timeout=30, env={"SERVER_URL": server.url})  # hang guard
+
+    assert result.returncode == 0, result
+    assert facts(result.stdout) == [{"ended": 158}]
+    assert insert_ids(server.events) == Counter(f"s{n}" for n in range(2, 160))
