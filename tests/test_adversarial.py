@@ -8,11 +8,12 @@ interpreters with hard timeouts, and every count is checked at the server, per `
 from __future__ import annotations
 
 import json
+import tracemalloc
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from support import event_record
+from support import event_record, wait_until
 
 from mp_logbridge import BackgroundConsumer
 from mp_logbridge.testing import MixpanelServer
@@ -119,3 +120,28 @@ print(json.dumps({"ended": len(ended)}), flush=True)
     assert result.returncode == 0, result
     assert facts(result.stdout) == [{"ended": 158}]
     assert insert_ids(server.events) == Counter(f"s{n}" for n in range(2, 160))
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def test_queued_records_take_about_the_memory_the_queue_counts(server: MixpanelServer) -> None:
+    """``max_queue_bytes`` bounds real memory only if a queued record takes about its encoded
+    size. The fast encoder (orjson) returns bytes that keep the buffer it grew, 4 KB at least:
+    small records then took 20 times what the queue counted."""
+    consumer = BackgroundConsumer(api_host=server.url, flush_interval=60)
+    count = 1500  # under batch_size and max_batch_bytes: they all wait in the lane
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(count):
+            assert consumer.send("event", event_record(f"mem-{n}", payload="y" * 100))
+        wait_until(lambda: consumer.stats()["queue_depth"] == count)
+        held = tracemalloc.get_traced_memory()[0] - before
+        counted = consumer.stats()["queue_bytes"]
+        # Per record: the bytes object's header and the queue's slot on top of its size.
+        assert held < 2 * counted + 64 * count, (held, counted)
+    finally:
+        tracemalloc.stop()
+        consumer.close(timeout=5)
+    assert len(server.events) == count
