@@ -67,6 +67,7 @@ class _Worker(Protocol):
 _live: weakref.WeakSet[Any] = weakref.WeakSet()
 _exiting = False
 _shutdown_lock = threading.Lock()
+_closing: list[tuple[Any, float]] = []  # (worker, deadline) the exit is delivering for
 _child_hook_pid = 0  # the process a multiprocessing finalizer was registered in
 
 # Thread ident -> the process it runs in: a forked child's first thread often reuses the ident
@@ -135,24 +136,29 @@ def logging_lock_held() -> bool:
 
 def shutdown_all(timeout: float | None = None) -> None:
     """Close every running worker, delivering what it holds within its ``exit_timeout``
-    (or ``timeout``), then report every loss not reported yet. Runs once per process."""
+    (or ``timeout``), then report every loss not reported yet.
+
+    The first call decides what is closed and by when; a later one (a SIGTERM handled while the
+    exit hook delivers, on its thread or another) waits for that same delivery, within the same
+    deadlines, rather than let the process end in the middle of it.
+    """
     global _exiting
     with _shutdown_lock:
         first = not _exiting
         _exiting = True
-    if not first:
-        return
     try:
-        workers = [worker for worker in list(_live) if worker.running()]
-        now = time.monotonic()
-        deadlines = {
-            id(worker): now + (worker.exit_timeout if timeout is None else timeout)
-            for worker in workers
-        }
-        for worker in workers:
-            worker.begin_close(deadlines[id(worker)], at_exit=True)
-        for worker in workers:
-            worker.wait_closed(max(0.0, deadlines[id(worker)] - time.monotonic()))
+        if first:
+            now = time.monotonic()
+            _closing[:] = [
+                (worker, now + (worker.exit_timeout if timeout is None else timeout))
+                for worker in list(_live)
+                if worker.running()
+            ]
+        closing = list(_closing)
+        for worker, deadline in closing:
+            worker.begin_close(deadline, at_exit=True)
+        for worker, deadline in closing:
+            worker.wait_closed(max(0.0, deadline - time.monotonic()))
     finally:
         report_all()
 
@@ -186,6 +192,7 @@ def _after_fork_in_child() -> None:
     global _exiting, _child_hook_pid
     _sender_idents.clear()  # the parent's sender threads do not exist here
     _exiting = False
+    _closing.clear()
     _child_hook_pid = 0
     for worker in list(_live):
         worker.reinit_after_fork()

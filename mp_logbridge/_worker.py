@@ -216,6 +216,7 @@ class BatchWorker:
         self._closing = False
         self._close_seen = False
         self._finished = threading.Event()
+        self._abandoned = False
         self._lanes: dict[tuple[str, Credentials | None], Lane] = {}
         self._waiters: list[_FlushWaiter] = []
         self._urgent_gen = 0
@@ -431,7 +432,11 @@ class BatchWorker:
         self._stats.report(force=True)
 
     def _abandon(self) -> None:
-        """The dispatcher did not finish in time (a bug, or an inline export at exit)."""
+        """The dispatcher did not finish in time (a bug, or an inline export at exit); counted
+        once, however many callers waited for it."""
+        if self._abandoned:
+            return
+        self._abandoned = True
         left = len(self._incoming) + self._held_records
         self._stats.add_dropped("shutdown_timeout", left, "not delivered before the close deadline")
 

@@ -145,3 +145,37 @@ def test_queued_records_take_about_the_memory_the_queue_counts(server: MixpanelS
         tracemalloc.stop()
         consumer.close(timeout=5)
     assert len(server.events) == count
+
+
+# --------------------------------------------------------------------------- signals
+
+
+def test_sigterm_while_the_exit_hook_delivers_lets_it_finish(
+    run_python: Callable[..., Any],
+) -> None:
+    """With ``deliver_on_signal``, a SIGTERM that arrives while the process is already exiting
+    (the exit hook delivering to a slow server) waits for that delivery, within its deadline,
+    then ends the process by the signal. Before, it ended it at once: what was still queued was
+    lost, and not even counted."""
+    with MixpanelServer(latency=0.2) as slow:
+        source = """
+import os, signal, threading, time
+from mp_logbridge import BackgroundConsumer, deliver_on_signal
+
+deliver_on_signal()
+consumer = BackgroundConsumer(api_host=os.environ["SERVER_URL"], exit_timeout=20,
+                              batch_size=5, max_in_flight=1, flush_interval=60)
+for n in range(40):
+    consumer.send("event", {"event": "e", "properties": {
+        "token": "t", "distinct_id": "u", "time": int(time.time() * 1000), "$insert_id": f"x{n}"}})
+
+def terminate():
+    time.sleep(0.6)  # the exit hook is delivering by now: 8 requests of 0.2 s each
+    os.kill(os.getpid(), signal.SIGTERM)
+
+threading.Thread(target=terminate, daemon=True).start()
+"""
+        result = run_python(source, timeout=30, env={"SERVER_URL": slow.url})
+
+        assert result.returncode == -15, result  # still ended by the signal
+        assert insert_ids(slow.events) == Counter(f"x{n}" for n in range(40))
