@@ -30,7 +30,7 @@ from ._aio import off_loop
 from ._diagnostics import DeliveryStats, warn
 from ._errors import ConfigurationError, DeliveryError, InvalidMessageError, MessagesDropped
 from ._export import Batch, Exporter, HttpExporter
-from ._lifecycle import delivery_callback
+from ._lifecycle import tell_on_error
 from ._messages import MessageSource
 from ._records import (
     MAX_BATCH_RECORDS,
@@ -254,13 +254,8 @@ class _ConsumerBase:
             assert isinstance(messages, list)
             count = len(messages)
         self._stats.add_dropped(reason, count, f"{type(error).__name__}: {error}")
-        callback = self.on_error
-        if callback is not None:
-            try:
-                with delivery_callback():
-                    callback(error, messages() if callable(messages) else messages)
-            except Exception as exc:  # the application's callback must not break delivery
-                warn("mp_logbridge on_error callback raised %s: %s", type(exc).__name__, exc)
+        if self.on_error is not None:
+            tell_on_error(self.on_error, error, messages)
 
     def _encode(self, message: Any) -> bytes:
         """Encode at the call; a message that cannot be sent is counted, then raised."""

@@ -29,12 +29,12 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 from typing import Any, Protocol
 
-from ._diagnostics import report_all
+from ._diagnostics import report_all, warn
 
 __all__ = [
     "deliver_on_signal",
@@ -46,6 +46,7 @@ __all__ = [
     "register_sender_thread",
     "reinit_if_forked",
     "shutdown_all",
+    "tell_on_error",
     "unregister_sender_thread",
 ]
 
@@ -110,6 +111,29 @@ def delivery_callback() -> Iterator[None]:
         yield
     finally:
         _callback_idents.discard(ident)
+
+
+def tell_on_error(
+    callback: Callable[[BaseException, list[Any]], object],
+    error: BaseException,
+    records: list[Any] | Callable[[], list[Any]],
+) -> None:
+    """Give an application's ``on_error`` callback a loss; whatever it raises is reported, not
+    raised, so it never breaks delivery. ``records`` may be a callable making the list.
+
+    On the library's own threads that includes ``SystemExit`` (``sys.exit()`` in the callback):
+    there it could not end the process, only the thread that delivers. On the application's
+    thread (a refusal in ``send``) it goes on to the application, as its own exception.
+    """
+    try:
+        with delivery_callback():
+            callback(error, records() if callable(records) else records)
+    except Exception as exc:
+        warn("mp_logbridge on_error callback raised %s: %s", type(exc).__name__, exc)
+    except BaseException as exc:
+        if not is_sender_thread():
+            raise
+        warn("mp_logbridge on_error callback raised %s: %s", type(exc).__name__, exc)
 
 
 def in_delivery_callback() -> bool:

@@ -1152,13 +1152,10 @@ class Drainer:
         if not records:
             return
         self.stats.add_dropped(reason, len(records), f"{type(error).__name__}: {error}")
-        callback = self.on_error
-        if callback is not None:
-            try:
-                with _lifecycle.delivery_callback():
-                    callback(error, [_report_form(record) for record in records])
-            except Exception as exc:
-                warn("mp_logbridge on_error callback raised %s: %s", type(exc).__name__, exc)
+        if self.on_error is not None:
+            _lifecycle.tell_on_error(
+                self.on_error, error, lambda: [_report_form(record) for record in records]
+            )
 
     def _unreachable(self, now: float, error: DeliveryError) -> None:
         if self._outage is None:

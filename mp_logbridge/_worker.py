@@ -467,13 +467,8 @@ class BatchWorker:
         if count <= 0:
             return
         self._stats.add_dropped(reason, count, f"{type(error).__name__}: {error}")
-        callback = self.on_error
-        if callback is not None:
-            try:
-                with _lifecycle.delivery_callback():
-                    callback(error, records() if callable(records) else records)
-            except Exception as exc:  # the application's callback must not break delivery
-                warn("mp_logbridge on_error callback raised %s: %s", type(exc).__name__, exc)
+        if self.on_error is not None:
+            _lifecycle.tell_on_error(self.on_error, error, records)
 
     def _drop_records(self, reason: str, error: BaseException, items: list[bytes]) -> None:
         self._drop(reason, error, lambda: [decode_record(item) for item in items], len(items))

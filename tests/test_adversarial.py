@@ -8,12 +8,13 @@ interpreters with hard timeouts, and every count is checked at the server, per `
 from __future__ import annotations
 
 import json
+import sys
 import tracemalloc
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from support import event_record, wait_until
+from support import Deferred, event_record, wait_until
 
 from mp_logbridge import BackgroundConsumer
 from mp_logbridge.testing import MixpanelServer
@@ -179,3 +180,33 @@ threading.Thread(target=terminate, daemon=True).start()
 
         assert result.returncode == -15, result  # still ended by the signal
         assert insert_ids(slow.events) == Counter(f"x{n}" for n in range(40))
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+def test_an_on_error_callback_calling_sys_exit_does_not_end_delivery(
+    server: MixpanelServer,
+) -> None:
+    """``sys.exit()`` in an ``on_error`` callback (an application that wants to stop when data
+    is lost) raised SystemExit on the dispatcher thread, which ended it silently: every later
+    message was accepted and then neither delivered nor counted. On the library's threads the
+    callback's exit is now reported like any other exception it raises."""
+    told: list[BaseException] = []
+
+    def give_up(error: BaseException, messages: list[Any]) -> None:
+        told.append(error)
+        sys.exit(f"giving up: {error}")
+
+    consumer = BackgroundConsumer(api_host=server.url, flush_interval=0.05, on_error=give_up)
+    try:
+        assert consumer.send("event", Deferred(event_record("bad", bad=float("nan"))))
+        wait_until(lambda: told)  # the dispatcher dropped it and ran the callback
+        for n in range(10):
+            assert consumer.send("event", event_record(f"ok-{n}"))
+        assert consumer.flush(10) is False  # the bad one was dropped since the last flush
+        stats = consumer.stats()
+        assert stats["sent"] == 10 and stats["queue_depth"] == 0, stats
+        assert insert_ids(server.events) == Counter(f"ok-{n}" for n in range(10))
+    finally:
+        consumer.close(timeout=2)
