@@ -608,7 +608,11 @@ class BatchWorker:
                 except InvalidMessageError as exc:
                     self._drop("invalid", exc, _reported(message), 1)
                     continue
-                except Exception as exc:  # a MessageSource failed in an unexpected way
+                except BaseException as exc:  # a MessageSource failed in an unexpected way
+                    if not isinstance(exc, Exception) and not _lifecycle.is_sender_thread():
+                        raise  # on the application's thread (an inline drain): its own
+                    # (On this library's thread, even sys.exit() in build() only means that
+                    # this message cannot be made: it must not end delivery.)
                     problem = InvalidMessageError("message", f"{type(exc).__name__}: {exc}")
                     self._drop("invalid", problem, _reported(message), 1)
                     continue

@@ -210,3 +210,31 @@ def test_an_on_error_callback_calling_sys_exit_does_not_end_delivery(
         assert insert_ids(server.events) == Counter(f"ok-{n}" for n in range(10))
     finally:
         consumer.close(timeout=2)
+
+
+class _Quits:
+    """A deferred message whose ``build()`` ends its thread (``sys.exit()``)."""
+
+    weight = 100
+
+    def build(self) -> dict[str, Any]:
+        sys.exit("no record today")
+
+
+def test_a_message_whose_build_calls_sys_exit_is_counted_and_the_rest_delivered(
+    server: MixpanelServer,
+) -> None:
+    """A deferred message is built on the dispatcher; SystemExit from its ``build()`` ended that
+    thread, and then every later message waited forever while ``flush()`` said ``True``."""
+    consumer = BackgroundConsumer(api_host=server.url, flush_interval=0.05)
+    try:
+        assert consumer.send("event", _Quits())
+        for n in range(5):
+            assert consumer.send("event", event_record(f"after-{n}"))
+        assert consumer.flush(10) is False  # one message was dropped
+        stats = consumer.stats()
+        assert stats["dropped"]["invalid"] == 1 and stats["sent"] == 5, stats
+        assert stats["queue_depth"] == 0
+        assert insert_ids(server.events) == Counter(f"after-{n}" for n in range(5))
+    finally:
+        consumer.close(timeout=2)
