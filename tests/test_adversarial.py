@@ -238,3 +238,53 @@ def test_a_message_whose_build_calls_sys_exit_is_counted_and_the_rest_delivered(
         assert insert_ids(server.events) == Counter(f"after-{n}" for n in range(5))
     finally:
         consumer.close(timeout=2)
+
+
+# --------------------------------------------------------------------------- fork
+
+
+def test_a_child_forked_while_a_buffered_flush_is_under_way_neither_hangs_nor_resends(
+    run_python: Callable[..., Any],
+) -> None:
+    """A thread of the parent is inside ``BufferedConsumer.flush()`` (waiting for a slow
+    server, holding the consumer's lock) when another thread forks. The child's copy of that
+    lock was held by a thread it does not have: its first ``send`` waited forever. It also
+    held a copy of the parent's buffer, which the parent sends itself."""
+    with MixpanelServer(latency=1.0) as slow:
+        source = """
+import json, os, signal, threading, time
+from mp_logbridge import BufferedConsumer
+
+def ev(name):
+    return {"event": name, "properties": {"token": "t", "distinct_id": "u",
+            "time": int(time.time() * 1000), "$insert_id": name}}
+
+consumer = BufferedConsumer(api_host=os.environ["SERVER_URL"], max_size=50)
+consumer.send("event", ev("parent-early"))
+consumer.send("profile_update", {"$token": "t", "$distinct_id": "u", "$add": {"Logins": 1}})
+threading.Thread(target=consumer.flush).start()
+time.sleep(0.3)  # that flush holds the consumer's lock: /track answers in 1 s, /engage waits
+pid = os.fork()
+if pid == 0:
+    consumer.send("event", ev("child"))
+    consumer.flush()
+    os._exit(0)
+ended = False
+deadline = time.monotonic() + 15
+while not ended and time.monotonic() < deadline:
+    ended = os.waitpid(pid, os.WNOHANG) != (0, 0)
+    time.sleep(0.05)
+if not ended:
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+consumer.send("event", ev("parent-late"))
+consumer.flush()
+print(json.dumps({"child_ended": ended}), flush=True)
+"""
+        result = run_python(source, timeout=60, env={"SERVER_URL": slow.url})
+
+        assert result.returncode == 0, result
+        assert facts(result.stdout) == [{"child_ended": True}]
+        sent = Counter(record["event"] for record in slow.events)
+        assert sent == Counter({"parent-early": 1, "child": 1, "parent-late": 1})
+        assert len(slow.profile_updates) == 1  # the parent's, sent by the parent only
