@@ -48,6 +48,7 @@ __all__ = [
     "shutdown_all",
     "tell_on_error",
     "unregister_sender_thread",
+    "wait_limit",
 ]
 
 
@@ -79,6 +80,22 @@ _sender_idents: dict[int, int] = {}
 def register(worker: _Worker) -> None:
     """Let the exit hooks and the fork hook know about ``worker``."""
     _live.add(worker)
+
+
+#: The longest wait a ``timeout`` argument asks for: beyond it the platform refuses to wait
+#: (``OverflowError``), and ``math.inf`` means "as long as it takes".
+_LONGEST_WAIT = threading.TIMEOUT_MAX / 2
+
+
+def wait_limit(timeout: float | None, default: float) -> float:
+    """Seconds a ``flush``/``close`` ``timeout`` argument allows: ``default`` for ``None``,
+    never negative, and no longer than the platform can wait."""
+    if timeout is None:
+        return default
+    try:
+        return min(max(0.0, float(timeout)), _LONGEST_WAIT)
+    except OverflowError:  # an integer too large for a float
+        return _LONGEST_WAIT
 
 
 def exiting() -> bool:
@@ -195,7 +212,7 @@ def flush_all(timeout: float | None = None) -> bool:
     task or a serverless invocation.
     """
     ok = True
-    deadline = None if timeout is None else time.monotonic() + max(0.0, float(timeout))
+    deadline = None if timeout is None else time.monotonic() + wait_limit(timeout, 0.0)
     for worker in list(_live):
         if worker.running():
             left = None if deadline is None else max(0.0, deadline - time.monotonic())

@@ -376,7 +376,7 @@ class BatchWorker:
         ``dictConfig`` does), it starts the delivery and returns ``False`` without waiting.
         """
         self._check_pid()
-        limit = self.flush_timeout if timeout is None else max(0.0, float(timeout))
+        limit = _lifecycle.wait_limit(timeout, self.flush_timeout)
         finished = True
         if (self._thread is not None or self._incoming) and not self._finished.is_set():
             waiter = _FlushWaiter()
@@ -423,7 +423,7 @@ class BatchWorker:
         sender thread or under the logging module's lock it does not wait: delivery goes on for
         up to ``exit_timeout`` seconds, and the exit hook waits for it.
         """
-        limit = self.flush_timeout if timeout is None else max(0.0, float(timeout))
+        limit = _lifecycle.wait_limit(timeout, self.flush_timeout)
         if _lifecycle.logging_lock_held() or _lifecycle.is_sender_thread():
             self.begin_close(self._clock.monotonic() + max(limit, self.exit_timeout))
             return

@@ -8,12 +8,15 @@ interpreters with hard timeouts, and every count is checked at the server, per `
 from __future__ import annotations
 
 import json
+import math
 import sys
 import tracemalloc
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import pytest
 from support import Deferred, event_record, wait_until
 
 from mp_logbridge import BackgroundConsumer
@@ -288,3 +291,24 @@ print(json.dumps({"child_ended": ended}), flush=True)
         sent = Counter(record["event"] for record in slow.events)
         assert sent == Counter({"parent-early": 1, "child": 1, "parent-late": 1})
         assert len(slow.profile_updates) == 1  # the parent's, sent by the parent only
+
+
+# --------------------------------------------------------------------------- timeouts
+
+
+@pytest.mark.parametrize("timeout", [math.inf, 1e300])
+@pytest.mark.parametrize("spooled", [False, True])
+def test_flush_and_close_without_a_limit_wait_instead_of_raising(
+    server: MixpanelServer, tmp_path: Path, timeout: float, spooled: bool
+) -> None:
+    """``flush(math.inf)`` (wait as long as it takes) raised OverflowError from the wait
+    underneath, and so did ``close(math.inf)``, after closing."""
+    spool = str(tmp_path / "spool") if spooled else None
+    consumer = BackgroundConsumer(api_host=server.url, flush_interval=60, spool=spool)
+    try:
+        assert consumer.send("event", event_record("no-limit-1"))
+        assert consumer.flush(timeout) is True
+        assert consumer.send("event", event_record("no-limit-2"))
+    finally:
+        consumer.close(timeout)
+    assert insert_ids(server.events) == Counter(["no-limit-1", "no-limit-2"])
