@@ -46,6 +46,10 @@ from ._transport import Credentials
 
 __all__ = ["BatchWorker", "SystemClock"]
 
+#: Lanes kept while idle (with their sender threads); beyond this many lanes (per-call
+#: ``/import`` credentials of many projects), idle ones are retired and made again when needed.
+IDLE_LANES_KEPT = 8
+
 #: Seconds an export may run past its own deadline before the lane gives up on it and retries
 #: the batch with a new sender thread (an exporter that ignores its deadline, a DNS lookup).
 OVERRUN_GRACE = 2.0
@@ -519,6 +523,8 @@ class BatchWorker:
                 self._check_overruns(now)
             self._stats.report()  # before a flush waiting for these records returns
             self._resolve_waiters()
+            if len(self._lanes) > IDLE_LANES_KEPT:
+                self._retire_idle_lanes()
             if closing and not self._incoming and self._held_records == 0:
                 return True
             self._sleep(now, closing)
@@ -631,6 +637,16 @@ class BatchWorker:
             lane.add(payload, arrived)
             self._held_bytes += real
             self._held_records += 1
+
+    def _retire_idle_lanes(self) -> None:
+        """Stop the senders of lanes that hold nothing and forget the lanes (a flush waiting
+        on one still sees it resolved)."""
+        for key, lane in list(self._lanes.items()):
+            if lane.unresolved or any(sender.busy for sender in lane.senders):
+                continue
+            for sender in lane.senders:
+                sender.submit(_STOP)
+            del self._lanes[key]
 
     def _fits(self, size: int) -> bool:
         return (

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import threading
 import tracemalloc
 from collections import Counter
 from collections.abc import Callable
@@ -312,3 +313,29 @@ def test_flush_and_close_without_a_limit_wait_instead_of_raising(
     finally:
         consumer.close(timeout)
     assert insert_ids(server.events) == Counter(["no-limit-1", "no-limit-2"])
+
+
+# --------------------------------------------------------------------------- threads
+
+
+def test_lanes_of_many_import_credentials_do_not_keep_a_thread_each(
+    server: MixpanelServer,
+) -> None:
+    """Each set of per-call ``/import`` credentials (a service importing for many projects
+    through one consumer) has a lane of its own, with its own sender thread; those threads
+    stayed, idle, until the consumer was closed: a thread per project ever seen."""
+    consumer = BackgroundConsumer(api_host=server.url, flush_interval=0.01)
+
+    def import_senders() -> int:
+        return sum(1 for t in threading.enumerate() if t.name == "mp_logbridge-import")
+
+    try:
+        before = import_senders()
+        for n in range(60):
+            record = event_record(f"imp-{n}")
+            assert consumer.send("import", record, api_secret=f"project-secret-{n}")
+        assert consumer.flush(30)
+        wait_until(lambda: import_senders() - before <= 16, message="idle senders stayed")
+        assert insert_ids(server.imports) == Counter(f"imp-{n}" for n in range(60))
+    finally:
+        consumer.close(timeout=5)
