@@ -286,6 +286,8 @@ class BatchWorker:
                 return False
         incoming.append((kind, message, credentials, size))
         self._in_bytes += size
+        if self._closed and self._finished.is_set():  # closed (and done) since the check above
+            return self._after_finish()
         if not n:
             self._first_arrival = self._clock.monotonic()
         n += 1
@@ -311,6 +313,26 @@ class BatchWorker:
         else:
             self._wake()
         return True
+
+    def _after_finish(self) -> bool:
+        """Messages queued after the dispatcher finished (a close completed while they were
+        being queued: on another thread, in a signal handler, in a finalizer): delivered on
+        this thread when the exit hook closed the worker, otherwise refused and counted.
+        Returns whether they are delivered."""
+        if self._closed_at_exit:
+            self._drain_inline(self._clock.monotonic() + self.exit_timeout)
+            return True
+        while self._incoming:
+            try:
+                item = self._incoming.popleft()
+            except IndexError:  # pragma: no cover - taken by another thread meanwhile
+                break
+            if isinstance(item, tuple):
+                self._out_bytes += item[3]
+                self._refuse("closed", "the consumer is closed", item[1])
+            elif type(item) is _FlushWaiter:
+                item.done.set()
+        return False
 
     def _make_room(self, queued: int, message: Any) -> bool:
         """The queue is full (or the worker closed): refuse the message, or under ``drop_oldest``
@@ -488,6 +510,8 @@ class BatchWorker:
             self._stop_senders()
             self._stats.report(force=True)  # before waiters of close() see the end
             self._finished.set()
+            if self._incoming:  # queued while it was finishing (see ``put``)
+                self._after_finish()
             _lifecycle.unregister_sender_thread()
 
     def _drain_inline(self, deadline: float) -> None:

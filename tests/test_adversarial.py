@@ -7,6 +7,7 @@ interpreters with hard timeouts, and every count is checked at the server, per `
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import sys
@@ -339,3 +340,48 @@ def test_lanes_of_many_import_credentials_do_not_keep_a_thread_each(
         assert insert_ids(server.imports) == Counter(f"imp-{n}" for n in range(60))
     finally:
         consumer.close(timeout=5)
+
+
+def _close_just_before_queueing(consumer: BackgroundConsumer) -> Any:
+    """A trace function that closes ``consumer`` when ``BatchWorker.put`` is about to queue its
+    message, past the check for a closed consumer: what a signal handler or a finalizer (or
+    another thread) that closes it can do at that point."""
+    from mp_logbridge._worker import BatchWorker
+
+    lines, first = inspect.getsourcelines(BatchWorker.put)
+    [target] = [
+        first + n for n, line in enumerate(lines) if line.strip().startswith("incoming.append(")
+    ]
+    fired: list[bool] = []
+
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code is BatchWorker.put.__code__:
+            if event == "line" and frame.f_lineno == target and not fired:
+                fired.append(True)
+                consumer.close(timeout=5)
+            return trace
+        return None
+
+    return trace
+
+
+def test_a_message_queued_while_a_close_completes_is_counted_not_stranded(
+    server: MixpanelServer,
+) -> None:
+    """A close that completed between ``send``'s check for a closed consumer and the queueing
+    of its message left the message queued behind a dispatcher that had finished: accepted,
+    then neither delivered nor counted."""
+    consumer = BackgroundConsumer(api_host=server.url, flush_interval=0.01)
+    assert consumer.send("event", event_record("before"))
+    assert consumer.flush(10)
+    sys.settrace(_close_just_before_queueing(consumer))
+    try:
+        accepted = consumer.send("event", event_record("during"))
+    finally:
+        sys.settrace(None)
+    stats = consumer.stats()
+    assert consumer.closed
+    assert accepted is False  # refused: the consumer was closed before it was queued
+    assert stats["queue_depth"] == 0, stats
+    assert stats["sent"] == 1 and stats["dropped"]["closed"] == 1, stats
+    assert insert_ids(server.events) == Counter(["before"])
