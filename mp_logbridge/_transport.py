@@ -315,7 +315,7 @@ def _interpret(kind: str, status: int, headers: Mapping[str, str], body: bytes) 
     text = body.decode("utf-8", "replace")
     try:
         parsed: Any = json.loads(text) if text.strip() else None
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's limit
         parsed = None
     if 200 <= status < 300:
         if isinstance(parsed, dict):

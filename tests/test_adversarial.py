@@ -385,3 +385,28 @@ def test_a_message_queued_while_a_close_completes_is_counted_not_stranded(
     assert stats["queue_depth"] == 0, stats
     assert stats["sent"] == 1 and stats["dropped"]["closed"] == 1, stats
     assert insert_ids(server.events) == Counter(["before"])
+
+
+# --------------------------------------------------------------------------- answers
+
+
+@pytest.mark.parametrize("body", [b"<html>proxy login</html>", b"[" * 60_000])
+def test_an_answer_that_is_not_mixpanels_is_classified_whatever_its_nesting(
+    server: MixpanelServer, body: bytes
+) -> None:
+    """A 200 whose body is not one of Mixpanel's answers is refused once, not retried; a body
+    nested deeper than the JSON parser's recursion limit escaped the parser's error handling
+    and was taken for a network failure (retried until the policy gave up)."""
+    server.fail_next(1, 200, body=body)
+    consumer = BackgroundConsumer(
+        api_host=server.url,
+        retry={"initial_backoff": 0.05, "jitter": (0, 0), "max_attempts": 3},
+    )
+    try:
+        assert consumer.send("event", event_record("odd-answer"))
+        assert consumer.flush(10) is False
+        stats = consumer.stats()
+        assert stats["retries"] == 0, stats
+        assert stats["dropped"]["rejected_by_server"] == 1, stats["dropped"]
+    finally:
+        consumer.close(timeout=2)
