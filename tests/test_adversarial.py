@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 from support import Deferred, event_record, wait_until
 
-from mp_logbridge import BackgroundConsumer
+from mp_logbridge import BackgroundConsumer, Consumer
+from mp_logbridge.errors import PartialImportError
 from mp_logbridge.testing import MixpanelServer
 
 
@@ -75,7 +76,8 @@ def late():
     print(json.dumps({"accepted": accepted, "dropped": unused.stats()["dropped"]}), flush=True)
 
 atexit.register(late)  # registered before the import: runs after the library's exit hook
-from mp_logbridge import BackgroundConsumer
+from mp_logbridge import BackgroundConsumer, Consumer
+from mp_logbridge.errors import PartialImportError
 unused = BackgroundConsumer(api_host=os.environ["SERVER_URL"], request_timeout=120,
                             exit_timeout=1)
 """
@@ -410,3 +412,49 @@ def test_an_answer_that_is_not_mixpanels_is_classified_whatever_its_nesting(
         assert stats["dropped"]["rejected_by_server"] == 1, stats["dropped"]
     finally:
         consumer.close(timeout=2)
+
+
+@pytest.mark.parametrize(
+    "failed_records",
+    [["not an object"], [None], [{"index": 1e400}], [{"index": float("nan")}]],
+    ids=["strings", "null", "infinite-index", "nan-index"],
+)
+def test_a_malformed_partial_import_answer_refuses_the_batch_and_raises_no_stray_error(
+    server: MixpanelServer, failed_records: list[Any]
+) -> None:
+    """A strict ``/import`` 400 whose ``failed_records`` are not objects, or whose indexes are
+    not numbers of a position, raised AttributeError/OverflowError/ValueError while it was read:
+    out of a synchronous consumer's ``send``, and into a retry of the whole batch on the
+    background consumer. None of the records can be matched, so all are refused (none is
+    counted as delivered on a guess), as for any answer that names no record it can match."""
+    answer = json.dumps(
+        {
+            "code": 400,
+            "error": "some data points in the request failed validation",
+            "status": "Bad Request",
+            "num_records_imported": 1,
+            "failed_records": failed_records,
+        }
+    ).replace("Infinity", "1e400")
+    server.fail_next(1, 400, body=answer, endpoint="/import")
+    with (
+        Consumer(api_host=server.url, api_secret="import-secret") as consumer,
+        pytest.raises(PartialImportError),
+    ):
+        consumer.send("import", event_record("sync-1"))
+
+    server.fail_next(1, 400, body=answer, endpoint="/import")
+    background = BackgroundConsumer(
+        api_host=server.url,
+        api_secret="import-secret",
+        retry={"initial_backoff": 0.05, "jitter": (0, 0), "max_attempts": 3},
+    )
+    try:
+        assert background.send("import", event_record("bg-1"))
+        assert background.send("import", event_record("bg-2"))
+        assert background.flush(10) is False
+        stats = background.stats()
+        assert stats["retries"] == 0 and stats["dropped"]["rejected_by_server"] == 2, stats
+    finally:
+        background.close(timeout=2)
+    assert server.imports == []
