@@ -7,6 +7,7 @@ interpreters with hard timeouts, and every count is checked at the server, per `
 
 from __future__ import annotations
 
+import gc
 import inspect
 import json
 import math
@@ -21,9 +22,11 @@ from typing import Any
 import pytest
 from support import Deferred, event_record, wait_until
 
-from mp_logbridge import BackgroundConsumer, Consumer
+from mp_logbridge import BackgroundConsumer, Consumer, Tracker
 from mp_logbridge.errors import PartialImportError
 from mp_logbridge.testing import MixpanelServer
+
+TOKEN = "adversarial-token-0123456789"
 
 
 def facts(stdout: str) -> list[dict[str, Any]]:
@@ -76,7 +79,7 @@ def late():
     print(json.dumps({"accepted": accepted, "dropped": unused.stats()["dropped"]}), flush=True)
 
 atexit.register(late)  # registered before the import: runs after the library's exit hook
-from mp_logbridge import BackgroundConsumer, Consumer
+from mp_logbridge import BackgroundConsumer, Consumer, Tracker
 from mp_logbridge.errors import PartialImportError
 unused = BackgroundConsumer(api_host=os.environ["SERVER_URL"], request_timeout=120,
                             exit_timeout=1)
@@ -458,3 +461,27 @@ def test_a_malformed_partial_import_answer_refuses_the_batch_and_raises_no_stray
     finally:
         background.close(timeout=2)
     assert server.imports == []
+
+
+def test_trackers_made_per_request_with_their_own_error_handler_do_not_pile_up_threads(
+    server: MixpanelServer,
+) -> None:
+    """A Tracker pins its consumer for the life of the process, so Trackers made per request
+    share one. With an error handler made per request (a closure), every Tracker's settings
+    differ: each one pinned a consumer of its own, with its threads, for good."""
+
+    def library_threads() -> int:
+        return sum(1 for t in threading.enumerate() if t.name.startswith("mp_logbridge-"))
+
+    before = library_threads()
+    for n in range(100):
+        tracker = Tracker(
+            TOKEN, api_host=server.url, flush_interval=0.01, error_handler=lambda error: None
+        )
+        assert tracker.track("u", "Per Request", {"$insert_id": f"req-{n}"})
+        assert tracker.flush(10)
+        del tracker
+    gc.collect()  # the Trackers are gone: consumers no longer pinned deliver and stop
+    # The pinned ones keep theirs: a dispatcher and a sender each.
+    wait_until(lambda: library_threads() - before <= 40, message="threads piled up")
+    assert insert_ids(server.events) == Counter(f"req-{n}" for n in range(100))
