@@ -18,8 +18,10 @@ background consumer is :class:`mp_logbridge.BackgroundConsumer`.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
 from types import TracebackType
@@ -124,6 +126,18 @@ def _warn_api_key_once() -> None:
         )
 
 
+_consumers: weakref.WeakSet[_ConsumerBase] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for consumer in list(_consumers):
+        consumer._reinit_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class _ConsumerBase:
     """Endpoint resolution, transport, counters and error reporting shared by all consumers."""
 
@@ -183,6 +197,11 @@ class _ConsumerBase:
             raise ConfigurationError("on_error must be callable as on_error(exc, messages)")
         self.on_error = on_error
         self._stats = DeliveryStats(report_interval)
+        _consumers.add(self)
+
+    def _reinit_after_fork(self) -> None:
+        """In a forked child: the parent's connections (and locks) are not this process's."""
+        self.transport.reinit_after_fork()
 
     def _debug_exporter(self, exporter: Exporter) -> Exporter:
         """``exporter``, logging one line per request (``debug=True``)."""
@@ -436,6 +455,13 @@ class BufferedConsumer(_ConsumerBase):
         self.max_buffer = positive_int(max_buffer, "max_buffer")
         self._lock = threading.RLock()
         self._buffers: dict[tuple[str, Credentials | None], deque[bytes]] = {}
+
+    def _reinit_after_fork(self) -> None:
+        # A thread of the parent may have held the lock (flushing); what is buffered is the
+        # parent's, which sends it.
+        super()._reinit_after_fork()
+        self._lock = threading.RLock()
+        self._buffers = {}
 
     def send(self, kind: str, message: Any, api_key: Any = None, api_secret: Any = None) -> bool:
         """Buffer one message; sends its endpoint's batch when ``max_size`` is reached.

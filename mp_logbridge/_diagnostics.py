@@ -139,8 +139,8 @@ def report_loss(
     """Count ``count`` lost messages under ``reason`` and tell ``on_error(error, records)``.
 
     ``records`` may be a callable producing the list, so that records are only rebuilt for the
-    report when somebody listens. Never raises: an error of the application's callback is
-    reported on the library's logger, it must not break delivery.
+    report when somebody listens. An error of the application's callback is reported on the
+    library's logger, never raised into delivery.
     """
     if count <= 0:
         return
@@ -152,6 +152,15 @@ def report_loss(
             listed = records() if callable(records) else records
             on_error(error, listed if isinstance(listed, list) else list(listed))
     except Exception as exc:
+        warn("mp_logbridge on_error callback raised %s: %s", type(exc).__name__, exc)
+    except BaseException as exc:
+        # SystemExit (``sys.exit()`` in the callback): on the library's own threads it could not
+        # end the process, only the thread that delivers; on the application's thread (a
+        # refusal at the call) it goes on to the application, as its own exception.
+        from ._lifecycle import is_sender_thread
+
+        if not is_sender_thread():
+            raise
         warn("mp_logbridge on_error callback raised %s: %s", type(exc).__name__, exc)
 
 

@@ -172,8 +172,10 @@ class PartialImportError(RejectedError):
     def failed_indexes(self) -> set[int]:
         """Positions (in the request batch) of the records the server refused."""
         out: set[int] = set()
-        for item in self.failed_records:
-            index = item.get("index")
-            if isinstance(index, (int, float)) and not isinstance(index, bool):
+        for item in self.failed_records:  # the server's words: anything may be in there
+            index = item.get("index") if isinstance(item, dict) else None
+            if isinstance(index, int) and not isinstance(index, bool):
+                out.add(index)
+            elif isinstance(index, float) and index.is_integer():  # not NaN nor infinite
                 out.add(int(index))
         return out

@@ -89,17 +89,29 @@ DELIVERY_OPTIONS = (
 )
 
 
+#: How many Tracker settings keep their shared consumer pinned (the most recently used).
+MAX_PINNED = 16
+
+
 class _SharedConsumers:
     """Consumers shared by front doors with identical delivery settings.
 
     Front doors that release their share (handlers, processors) are counted, and the last one
     closes the consumer; a share that is never given back (a Tracker's) pins the consumer until
     the process exits, so Trackers made per request reuse one thread and one connection pool.
+    At most :data:`MAX_PINNED` settings stay pinned (the most recently used): Trackers whose
+    settings differ every time (an error handler made per request) would otherwise pin a
+    consumer, and its threads, each. One no longer pinned lives on while Trackers use it, then
+    delivers what it holds and stops its threads, as any consumer nobody refers to.
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # Re-entrant: making a consumer allocates, so the garbage collector may run a finalizer
+        # in the middle of it (or a signal handler may run), and that code may make a front
+        # door too (a Tracker per call) on this very thread.
+        self._lock = threading.RLock()
         self._entries: dict[Any, list[Any]] = {}  # key -> [consumer, references, pinned]
+        self._pinned: dict[Any, None] = {}  # keys pinned, the most recently used last
 
     def acquire(
         self, key: Any, factory: Callable[[], BackgroundConsumer], *, pin: bool = False
@@ -107,13 +119,33 @@ class _SharedConsumers:
         with self._lock:
             entry = self._entries.get(key)
             if entry is None or entry[0].closed:
-                entry = self._entries[key] = [factory(), 0, False]
+                made = factory()
+                entry = self._entries.get(key)  # a nested call made one meanwhile: share it
+                if entry is None or entry[0].closed:
+                    entry = self._entries[key] = [made, 0, False]
+                else:
+                    made.close()
             if pin:
                 entry[2] = True
+                self._pinned.pop(key, None)
+                self._pinned[key] = None
+                if len(self._pinned) > MAX_PINNED:
+                    self._unpin_oldest()
             else:
                 entry[1] += 1
             consumer: BackgroundConsumer = entry[0]
             return consumer
+
+    def _unpin_oldest(self) -> None:
+        """Forget the least recently used pinned consumer that no handler shares (a handler's
+        release would otherwise close it under the Trackers still using it)."""
+        for key in self._pinned:
+            entry = self._entries.get(key)
+            if entry is None or entry[1] <= 0:
+                del self._pinned[key]
+                if entry is not None:
+                    del self._entries[key]
+                return
 
     def release(self, key: Any, consumer: BackgroundConsumer) -> BackgroundConsumer | None:
         """Drop one reference to ``consumer``; returns it when nothing needs it any more."""
@@ -129,7 +161,7 @@ class _SharedConsumers:
             return released
 
     def reinit_after_fork(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
 
 class _SentCopies(threading.local):

@@ -46,6 +46,7 @@ __all__ = [
     "shutdown_all",
     "start_thread",
     "unregister_sender_thread",
+    "wait_limit",
 ]
 
 
@@ -66,6 +67,7 @@ class _Worker(Protocol):
 _live: weakref.WeakSet[Any] = weakref.WeakSet()
 _exiting = False
 _shutdown_lock = threading.Lock()
+_closing: list[tuple[Any, float]] = []  # (worker, deadline) the exit is delivering for
 _child_hook_pid = 0  # the process a multiprocessing finalizer was registered in
 
 # Thread ident -> the process it runs in: a forked child's first thread often reuses the ident
@@ -76,6 +78,22 @@ _sender_idents: dict[int, int] = {}
 def register(worker: _Worker) -> None:
     """Let the exit hooks and the fork hook know about ``worker``."""
     _live.add(worker)
+
+
+#: The longest wait a ``timeout`` argument asks for: beyond it the platform refuses to wait
+#: (``OverflowError``), and ``math.inf`` means "as long as it takes".
+_LONGEST_WAIT = threading.TIMEOUT_MAX / 2
+
+
+def wait_limit(timeout: float | None, default: float) -> float:
+    """Seconds a ``flush``/``close`` ``timeout`` argument allows: ``default`` for ``None``,
+    never negative, and no longer than the platform can wait."""
+    if timeout is None:
+        return default
+    try:
+        return min(max(0.0, float(timeout)), _LONGEST_WAIT)
+    except OverflowError:  # an integer too large for a float
+        return _LONGEST_WAIT
 
 
 def exiting() -> bool:
@@ -143,24 +161,29 @@ def logging_lock_held() -> bool:
 
 def shutdown_all(timeout: float | None = None) -> None:
     """Close every running worker, delivering what it holds within its ``exit_timeout``
-    (or ``timeout``), then report every loss not reported yet. Runs once per process."""
+    (or ``timeout``), then report every loss not reported yet.
+
+    The first call decides what is closed and by when; a later one (a SIGTERM handled while the
+    exit hook delivers, on its thread or another) waits for that same delivery, within the same
+    deadlines, rather than let the process end in the middle of it.
+    """
     global _exiting
     with _shutdown_lock:
         first = not _exiting
         _exiting = True
-    if not first:
-        return
     try:
-        workers = [worker for worker in list(_live) if worker.running()]
-        now = time.monotonic()
-        deadlines = {
-            id(worker): now + (worker.exit_timeout if timeout is None else timeout)
-            for worker in workers
-        }
-        for worker in workers:
-            worker.begin_close(deadlines[id(worker)], at_exit=True)
-        for worker in workers:
-            worker.wait_closed(max(0.0, deadlines[id(worker)] - time.monotonic()))
+        if first:
+            now = time.monotonic()
+            _closing[:] = [
+                (worker, now + (worker.exit_timeout if timeout is None else timeout))
+                for worker in list(_live)
+                if worker.running()
+            ]
+        closing = list(_closing)
+        for worker, deadline in closing:
+            worker.begin_close(deadline, at_exit=True)
+        for worker, deadline in closing:
+            worker.wait_closed(max(0.0, deadline - time.monotonic()))
     finally:
         report_all()
 
@@ -173,7 +196,7 @@ def flush_all(timeout: float | None = None) -> bool:
     task or a serverless invocation.
     """
     ok = True
-    deadline = None if timeout is None else time.monotonic() + max(0.0, float(timeout))
+    deadline = None if timeout is None else time.monotonic() + wait_limit(timeout, 0.0)
     for worker in list(_live):
         if worker.running():
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -194,6 +217,7 @@ def _after_fork_in_child() -> None:
     global _exiting, _child_hook_pid
     _sender_idents.clear()  # the parent's sender threads do not exist here
     _exiting = False
+    _closing.clear()
     _child_hook_pid = 0
     for worker in list(_live):
         worker.reinit_after_fork()

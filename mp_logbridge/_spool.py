@@ -306,7 +306,7 @@ class Spool:
         was dropped since the previous flush; what is not delivered stays on disk."""
         if self.store.pid != os.getpid():
             self.reinit_after_fork()
-        limit = self.flush_timeout if timeout is None else max(0.0, float(timeout))
+        limit = _lifecycle.wait_limit(timeout, self.flush_timeout)
         deadline = time.monotonic() + limit
         worker = self._worker
         ok = bool(worker.flush(limit)) if worker is not None else True
@@ -343,7 +343,7 @@ class Spool:
     def close(self, timeout: float | None = None) -> None:
         """Commit what the worker holds, deliver what can be within ``timeout``, stop; what is
         not delivered stays on disk for the next process."""
-        limit = self.flush_timeout if timeout is None else max(0.0, float(timeout))
+        limit = _lifecycle.wait_limit(timeout, self.flush_timeout)
         worker = self._worker
         if _lifecycle.logging_lock_held() or _lifecycle.is_sender_thread():
             exit_timeout = worker.exit_timeout if worker is not None else self.exit_timeout

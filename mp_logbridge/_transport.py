@@ -316,7 +316,7 @@ def _interpret(kind: str, status: int, headers: Mapping[str, str], body: bytes) 
     text = body.decode("utf-8", "replace")
     try:
         parsed: Any = json.loads(text) if text.strip() else None
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's limit
         parsed = None
     if 200 <= status < 300:
         if isinstance(parsed, dict):
@@ -690,6 +690,10 @@ class Transport:
                 content, complete = _read_capped(response)
             finally:
                 response.close()
+            if watch.expired:
+                # The deadline shut the socket while the answer was arriving: what was read is
+                # not the answer (headers cut short read as a 200 with an empty body).
+                raise _too_late(url, limit, kind)
         except requests.exceptions.SSLError as exc:
             raise TLSError(
                 f"TLS error talking to {safe_url(url)}: {_tls_problem(exc)}", endpoint=kind
@@ -700,9 +704,7 @@ class Transport:
             ) from exc
         except (requests.exceptions.RequestException, OSError) as exc:
             if watch.expired:
-                raise MixpanelConnectionError(
-                    f"no complete answer from {safe_url(url)} within {limit:.3g} s", endpoint=kind
-                ) from exc
+                raise _too_late(url, limit, kind) from exc
             raise MixpanelConnectionError(
                 f"could not deliver to {safe_url(url)}: {_describe_network_error(exc)}",
                 endpoint=kind,
@@ -721,6 +723,13 @@ class Transport:
                 endpoint=kind,
             )
         return _interpret(kind, response.status_code, response.headers, content)
+
+
+def _too_late(url: str, limit: float, kind: str) -> MixpanelConnectionError:
+    """The request deadline passed before the whole answer arrived (retryable)."""
+    return MixpanelConnectionError(
+        f"no complete answer from {safe_url(url)} within {limit:.3g} s", endpoint=kind
+    )
 
 
 def _read_capped(response: requests.Response) -> tuple[bytes, bool]:

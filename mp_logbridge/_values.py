@@ -316,7 +316,10 @@ def encode(record: Mapping[str, Any], field: str = "message", *, checked: bool =
     if checked and _orjson_dumps is not None:
         try:
             payload: bytes = _orjson_dumps(record, default=_convert, option=_ORJSON_OPTIONS)
-            return payload
+            # orjson's bytes keep the whole buffer it grew (4 KB at least, about ten times the
+            # text beyond): copied to its size, or queued records would take many times the
+            # bytes the queue's bound counts.
+            return bytes(memoryview(payload))
         except (TypeError, ValueError):  # a huge integer, a surrogate, ...: the slow way says
             pass
     text = _dumps(record, field)

@@ -45,6 +45,10 @@ from ._transport import Credentials
 
 __all__ = ["BatchWorker", "SystemClock"]
 
+#: Lanes kept while idle (with their sender threads); beyond this many lanes (per-call
+#: ``/import`` credentials of many projects), idle ones are retired and made again when needed.
+IDLE_LANES_KEPT = 8
+
 #: Seconds an export may run past its own deadline before the lane gives up on it and retries
 #: the batch with a new sender thread (an exporter that ignores its deadline, a DNS lookup).
 OVERRUN_GRACE = 2.0
@@ -215,6 +219,7 @@ class BatchWorker:
         self._closing = False
         self._close_seen = False
         self._finished = threading.Event()
+        self._abandoned = False
         self._lanes: dict[tuple[str, Credentials | None], Lane] = {}
         self._waiters: list[_FlushWaiter] = []
         self._urgent_gen = 0
@@ -279,6 +284,8 @@ class BatchWorker:
                 return False
         incoming.append((kind, message, credentials, size))
         self._in_bytes += size
+        if self._closed and self._finished.is_set():  # closed (and done) since the check above
+            return self._after_finish()
         if not n:
             self._first_arrival = self._clock.monotonic()
         n += 1
@@ -304,6 +311,26 @@ class BatchWorker:
         else:
             self._wake()
         return True
+
+    def _after_finish(self) -> bool:
+        """Messages queued after the dispatcher finished (a close completed while they were
+        being queued: on another thread, in a signal handler, in a finalizer): delivered on
+        this thread when the exit hook closed the worker, otherwise refused and counted.
+        Returns whether they are delivered."""
+        if self._closed_at_exit:
+            self._drain_inline(self._clock.monotonic() + self.exit_timeout)
+            return True
+        while self._incoming:
+            try:
+                item = self._incoming.popleft()
+            except IndexError:  # pragma: no cover - taken by another thread meanwhile
+                break
+            if isinstance(item, tuple):
+                self._out_bytes += item[3]
+                self._refuse("closed", "the consumer is closed", item[1])
+            elif type(item) is _FlushWaiter:
+                item.done.set()
+        return False
 
     def _make_room(self, queued: int, message: Any) -> bool:
         """The queue is full (or the worker closed): refuse the message, or under ``drop_oldest``
@@ -373,7 +400,7 @@ class BatchWorker:
         ``dictConfig`` does), it starts the delivery and returns ``False`` without waiting.
         """
         self._check_pid()
-        limit = self.flush_timeout if timeout is None else max(0.0, float(timeout))
+        limit = _lifecycle.wait_limit(timeout, self.flush_timeout)
         finished = True
         if (self._thread is not None or self._incoming) and not self._finished.is_set():
             waiter = _FlushWaiter()
@@ -420,7 +447,7 @@ class BatchWorker:
         sender thread or under the logging module's lock it does not wait: delivery goes on for
         up to ``exit_timeout`` seconds, and the exit hook waits for it.
         """
-        limit = self.flush_timeout if timeout is None else max(0.0, float(timeout))
+        limit = _lifecycle.wait_limit(timeout, self.flush_timeout)
         if _lifecycle.logging_lock_held() or _lifecycle.is_sender_thread():
             self.begin_close(self._clock.monotonic() + max(limit, self.exit_timeout))
             return
@@ -429,7 +456,11 @@ class BatchWorker:
         self._stats.report(force=True)
 
     def _abandon(self) -> None:
-        """The dispatcher did not finish in time (a bug, or an inline export at exit)."""
+        """The dispatcher did not finish in time (a bug, or an inline export at exit); counted
+        once, however many callers waited for it."""
+        if self._abandoned:
+            return
+        self._abandoned = True
         left = len(self._incoming) + self._held_records
         self._stats.add_dropped("shutdown_timeout", left, "not delivered before the close deadline")
 
@@ -473,6 +504,8 @@ class BatchWorker:
             self._stop_senders()
             self._stats.report(force=True)  # before waiters of close() see the end
             self._finished.set()
+            if self._incoming:  # queued while it was finishing (see ``put``)
+                self._after_finish()
             _lifecycle.unregister_sender_thread()
 
     def _drain_inline(self, deadline: float) -> None:
@@ -508,6 +541,8 @@ class BatchWorker:
                 self._check_overruns(now)
             self._stats.report()  # before a flush waiting for these records returns
             self._resolve_waiters()
+            if len(self._lanes) > IDLE_LANES_KEPT:
+                self._retire_idle_lanes()
             if closing and not self._incoming and self._held_records == 0:
                 return True
             self._sleep(now, closing)
@@ -597,7 +632,11 @@ class BatchWorker:
                 except InvalidMessageError as exc:
                     self._drop("invalid", exc, _reported(message), 1)
                     continue
-                except Exception as exc:  # a MessageSource failed in an unexpected way
+                except BaseException as exc:  # a MessageSource failed in an unexpected way
+                    if not isinstance(exc, Exception) and not _lifecycle.is_sender_thread():
+                        raise  # on the application's thread (an inline drain): its own
+                    # (On this library's thread, even sys.exit() in build() only means that
+                    # this message cannot be made: it must not end delivery.)
                     problem = InvalidMessageError("message", f"{type(exc).__name__}: {exc}")
                     self._drop("invalid", problem, _reported(message), 1)
                     continue
@@ -616,6 +655,16 @@ class BatchWorker:
             lane.add(payload, arrived)
             self._held_bytes += real
             self._held_records += 1
+
+    def _retire_idle_lanes(self) -> None:
+        """Stop the senders of lanes that hold nothing and forget the lanes (a flush waiting
+        on one still sees it resolved)."""
+        for key, lane in list(self._lanes.items()):
+            if lane.unresolved or any(sender.busy for sender in lane.senders):
+                continue
+            for sender in lane.senders:
+                sender.submit(_STOP)
+            del self._lanes[key]
 
     def _fits(self, size: int) -> bool:
         return (
@@ -683,6 +732,10 @@ class BatchWorker:
                 job = _Job(lane, flight, batch, time.monotonic() + self.exporter.timeout)
                 flight.job = job
                 if inline or not self._submit(lane, job):
+                    # On this thread (the process is exiting): the close deadline bounds the
+                    # request too, or one slow answer would hold the exit for request_timeout.
+                    left = max(0.0, self._close_deadline - now)
+                    job.deadline = min(job.deadline, time.monotonic() + left)
                     self._export(job, None)
                     self._apply_results(self._clock.monotonic())
 
