@@ -139,11 +139,13 @@ class _SharedConsumers:
     def _unpin_oldest(self) -> None:
         """Forget the least recently used pinned consumer that no handler shares (a handler's
         release would otherwise close it under the Trackers still using it)."""
-        for key in self._pinned:
+        # Dropping an entry may run finalizers that make front doors on this thread (the lock
+        # is re-entrant), changing both dicts: iterate over a copy, remove what is still there.
+        for key in list(self._pinned):
             entry = self._entries.get(key)
             if entry is None or entry[1] <= 0:
-                del self._pinned[key]
-                if entry is not None:
+                self._pinned.pop(key, None)
+                if entry is not None and self._entries.get(key) is entry:
                     del self._entries[key]
                 return
 
