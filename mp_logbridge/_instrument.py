@@ -32,7 +32,7 @@ from opentelemetry import trace as _trace
 from ._context import current_context, format_span_ids, resolve_distinct_id, span_ids
 from ._diagnostics import DeliveryStats
 from ._errors import ConfigurationError, InvalidMessageError
-from ._tags import DEFAULT_TAG, exception_properties
+from ._tags import DEFAULT_TAG, TagBuilder, exception_properties
 from ._values import describe, snapshot
 from ._version import __version__
 
@@ -143,6 +143,7 @@ class _Plan:
         "signature",
         "span",
         "tag",
+        "tags",
         "tracer",
         "tracker",
     )
@@ -244,6 +245,7 @@ class _Plan:
                 f"tracer_provider must be an OpenTelemetry TracerProvider, got {tracer_provider!r}"
             )
         self.tag = tag
+        self.tags = TagBuilder(tag)
         self.code = _code_location(raw)
 
     def arguments(
@@ -312,9 +314,9 @@ class _Plan:
     def _log(
         self, props: dict[str, Any], user: Any, elapsed: float, error: BaseException | None
     ) -> None:
-        if user is not None:
-            props["distinct_id"] = user
-        item = {"event": self.event, "properties": props}
+        # Built as a tag at a log call is: values checked and copied now, so the handler takes
+        # the event as it is (its single-message path) and an invalid value is reported here.
+        extra = self.tags.track(self.event, props, distinct_id=user)
         filename, lineno, name = self.code
         args: tuple[Any, ...]
         if error is None:
@@ -325,7 +327,7 @@ class _Plan:
                 (self.event, type(error).__name__, elapsed * 1000),
             )
         record = self.logger.makeRecord(
-            self.logger.name, self.level, filename, lineno, text, args, None, name, {self.tag: item}
+            self.logger.name, self.level, filename, lineno, text, args, None, name, extra
         )
         self.logger.handle(record)
 
