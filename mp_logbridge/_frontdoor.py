@@ -139,12 +139,14 @@ class _SharedConsumers:
     def _unpin_oldest(self) -> None:
         """Forget the least recently used pinned consumer that no handler shares (a handler's
         release would otherwise close it under the Trackers still using it)."""
-        for key in self._pinned:
+        # On a copy, and tolerant of keys gone meanwhile: hashing a key runs code, so a
+        # finalizer making a Tracker (this lock is re-entrant) may unpin one in between.
+        for key in list(self._pinned):
             entry = self._entries.get(key)
             if entry is None or entry[1] <= 0:
-                del self._pinned[key]
+                self._pinned.pop(key, None)
                 if entry is not None:
-                    del self._entries[key]
+                    self._entries.pop(key, None)
                 return
 
     def release(self, key: Any, consumer: BackgroundConsumer) -> BackgroundConsumer | None:
