@@ -37,6 +37,7 @@ from ._diagnostics import report_all
 
 __all__ = [
     "deliver_on_signal",
+    "exit_deadline",
     "exiting",
     "flush_all",
     "is_sender_thread",
@@ -66,6 +67,7 @@ class _Worker(Protocol):
 
 _live: weakref.WeakSet[Any] = weakref.WeakSet()
 _exiting = False
+_exit_began = 0.0  # time.monotonic() when the exit hook (or a signal) began closing
 _shutdown_lock = threading.Lock()
 _closing: list[tuple[Any, float]] = []  # (worker, deadline) the exit is delivering for
 _child_hook_pid = 0  # the process a multiprocessing finalizer was registered in
@@ -99,6 +101,13 @@ def wait_limit(timeout: float | None, default: float) -> float:
 def exiting() -> bool:
     """Whether the process is exiting (the exit hook has run): no thread may start any more."""
     return _exiting
+
+
+def exit_deadline(timeout: float) -> float:
+    """When delivery must be over (``time.monotonic()``): ``timeout`` seconds after the exit
+    began, so that messages sent one by one after the exit hook share one deadline (``timeout``
+    from now when the process is not exiting)."""
+    return (_exit_began if _exiting else time.monotonic()) + timeout
 
 
 def register_sender_thread() -> None:
@@ -167,13 +176,15 @@ def shutdown_all(timeout: float | None = None) -> None:
     exit hook delivers, on its thread or another) waits for that same delivery, within the same
     deadlines, rather than let the process end in the middle of it.
     """
-    global _exiting
+    global _exiting, _exit_began
     with _shutdown_lock:
         first = not _exiting
+        if first:
+            _exit_began = time.monotonic()
         _exiting = True
     try:
         if first:
-            now = time.monotonic()
+            now = _exit_began
             _closing[:] = [
                 (worker, now + (worker.exit_timeout if timeout is None else timeout))
                 for worker in list(_live)

@@ -307,7 +307,7 @@ class BatchWorker:
         self._incoming.append((kind, message, credentials, size))
         self._in_bytes += size
         if self._finished.is_set() or self._thread is None:
-            self._drain_inline(self._clock.monotonic() + self.exit_timeout)
+            self._drain_inline(self._exit_deadline())
         else:
             self._wake()
         return True
@@ -318,7 +318,7 @@ class BatchWorker:
         this thread when the exit hook closed the worker, otherwise refused and counted.
         Returns whether they are delivered."""
         if self._closed_at_exit:
-            self._drain_inline(self._clock.monotonic() + self.exit_timeout)
+            self._drain_inline(self._exit_deadline())
             return True
         while self._incoming:
             try:
@@ -390,7 +390,7 @@ class BatchWorker:
         finally:
             self._start_token.release()
         # The process is exiting and no thread can start: deliver on this thread, bounded.
-        self._drain_inline(self._clock.monotonic() + self.exit_timeout)
+        self._drain_inline(self._exit_deadline())
 
     def flush(self, timeout: float | None = None) -> bool:
         """Deliver everything queued before this call, waiting at most ``timeout`` seconds.
@@ -508,11 +508,19 @@ class BatchWorker:
                 self._after_finish()
             _lifecycle.unregister_sender_thread()
 
+    def _exit_deadline(self) -> float:
+        """The exit's deadline for this worker, on its clock (shared by every late message)."""
+        left = _lifecycle.exit_deadline(self.exit_timeout) - time.monotonic()
+        return self._clock.monotonic() + max(0.0, left)
+
     def _drain_inline(self, deadline: float) -> None:
-        """Run the dispatcher on this thread until everything is delivered or ``deadline``."""
+        """Run the dispatcher on this thread until everything is delivered or ``deadline``
+        (the process is exiting: later messages are delivered the same way, not refused)."""
         if not self._start_token.acquire(blocking=False):
             return
         try:
+            if not self._closed:
+                self._closed_at_exit = True
             self._closed = True
             self._closing = True
             self._close_deadline = deadline

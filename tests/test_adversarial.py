@@ -69,7 +69,7 @@ def test_a_message_sent_after_the_exit_hook_waits_no_longer_than_exit_timeout(
     """A hook running after the library's exit hook sends; the message is delivered on that
     thread, and a server that drips its answer holds the exit for ``exit_timeout``, not for the
     (much longer) ``request_timeout``. The loss is counted."""
-    server.drip_next(10, interval=0.5)
+    server.drip_next(10, interval=0.5, endpoint="/track")
     source = """
 import atexit, json, os, time
 
@@ -79,10 +79,14 @@ def late():
     print(json.dumps({"accepted": accepted, "dropped": unused.stats()["dropped"]}), flush=True)
 
 atexit.register(late)  # registered before the import: runs after the library's exit hook
-from mp_logbridge import BackgroundConsumer, Consumer, Tracker
-from mp_logbridge.errors import PartialImportError
-unused = BackgroundConsumer(api_host=os.environ["SERVER_URL"], request_timeout=120,
-                            exit_timeout=1)
+from mp_logbridge import BackgroundConsumer
+url = os.environ["SERVER_URL"]
+unused = BackgroundConsumer(api_host=url, request_timeout=120, exit_timeout=1)
+# The process made requests before its exit (Python 3.12 starts no thread in exit hooks, and
+# request deadlines are kept by one).
+earlier = BackgroundConsumer(api_host=url)
+earlier.send("profile_update", {"$token": "t", "$distinct_id": "u", "$set": {"a": 1}})
+assert earlier.flush(10)
 """
     # Hang guard: before, the exit waited for the whole request_timeout.
     result = run_python(source, timeout=30, env={"SERVER_URL": server.url})
@@ -485,3 +489,48 @@ def test_trackers_made_per_request_with_their_own_error_handler_do_not_pile_up_t
     # The pinned ones keep theirs: a dispatcher and a sender each.
     wait_until(lambda: library_threads() - before <= 40, message="threads piled up")
     assert insert_ids(server.events) == Counter(f"req-{n}" for n in range(100))
+
+
+def test_messages_sent_one_by_one_after_the_exit_hook_share_one_exit_deadline(
+    run_python: Callable[..., Any],
+) -> None:
+    """Each message sent after the exit hook is delivered on the sending thread; each got a
+    deadline of its own (``exit_timeout`` from its call), so a later hook sending one message
+    at a time to a slow server (a queue of log records replayed at logging's shutdown) held the
+    exit for ``exit_timeout`` per message. A consumer that had not started refused every late
+    message after the first as ``closed``. They now share the exit's deadline; what misses it
+    is counted as ``shutdown_timeout``."""
+    with MixpanelServer(latency=0.5) as slow:
+        source = """
+import atexit, json, os, time
+
+def ev(name):
+    return {"event": name, "properties": {
+        "token": "t", "distinct_id": "u", "time": int(time.time() * 1000), "$insert_id": name}}
+
+def late():
+    for n in range(40):  # one request each, half a second apiece
+        running.send("event", ev(f"late-{n}"))
+    for n in range(10):
+        unused.send("event", ev(f"unused-{n}"))
+    print(json.dumps({"running": running.stats(), "unused": unused.stats()}), flush=True)
+
+atexit.register(late)  # registered before the import: runs after the library's exit hook
+from mp_logbridge import BackgroundConsumer
+url = os.environ["SERVER_URL"]
+running = BackgroundConsumer(api_host=url, exit_timeout=2, flush_interval=60)
+unused = BackgroundConsumer(api_host=url, exit_timeout=2, flush_interval=60)
+running.send("event", ev("early"))
+"""
+        # Hang guard: before, the exit took 40 times half a second.
+        result = run_python(source, timeout=12, env={"SERVER_URL": slow.url})
+
+        assert result.returncode == 0, result
+        [fact] = facts(result.stdout)
+        running, unused = fact["running"], fact["unused"]
+        assert running["sent"] + running["dropped"]["shutdown_timeout"] == 41, running
+        assert running["dropped"]["shutdown_timeout"] > 0  # the exit's deadline cut them short
+        assert unused["dropped"]["closed"] == 0, unused
+        assert unused["sent"] + unused["dropped"]["shutdown_timeout"] == 10, unused
+        # (A request cut off by the deadline may still have been accepted: counted as lost.)
+        assert len(slow.events) >= running["sent"] + unused["sent"]
