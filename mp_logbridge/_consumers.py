@@ -197,11 +197,18 @@ class _ConsumerBase:
             raise ConfigurationError("on_error must be callable as on_error(exc, messages)")
         self.on_error = on_error
         self._stats = DeliveryStats(report_interval)
+        self._pid = os.getpid()
         _consumers.add(self)
 
     def _reinit_after_fork(self) -> None:
         """In a forked child: the parent's connections (and locks) are not this process's."""
+        self._pid = os.getpid()
         self.transport.reinit_after_fork()
+
+    def _check_pid(self) -> None:
+        """A child forked without Python's fork hooks (uWSGI's default) notices here."""
+        if self._pid != os.getpid():
+            self._reinit_after_fork()
 
     def _debug_exporter(self, exporter: Exporter) -> Exporter:
         """``exporter``, logging one line per request (``debug=True``)."""
@@ -389,6 +396,7 @@ class Consumer(_ConsumerBase):
             InvalidMessageError: the message cannot be sent as given.
             DeliveryError: the server refused it or could not be reached.
         """
+        self._check_pid()
         kind, message = normalize_send_args(kind, message)
         if _capture.active:  # mp_logbridge.testing.capture_messages()
             return _capture.take(kind, message)
@@ -470,6 +478,7 @@ class BufferedConsumer(_ConsumerBase):
             InvalidMessageError: the message cannot be sent as given (it is not buffered).
             DeliveryError: a batch sent because the buffer was full could not be delivered.
         """
+        self._check_pid()
         kind, message = normalize_send_args(kind, message)
         if _capture.active:  # mp_logbridge.testing.capture_messages()
             return _capture.take(kind, message)
@@ -511,6 +520,7 @@ class BufferedConsumer(_ConsumerBase):
         Raises:
             DeliveryError: the first error met (undelivered records stay buffered).
         """
+        self._check_pid()
         first: DeliveryError | None = None
         with self._lock:
             for kind, credentials in list(self._buffers):

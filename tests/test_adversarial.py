@@ -257,16 +257,20 @@ def test_a_message_whose_build_calls_sys_exit_is_counted_and_the_rest_delivered(
 # --------------------------------------------------------------------------- fork
 
 
+@pytest.mark.parametrize(
+    "fork", ["os.fork()", "ctypes.CDLL(None).fork()"], ids=["hooks", "no-hooks"]
+)
 def test_a_child_forked_while_a_buffered_flush_is_under_way_neither_hangs_nor_resends(
-    run_python: Callable[..., Any],
+    run_python: Callable[..., Any], fork: str
 ) -> None:
     """A thread of the parent is inside ``BufferedConsumer.flush()`` (waiting for a slow
     server, holding the consumer's lock) when another thread forks. The child's copy of that
     lock was held by a thread it does not have: its first ``send`` waited forever. It also
-    held a copy of the parent's buffer, which the parent sends itself."""
+    held a copy of the parent's buffer, which the parent sends itself. The same when the fork
+    runs no Python fork hook (a C ``fork()``, as uWSGI does): the child notices its new pid."""
     with MixpanelServer(latency=1.0) as slow:
         source = """
-import json, os, signal, threading, time
+import ctypes, json, os, signal, threading, time
 from mp_logbridge import BufferedConsumer
 
 def ev(name):
@@ -278,7 +282,7 @@ consumer.send("event", ev("parent-early"))
 consumer.send("profile_update", {"$token": "t", "$distinct_id": "u", "$add": {"Logins": 1}})
 threading.Thread(target=consumer.flush).start()
 time.sleep(0.3)  # that flush holds the consumer's lock: /track answers in 1 s, /engage waits
-pid = os.fork()
+pid = FORK
 if pid == 0:
     consumer.send("event", ev("child"))
     consumer.flush()
@@ -295,6 +299,7 @@ consumer.send("event", ev("parent-late"))
 consumer.flush()
 print(json.dumps({"child_ended": ended}), flush=True)
 """
+        source = source.replace("FORK", fork)
         result = run_python(source, timeout=60, env={"SERVER_URL": slow.url})
 
         assert result.returncode == 0, result
