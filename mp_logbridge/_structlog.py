@@ -72,7 +72,8 @@ class MixpanelProcessor:
         keep_tag: leave the tag in the event dict (it is then marked as sent, so a
             ``MixpanelHandler`` of the same project reading the same tag key skips it if
             structlog forwards it).
-        before_send, sample_rate, redact, redact_mode, redact_key, disabled, debug: as for
+        **delivery: ``before_send``, ``sample_rate``, ``redact``, ``redact_mode``,
+            ``redact_key``, ``disabled``, ``debug`` and the delivery options, as for
             :class:`~mp_logbridge.MixpanelHandler`.
     """
 
