@@ -443,6 +443,19 @@ class _Watchdog:
             self._reset()
         watch = _Watch(deadline)
         self._new.append(watch)
+        self.start()
+        try:
+            self._wake.release()
+        except RuntimeError:  # already awake
+            pass
+        return watch
+
+    def start(self) -> None:
+        """Start the thread, if it is not running in this process. A transport calls this when
+        it is made: Python 3.12 starts no thread in exit hooks, and a process whose first
+        request is made at exit must still have its deadline kept."""
+        if self._pid != os.getpid():
+            self._reset()
         if self._thread is None and self._starting.acquire(blocking=False):
             thread = threading.Thread(target=self._run, name="mp_logbridge-deadlines", daemon=True)
             try:
@@ -452,11 +465,6 @@ class _Watchdog:
                 pass
             finally:
                 self._starting.release()
-        try:
-            self._wake.release()
-        except RuntimeError:  # already awake
-            pass
-        return watch
 
     def _run(self) -> None:
         heap: list[tuple[float, int, _Watch]] = []
@@ -591,6 +599,7 @@ class Transport:
         self._session: requests.Session | None = None
         self._session_pid = 0
         self._session_lock = threading.Lock()
+        _watchdog.start()  # now: in an exit hook it could not be started (Python 3.12)
 
     def __repr__(self) -> str:
         return (
