@@ -703,6 +703,12 @@ class Transport:
                 # The deadline shut the socket while the answer was arriving: what was read is
                 # not the answer (headers cut short read as a 200 with an empty body).
                 raise _too_late(url, limit, kind)
+            if not content and _ended_early(response):
+                raise MixpanelConnectionError(
+                    f"the answer from {safe_url(url)} ended before its body (the connection "
+                    "closed)",
+                    endpoint=kind,
+                )
         except requests.exceptions.SSLError as exc:
             raise TLSError(
                 f"TLS error talking to {safe_url(url)}: {_tls_problem(exc)}", endpoint=kind
@@ -732,6 +738,18 @@ class Transport:
                 endpoint=kind,
             )
         return _interpret(kind, response.status_code, response.headers, content)
+
+
+def _ended_early(response: requests.Response) -> bool:
+    """An empty answer that said nothing of its length: the server closed the connection in its
+    headers (they then read as complete, and the body as empty). Mixpanel always answers with a
+    body, so whether the records were accepted is unknown: the request is retried."""
+    headers = response.headers
+    return (
+        "Content-Length" not in headers
+        and "chunked" not in headers.get("Transfer-Encoding", "").lower()
+        and response.status_code not in (204, 304)
+    )
 
 
 def _too_late(url: str, limit: float, kind: str) -> MixpanelConnectionError:

@@ -11,6 +11,7 @@ import gc
 import inspect
 import json
 import math
+import socket
 import sys
 import threading
 import tracemalloc
@@ -61,6 +62,68 @@ def test_an_answer_cut_off_in_its_headers_by_the_deadline_is_retried(
         assert insert_ids(server.events) == Counter({"cut-1": 1})
     finally:
         consumer.close(timeout=2)
+
+
+class _CutHeadersServer:
+    """A loopback HTTP server that reads each request whole, then answers the first ``cut``
+    with the start of a 200's headers and closes the connection; later ones get Mixpanel's
+    ``1``."""
+
+    def __init__(self, cut: int) -> None:
+        self.cut = cut
+        self.requests = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                reader = conn.makefile("rb")
+                while True:
+                    line = reader.readline()
+                    if not line:
+                        break
+                    length = 0
+                    while line not in (b"\r\n", b"\n", b""):
+                        name, _, value = line.partition(b":")
+                        if name.strip().lower() == b"content-length":
+                            length = int(value)
+                        line = reader.readline()
+                    reader.read(length)
+                    self.requests += 1
+                    if self.requests <= self.cut:
+                        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Ty")
+                        conn.shutdown(socket.SHUT_RDWR)  # closed now, whoever holds the socket
+                        break
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n1")
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_an_answer_whose_server_closes_it_in_its_headers_is_retried() -> None:
+    """The server (a proxy restarting, say) closes the connection in the middle of a 200's
+    headers: they read as complete and the body as empty. That is not Mixpanel's answer, and
+    whether the records were accepted is unknown: retried, not dropped as refused."""
+    cutter = _CutHeadersServer(cut=1)
+    consumer = BackgroundConsumer(
+        api_host=cutter.url, retry={"initial_backoff": 0.1, "jitter": (0, 0)}
+    )
+    try:
+        assert consumer.send("event", event_record("closed-1"))
+        assert consumer.flush(20)
+        stats = consumer.stats()
+        assert stats["dropped_total"] == 0, stats["dropped"]
+        assert (stats["sent"], stats["retries"], cutter.requests) == (1, 1, 2)
+    finally:
+        consumer.close(timeout=2)
+        cutter.close()
 
 
 def test_a_message_sent_after_the_exit_hook_waits_no_longer_than_exit_timeout(
