@@ -46,7 +46,13 @@ from ._tags import (
     names_event,
     split_tag,
 )
-from ._transport import Credentials, as_credentials, normalize_region, resolve_endpoints
+from ._transport import (
+    Credentials,
+    as_credentials,
+    normalize_region,
+    resolve_endpoints,
+    will_send,
+)
 from ._values import snapshot_mapping
 
 __all__ = [
@@ -300,7 +306,11 @@ class ConsumerShare:
 
         if not enabled or disabled:
             if not streaming:  # options are checked even when nothing will be sent
-                make().close()
+                checking = will_send.set(False)
+                try:
+                    make().close()
+                finally:
+                    will_send.reset(checking)
             self.consumer = DisabledConsumer() if disabled else None
             return
         key = (endpoints, creds, _freeze(settings), _freeze(streaming))

@@ -8,6 +8,7 @@ classification (retryable or not). Everything above this module deals in records
 from __future__ import annotations
 
 import base64
+import contextvars
 import email.utils
 import gzip
 import heapq
@@ -486,6 +487,10 @@ class _Watchdog:
 
 _watchdog = _Watchdog()
 
+#: False while a consumer is made only to check its options (a disabled front door): such a
+#: transport never sends, so it starts no thread.
+will_send: contextvars.ContextVar[bool] = contextvars.ContextVar("will_send", default=True)
+
 
 class _Watched:
     """Connection mixin: tells the watchdog the socket of the request being made."""
@@ -599,7 +604,8 @@ class Transport:
         self._session: requests.Session | None = None
         self._session_pid = 0
         self._session_lock = threading.Lock()
-        _watchdog.start()  # now: in an exit hook it could not be started (Python 3.12)
+        if will_send.get():
+            _watchdog.start()  # now: in an exit hook it could not be started (Python 3.12)
 
     def __repr__(self) -> str:
         return (
