@@ -135,8 +135,7 @@ def start_thread(thread: threading.Thread) -> None:
     The kernel hands a process-directed signal (SIGTERM, SIGINT, SIGALRM, SIGCHLD, ...) to any
     thread that does not block it. Python runs the handler on the main thread only, so a signal
     that lands on a library thread wakes nothing: a main thread asleep in a lock or a semaphore
-    (``multiprocessing.Pool`` workers wait that way for their next task) would sleep through
-    ``Pool.terminate()``'s SIGTERM for good. A new thread inherits the signal mask of the thread
+    would sleep through it. A new thread inherits the signal mask of the thread
     that starts it, so the mask is set around ``start()`` and restored at once; a signal that
     arrives in between stays pending for the starting thread. Raises what ``start()`` raises.
     """

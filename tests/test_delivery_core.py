@@ -287,48 +287,6 @@ def test_sigterm_delivers_then_calls_the_handler_installed_before(server, tmp_pa
     assert len(server.events) == 3000
 
 
-@pytest.mark.subprocess
-@pytest.mark.xfail(
-    strict=False,
-    reason="intermittent: Pool.terminate() can wait forever on the task queue's lock when a "
-    "worker's SIGTERM handler is still delivering (seen once on 3.13; under investigation)",
-    raises=subprocess.TimeoutExpired,
-)
-def test_pool_terminated_by_with_delivers_with_the_signal_hook(server, tmp_path) -> None:
-    """``with Pool()`` terminates its workers with SIGTERM: with deliver_on_signal() as the
-    pool's initializer they still deliver; without it their queue is lost (docs/guarantees.md)."""
-    result = run_script(
-        tmp_path,
-        """
-        import json, logging, multiprocessing, os, sys
-        import mp_logbridge
-        from mp_logbridge import MixpanelHandler, tag
-
-        handler = MixpanelHandler("TOKEN", api_host=os.environ["SERVER_URL"], flush_interval=60,
-                                  exit_timeout=20)
-        log = logging.getLogger("work")
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-
-        def work(name):
-            for n in range(50):
-                log.info("step", extra=tag.track("Step", distinct_id=name, n=n))
-            return name
-
-        if __name__ == "__main__":
-            ctx = multiprocessing.get_context("fork")
-            with ctx.Pool(2, initializer=mp_logbridge.deliver_on_signal) as pool:
-                print(json.dumps({"done": pool.map(work, ["a", "b", "c", "d"])}), flush=True)
-        """.replace("TOKEN", TOKEN),
-        timeout=60,
-        env={"SERVER_URL": server.url},
-    )
-    assert result.returncode == 0, result.stderr
-    server.wait_for(200, timeout=20)
-    users = Counter(record["properties"]["distinct_id"] for record in server.events)
-    assert users == {"a": 50, "b": 50, "c": 50, "d": 50}
-
-
 def _blocked_signals(native_id: int) -> set[int]:
     """The signals a thread of this process blocks, read from /proc (SigBlk is a hex bit mask)."""
     status = Path(f"/proc/self/task/{native_id}/status").read_text()
